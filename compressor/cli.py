@@ -1,0 +1,317 @@
+"""`compress` command line: parse, call the API, print with rich. No logic beyond that.
+
+`compress MODEL --recipe R ...` is shorthand for `compress run MODEL --recipe R ...`.
+User errors (CompressorError) print one red line and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compressor.errors import CompressorError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _user_errors(fn):
+    """Turn CompressorError into a red one-liner and exit code 2 (works under CliRunner and as a process)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CompressorError as e:
+            err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+class App(typer.Typer):
+    """A Typer whose every command gets the user-error handling above."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def deco(fn):
+            register(_user_errors(fn))
+            return fn
+
+        return deco
+
+
+app = App(name="compress", help="Compress PyTorch and ONNX models: prune, sparsify, quantize, distil, export.",
+          no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+recipes_app = App(help="List and show shipped recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+# --------------------------------------------------------------------------------------------- printing
+
+
+def _fmt(key: str, v) -> str:
+    if v is None:
+        return "–"
+    if key.endswith("bytes"):
+        for unit in ("B", "KB", "MB", "GB"):
+            if abs(v) < 1024 or unit == "GB":
+                return f"{v:.1f} {unit}" if unit != "B" else f"{v} B"
+            v /= 1024
+    if key in ("params", "nonzero_params", "macs"):
+        return f"{v / 1e6:.3f} M" if v >= 1e5 else f"{v:,}"
+    if key == "latency_ms":
+        return f"{v:.3f} ms"
+    if key == "accuracy":
+        return f"{100 * v:.2f} %"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+ROWS = [
+    ("params", "parameters"), ("nonzero_params", "non-zero parameters"), ("macs", "MACs / sample"),
+    ("size_bytes", "weights size"), ("file_bytes", "file size"), ("latency_ms", "latency"),
+    ("accuracy", "accuracy"), ("embedding_fidelity", "embedding cosine to original"), ("perplexity", "perplexity"),
+    ("output_cosine", "output cosine to original"), ("output_kl", "output KL to original"),
+]
+
+
+def before_after_table(before: dict, after: dict, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("metric")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_column("change", justify="right")
+    for key, label in ROWS:
+        if key not in before and key not in after:
+            continue
+        b, a = before.get(key), after.get(key)
+        change = ""
+        if isinstance(b, int | float) and isinstance(a, int | float) and b:
+            if key in ("params", "nonzero_params", "macs", "size_bytes", "file_bytes", "latency_ms"):
+                change = f"{b / a:.2f}× smaller" if a and a < b else f"{a / b:.2f}×"
+                if key == "latency_ms" and a:
+                    change = f"{b / a:.2f}× faster" if a < b else f"{a / b:.2f}× slower"
+            elif key == "accuracy":
+                change = f"{100 * (a - b):+.2f} pt"
+        t.add_row(label, _fmt(key, b), _fmt(key, a), change)
+    return t
+
+
+def metrics_table(m: dict, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key, label in ROWS:
+        if key in m:
+            t.add_row(label, _fmt(key, m[key]))
+    return t
+
+
+def _parse_shape(s: str | None) -> tuple[int, ...] | None:
+    if not s:
+        return None
+    try:
+        return tuple(int(x) for x in s.replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        raise CompressorError(f"--input-shape {s!r} is not a list of integers", "e.g. --input-shape 3,224,224") from None
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+@app.command("run")
+def run_cmd(
+    model: str = typer.Argument(..., help="model: .onnx, .pt2, TorchScript, state dict/.safetensors (+ --arch), HF folder"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML path or shipped name (compress recipes list)"),
+    data: str = typer.Option(None, "--data", "-d", help="digits | npz:PATH | text:PATH | random"),
+    output: Path = typer.Option(None, "--output", "-o", help="output folder (default: compressed/<model>-<recipe>)"),
+    arch: str = typer.Option(None, "--arch", help="package.module:factory that builds the model for a state dict"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled module (runs code from the file)"),
+    teacher: str = typer.Option(None, "--teacher", help="teacher model for distillation (default: the input model)"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed run from its last checkpoint in --output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous result in --output"),
+    input_shape: str = typer.Option(None, "--input-shape", help="input shape without batch, e.g. 1,8,8 (when no --data)"),
+    device: str = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)"),
+    sparse_kernels: bool = typer.Option(False, "--sparse-kernels", help="swap masked Linear layers for sparse kernels where measured faster"),
+    as_json: bool = typer.Option(False, "--json", help="print report.json instead of the table"),
+):
+    """Compress MODEL with a recipe; writes the compressed model and report.json to --output."""
+    from compressor.api import compress
+    from compressor.recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    if output is None:
+        output = Path("compressed") / f"{Path(model).stem}-{rec.name}"
+    result = compress(model, rec, data, output, arch=arch, trust_pickle=trust_pickle, teacher=teacher, seed=seed,
+                      resume=resume, overwrite=overwrite, input_shape=_parse_shape(input_shape), device=device,
+                      sparse_kernels=sparse_kernels,
+                      on_stage=lambda i, st: err_console.print(f"[bold cyan]stage {i}/{len(rec.stages)}[/] {st.method}"))
+    if as_json:
+        print(json.dumps(result.report, indent=2))
+        return
+    console.print(before_after_table(result.before, result.after, f"{Path(model).name} · recipe {rec.name}"))
+    for k, v in result.files.items():
+        console.print(f"  [green]wrote[/] {k}: {v}")
+    console.print(f"  [green]wrote[/] report: {output / 'report.json'}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="model path (any supported format)"),
+    data: str = typer.Option(None, "--data", "-d", help="digits | npz:PATH | text:PATH | random"),
+    arch: str = typer.Option(None, "--arch"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+    input_shape: str = typer.Option(None, "--input-shape"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Measure a model: parameters, MACs, size, latency and quality on the data."""
+    from compressor.api import evaluate_model
+
+    m = evaluate_model(model, data, arch=arch, trust_pickle=trust_pickle, input_shape=_parse_shape(input_shape))
+    if as_json:
+        print(json.dumps(m, indent=2))
+    else:
+        console.print(metrics_table(m, Path(model).name))
+
+
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., help="torch model (.pt2, TorchScript, state dict + --arch, HF folder)"),
+    output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write"),
+    arch: str = typer.Option(None, "--arch"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+    data: str = typer.Option(None, "--data", "-d", help="data to take example inputs from"),
+    input_shape: str = typer.Option(None, "--input-shape"),
+    atol: float = typer.Option(1e-4, "--atol"),
+    rtol: float = typer.Option(1e-3, "--rtol"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Export a torch model to ONNX, verified against the source in onnxruntime (refuses on disagreement)."""
+    from compressor.api import example_inputs_for
+    from compressor.export import export_onnx
+    from compressor.io.data import load_data
+    from compressor.io.models import load_model
+    from compressor.methods.export import plain_copy
+
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    if loaded.kind == "onnx":
+        raise CompressorError(f"{Path(model).name} is already ONNX", "export takes a torch model or HF folder")
+    if output.exists() and not overwrite:
+        raise CompressorError(f"{output} exists", "choose another --output or pass --overwrite")
+    if loaded.path is not None and output.resolve() == loaded.path.resolve():
+        raise CompressorError("output path equals the input path", "choose another --output")
+    bundle = load_data(data, input_shape=_parse_shape(input_shape)) if data else None
+    example = example_inputs_for(loaded, bundle, _parse_shape(input_shape))
+    rep = export_onnx(plain_copy(loaded.module), example, output, atol=atol, rtol=rtol)
+    console.print(f"[green]wrote[/] {output} ({rep['bytes'] / 1e6:.2f} MB), max |torch − onnxruntime| = {rep['max_abs_diff']:.2e}")
+
+
+@recipes_app.command("list")
+def recipes_list():
+    """Shipped recipes with their stages."""
+    from compressor.recipe import load_recipe, shipped_recipes
+
+    t = Table(title="shipped recipes (recipes/)", title_justify="left")
+    t.add_column("name")
+    t.add_column("stages")
+    t.add_column("description")
+    for name, path in shipped_recipes().items():
+        try:
+            r = load_recipe(path)
+            t.add_row(name, " → ".join(s.method for s in r.stages), r.description)
+        except CompressorError as e:
+            t.add_row(name, "[red]invalid[/]", str(e))
+    console.print(t)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="shipped recipe name or YAML path")):
+    """A recipe with every parameter (defaults filled in) and the methods' documentation."""
+    from compressor.recipe import REGISTRY, load_recipe, resolve_recipe_path
+
+    r = load_recipe(name)
+    console.print(f"[bold]{r.name}[/] — {r.description}  [dim]({resolve_recipe_path(name)})[/]")
+    for i, st in enumerate(r.stages, start=1):
+        spec = REGISTRY[st.method]
+        console.print(f"\n[bold cyan]stage {i}: {st.method}[/] — {spec.help}")
+        fields = spec.params.model_fields
+        for k, v in st.params.model_dump(mode="json").items():
+            desc = fields[k].description if k in fields and fields[k].description else ""
+            console.print(f"  {k}: [yellow]{v}[/]  [dim]{desc}[/]")
+
+
+@app.command("methods")
+def methods_cmd():
+    """Every recipe method with its parameters and defaults."""
+    from compressor.recipe import REGISTRY, ensure_methods_loaded
+
+    ensure_methods_loaded()
+    t = Table(title="recipe methods", title_justify="left")
+    t.add_column("method")
+    t.add_column("models")
+    t.add_column("parameters (defaults)")
+    t.add_column("what it does")
+    for name, spec in sorted(REGISTRY.items()):
+        params = ", ".join(f"{k}={f.default!r}" if not f.is_required() else f"{k} (required)" for k, f in spec.params.model_fields.items())
+        t.add_row(name, ",".join(spec.kinds), params, spec.help)
+    console.print(t)
+
+
+@app.command("demo")
+def demo_cmd(
+    output: Path = typer.Option(Path("compressed/demo"), "--output", "-o"),
+    recipe: str = typer.Option("demo", "--recipe", "-r", help="shipped recipe to run on the embedded model"),
+):
+    """Compress the embedded default model (a CNN trained on scikit-learn digits) with a shipped recipe."""
+    from compressor.api import compress
+    from compressor.models import pretrained_digits_cnn
+    from compressor.recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    err_console.print("[bold]training the embedded DigitsCNN on scikit-learn digits (a few seconds)…[/]")
+    model = pretrained_digits_cnn()
+    result = compress(model, rec, "digits", output, overwrite=True,
+                      on_stage=lambda i, st: err_console.print(f"[bold cyan]stage {i}/{len(rec.stages)}[/] {st.method}"))
+    console.print(before_after_table(result.before, result.after, f"demo: DigitsCNN on digits · recipe {rec.name}"))
+    for k, v in result.files.items():
+        console.print(f"  [green]wrote[/] {k}: {v}")
+    console.print(f"  [green]wrote[/] report: {output / 'report.json'}")
+
+
+# --- commands added by feature work ---
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: `compress MODEL ...` → `compress run MODEL ...`."""
+    import click
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    if argv and not argv[0].startswith("-") and argv[0] not in names:
+        argv.insert(0, "run")
+    try:
+        rv = app(args=argv, prog_name="compress", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("[red]aborted[/]")
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(2)
+    if isinstance(rv, int) and rv:  # click returns a typer.Exit code instead of raising when not standalone
+        sys.exit(rv)
+
+
+if __name__ == "__main__":
+    main()

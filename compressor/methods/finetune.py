@@ -1,0 +1,42 @@
+"""`finetune` stage: train the current model on the task data with the shared loop.
+
+Masks kept as parametrizations stay exactly zero (the forward multiplies by the mask); structurally
+pruned models simply train at their new width.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from compressor.errors import RecipeError
+from compressor.recipe import StageContext, register_method
+
+
+class FinetuneParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: float = Field(3.0, gt=0, description="passes over the training split")
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    schedule: Literal["constant", "cosine"] = "cosine"
+
+
+@register_method("finetune", FinetuneParams, help="fine-tune the current model on the labelled training data", kinds=("torch",))
+def run_finetune(ctx: StageContext, p: FinetuneParams) -> dict:
+    from compressor.evaluate import accuracy
+    from compressor.train import train
+
+    data = ctx.data
+    if data is None or data.task != "classification" or data.train is None:
+        raise RecipeError("the finetune stage needs labelled data", "pass --data digits or --data npz:FILE with x and y arrays")
+    before = accuracy(ctx.model, data.test) if data.test is not None else None
+    info = train(ctx.model, data.train, epochs=p.epochs, lr=p.lr, optimizer=p.optimizer, momentum=p.momentum,
+                 weight_decay=p.weight_decay, batch_size=p.batch_size, cosine=p.schedule == "cosine", seed=ctx.seed,
+                 device=ctx.device, description="fine-tuning")
+    ctx.model.cpu().eval()
+    after = accuracy(ctx.model, data.test) if data.test is not None else None
+    return {"steps": info["steps"], "final_loss": info["final_loss"], "accuracy_before": before, "accuracy_after": after}

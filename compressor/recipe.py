@@ -1,0 +1,210 @@
+"""Recipes: a YAML file with a name and a list of stages `{method: NAME, ...params}`.
+
+Each method registers itself (one file per method in compressor/methods/) with a pydantic model for
+its parameters, so a recipe is validated completely — every stage, every field — before anything runs.
+Errors name the file, the stage and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from compressor.errors import RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    params: type[BaseModel]
+    fn: Callable
+    help: str = ""
+    kinds: tuple[str, ...] = ("torch", "hf", "onnx")
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, params: type[BaseModel], help: str = "", kinds: tuple[str, ...] = ("torch", "hf", "onnx")):
+    """Decorator: make `fn(ctx: StageContext, params) -> dict` available to recipes as `method: name`.
+
+    `kinds` lists the model kinds the method accepts ("torch", "hf", "onnx"); the runner refuses others
+    before anything runs.
+    """
+
+    def deco(fn: Callable) -> Callable:
+        if name in REGISTRY and REGISTRY[name].fn is not fn:
+            raise RuntimeError(f"recipe method {name!r} registered twice")
+        REGISTRY[name] = MethodSpec(name, params, fn, help or (fn.__doc__ or "").strip().splitlines()[0] if (help or fn.__doc__) else "", tuple(kinds))
+        return fn
+
+    return deco
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may read or change. Stages mutate `model` / `onnx_model` (or assign new ones)."""
+
+    model: torch.nn.Module | None
+    onnx_model: object | None = None
+    model_kind: str = "torch"
+    data: object | None = None  # DataBundle
+    example_inputs: tuple | None = None
+    tokenizer: object | None = None
+    teacher: torch.nn.Module | None = None
+    workdir: Path = field(default_factory=lambda: Path("."))
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    resume: bool = False
+    recipe_hash: str = ""
+    stage_index: int = 0
+    artifacts: dict = field(default_factory=dict)  # files written by stages: {"onnx": path, ...}
+    original: object | None = None  # the LoadedModel as given (never modified)
+
+
+@dataclass
+class Stage:
+    method: str
+    params: BaseModel
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **self.params.model_dump(mode="json")}
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    stages: list[Stage]
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "stages": [s.to_dict() for s in self.stages]}
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _RecipeFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    stages: list[dict]
+
+
+def _fmt_validation(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(stage)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"field '{loc}': {msg}")
+    return "; ".join(parts)
+
+
+def ensure_methods_loaded() -> None:
+    import compressor.methods  # noqa: F401  (imports every method module, which registers it)
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))} if RECIPES_DIR.is_dir() else {}
+
+
+def resolve_recipe_path(spec: str | Path) -> Path:
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return p
+    shipped = shipped_recipes()
+    name = str(spec).removesuffix(".yaml")
+    if name in shipped:
+        return shipped[name]
+    if p.suffix in (".yaml", ".yml") or "/" in str(spec):
+        raise RecipeError(f"recipe file not found: {p}", "check the path, or use a shipped recipe name (compress recipes list)")
+    raise RecipeError(f"no recipe named {spec!r}", f"shipped recipes: {', '.join(shipped) or 'none'}; or pass a YAML path")
+
+
+def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as a dict (already parsed YAML)."""
+    ensure_methods_loaded()
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping with 'name' and 'stages'", "see recipes/*.yaml for examples")
+    try:
+        rf = _RecipeFile.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_fmt_validation(e)}", "a recipe has 'name', optional 'description' and a list 'stages'") from e
+    if not rf.stages:
+        raise RecipeError(f"{source}: the recipe has no stages", "add at least one stage: - method: NAME")
+    stages = []
+    for i, raw in enumerate(rf.stages, start=1):
+        if not isinstance(raw, dict) or "method" not in raw:
+            raise RecipeError(f"{source}: stage {i} has no 'method'", "write each stage as '- method: NAME' plus its parameters")
+        name = raw["method"]
+        spec = REGISTRY.get(name)
+        if spec is None:
+            import difflib
+
+            from compressor.methods import IMPORT_ERRORS
+
+            hint = difflib.get_close_matches(str(name), REGISTRY, n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"known methods: {', '.join(sorted(REGISTRY))}"
+            broken = [m for m in IMPORT_ERRORS if str(name) in m]
+            if broken:
+                fix = f"its module failed to import: {IMPORT_ERRORS[broken[0]]}"
+            raise RecipeError(f"{source}: stage {i}: unknown method '{name}'", fix)
+        try:
+            params = spec.params.model_validate({k: v for k, v in raw.items() if k != "method"})
+        except ValidationError as e:
+            raise RecipeError(f"{source}: stage {i} ({name}): {_fmt_validation(e)}", f"see `compress recipes show` / the docs of '{name}'") from e
+        stages.append(Stage(name, params))
+    return Recipe(rf.name, rf.description, stages, source)
+
+
+def load_recipe(spec: str | Path | dict | Recipe) -> Recipe:
+    """A Recipe from a path, a shipped recipe name, a dict, or a Recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return parse_recipe(spec)
+    path = resolve_recipe_path(spec)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise RecipeError(f"{path.name}: not valid YAML{where}", "fix the YAML syntax") from e
+    return parse_recipe(data, source=path.name)
+
+
+def check_kinds(recipe: Recipe, kind: str) -> None:
+    for i, st in enumerate(recipe.stages, start=1):
+        spec = REGISTRY[st.method]
+        if kind not in spec.kinds:
+            raise RecipeError(
+                f"{recipe.source}: stage {i} ({st.method}) does not work on {kind} models",
+                f"it accepts: {', '.join(spec.kinds)}",
+            )
+
+
+def run_recipe(recipe: Recipe, ctx: StageContext, on_stage: Callable[[int, Stage], None] | None = None) -> list[dict]:
+    """Run every stage in order; returns one report dict per stage."""
+    reports = []
+    for i, stage in enumerate(recipe.stages, start=1):
+        ctx.stage_index = i
+        if on_stage is not None:
+            on_stage(i, stage)
+        spec = REGISTRY[stage.method]
+        out = spec.fn(ctx, copy.deepcopy(stage.params)) or {}
+        reports.append({"stage": i, "method": stage.method, "params": stage.params.model_dump(mode="json"), "result": out})
+    return reports
