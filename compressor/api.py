@@ -83,6 +83,31 @@ def _model_input_shape(loaded: LoadedModel, example) -> tuple[int, ...] | None:
     return None
 
 
+def probe(loaded: LoadedModel, example) -> None:
+    """Run the model once on the example inputs: a data/model mismatch fails here, before anything is written."""
+    if loaded.module is None:
+        return
+    try:
+        with torch.no_grad():
+            ev._call(loaded.module.eval(), example)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        shapes = [list(v.shape) for v in (example.values() if isinstance(example, dict) else example)]
+        raise InputError(f"the model does not run on inputs of shape {shapes}: {str(e).splitlines()[0][:160]}",
+                         "give data shaped like the model input (or --input-shape)") from e
+
+
+def _known_input_shape(loaded: LoadedModel, input_shape):
+    if input_shape is not None:
+        return tuple(input_shape)
+    if loaded.kind == "onnx":
+        from compressor.onnx_utils import input_shape as onnx_input_shape
+
+        return onnx_input_shape(loaded.onnx)
+    if loaded.example_inputs is not None and len(loaded.example_inputs) == 1:
+        return tuple(loaded.example_inputs[0].shape[1:])
+    return None
+
+
 def _check_output(output: Path, loaded: LoadedModel, overwrite: bool, resume: bool) -> None:
     if loaded.path is not None:
         src = loaded.path.resolve()
@@ -232,9 +257,10 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     out_dir = Path(output).expanduser() if output is not None else None
     if out_dir is not None:
         _check_output(out_dir, loaded, overwrite, resume)
-    bundle = data if isinstance(data, DataBundle) or data is None else load_data(data, input_shape=input_shape, seed=seed)
+    bundle = data if isinstance(data, DataBundle) or data is None else load_data(data, input_shape=_known_input_shape(loaded, input_shape), seed=seed)
     example = example_inputs_for(loaded, bundle, input_shape)
     check_compatible(bundle, _model_input_shape(loaded, example))
+    probe(loaded, example)
     teacher_model = None
     if teacher is not None:
         teacher_model = load_model(teacher, arch=arch, trust_pickle=trust_pickle).module
@@ -321,9 +347,10 @@ def evaluate_model(model, data: str | DataBundle | None = None, *, arch: str | N
                    input_shape: tuple[int, ...] | None = None, seed: int = 0, latency: bool = True) -> dict:
     """Size, cost and quality of one model (quality needs labelled data, text for HF models)."""
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    bundle = data if isinstance(data, DataBundle) or data is None else load_data(data, input_shape=input_shape, seed=seed)
+    bundle = data if isinstance(data, DataBundle) or data is None else load_data(data, input_shape=_known_input_shape(loaded, input_shape), seed=seed)
     example = example_inputs_for(loaded, bundle, input_shape)
     check_compatible(bundle, _model_input_shape(loaded, example))
+    probe(loaded, example)
     ref = {}
     if loaded.kind == "hf" and loaded.tokenizer is not None and hasattr(loaded.module, "generate") and hasattr(loaded.module, "lm_head"):
         from compressor.hf import corpus_sentences

@@ -291,6 +291,56 @@ def demo_cmd(
 # --- commands added by feature work ---
 
 
+@app.command("sweep")
+def sweep_cmd(
+    model: str = typer.Argument(..., help="torch model (.pt2, TorchScript, state dict + --arch) or HF folder"),
+    data: str = typer.Option(None, "--data", "-d", help="digits | npz:PATH | text:PATH | random (HF text models: default shipped corpus)"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for sweep.json and sweep.png"),
+    grid: str = typer.Option("0:0.9:0.1", "--grid", help="sparsities: start:stop:step or a,b,c (0.0 always added)"),
+    pattern: list[str] = typer.Option(["unstructured"], "--pattern", "-p",
+                                      help="repeatable: unstructured | layerwise | random | random-erk | 2:4 | N:4 | N:8 | nm"),
+    refine: float = typer.Option(None, "--refine", help="add levels at this spacing next to the knee, e.g. 0.05"),
+    eps: float = typer.Option(1.0, "--eps", help="tolerated drop (metric points) for the tolerance point"),
+    relative: bool = typer.Option(False, "--relative", help="eps in percent of the dense metric"),
+    include: list[str] = typer.Option(None, "--include", help="glob of weights to prune (replaces the default rule)"),
+    exclude: list[str] = typer.Option(None, "--exclude", help="glob of weights to keep dense"),
+    texts: int = typer.Option(256, "--texts", help="held-out sentences for text models"),
+    arch: str = typer.Option(None, "--arch", help="package.module:factory that builds the model for a state dict"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random baselines"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace sweep.json / sweep.png in --output"),
+):
+    """Essential sparsity: prune one-shot at every sparsity (from the dense weights each time), measure, find the knee."""
+    from compressor.io.data import load_data
+    from compressor.sweep import check_outputs_free, parse_grid, parse_patterns, sweep, write_sweep
+
+    grid_l, pats = parse_grid(grid), parse_patterns(pattern)  # validate before loading anything
+    check_outputs_free(output, overwrite)
+    bundle = load_data(data) if data else None
+    res = sweep(model, bundle, grid=grid_l, patterns=pats, eps=eps, relative=relative, refine=refine,
+                include=include or None, exclude=exclude or None, n_texts=texts, seed=seed, arch=arch, trust_pickle=trust_pickle)
+    files = write_sweep(res, output, overwrite=overwrite)
+    curves = res["curves"]
+    t = Table(title=f"{res['metric']} vs sparsity · {Path(model).name}", title_justify="left")
+    t.add_column("sparsity", justify="right")
+    for c in curves:
+        t.add_column(c, justify="right")
+    levels = sorted({pt["target"] for pts in curves.values() for pt in pts})
+    for p in levels:
+        row = [f"{p:.0%}" if round(100 * p, 6) == round(100 * p) else f"{100 * p:.1f}%"]
+        for c, pts in curves.items():
+            hit = next((pt for pt in pts if pt["target"] == p), None)
+            knee = res["analysis"][c]["knee"] == p
+            row.append("" if hit is None else f"{'[bold]★ ' if knee else ''}{hit['metric']:.2f}")
+        t.add_row(*row)
+    console.print(t)
+    for c, a in res["analysis"].items():
+        fmt = lambda v: "none" if v is None else f"{v:.0%}" if round(100 * v, 6) == round(100 * v) else f"{100 * v:.1f}%"  # noqa: E731
+        console.print(f"  [bold]{c}[/]: knee {fmt(a['knee'])} (drop-rate check {fmt(a['knee_drop_rate'])}), "
+                      f"≤{res['eps']:g}{'%' if relative else ' pt'} drop up to {fmt(a['tolerance'])}")
+    console.print(f"  [green]wrote[/] {files['json']}\n  [green]wrote[/] {files['png']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: `compress MODEL ...` → `compress run MODEL ...`."""
     import click

@@ -41,7 +41,7 @@ DEFAULT_TYPES: tuple[type, ...] = (nn.Conv2d, nn.Linear) + ((_HFConv1D,) if _HFC
 
 __all__ = [
     "DEFAULT_TYPES", "WeightMask", "apply_masks", "bake_masks", "baked_copy", "check_sparsity", "current_masks",
-    "has_masks", "magnitude_masks", "mask_density", "nm_masks", "plain_state_dict", "prunable_weights",
+    "has_masks", "magnitude_masks", "mask_density", "mask_optimizer_state", "remask_", "nm_masks", "plain_state_dict", "prunable_weights",
     "random_masks", "sparsity_report", "transposed_names",
 ]
 
@@ -376,6 +376,22 @@ def remask_(model: nn.Module) -> None:
                 if mp is not None:
                     with torch.no_grad():
                         module.parametrizations[attr].original.masked_fill_(~mp.mask, 0)
+
+
+def mask_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Zero the optimizer state (momentum, Adam moments) of masked parameters at pruned positions, so a mask
+    that changes mid-training (gradual pruning) leaves the stored weights at exactly zero too."""
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr in module.parametrizations.keys():
+            mp = _mask_param(module, attr)
+            if mp is None:
+                continue
+            p = module.parametrizations[attr].original
+            for v in optimizer.state.get(p, {}).values():
+                if isinstance(v, Tensor) and v.shape == p.shape:
+                    v.masked_fill_(~mp.mask, 0)
 
 
 def has_masks(model: nn.Module) -> bool:

@@ -64,18 +64,16 @@ def _load_state_into(arch: str | None, state: dict, path: Path) -> nn.Module:
         if key in state and isinstance(state[key], dict):
             state = state[key]
             break
-    result = model.load_state_dict(state, strict=False)
-    shape_errors = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(model.state_dict()[k].shape)}"
-        for k, v in state.items() if k in model.state_dict() and tuple(v.shape) != tuple(model.state_dict()[k].shape)
-    ]
-    if result.missing_keys or result.unexpected_keys or shape_errors:
-        detail = "; ".join(
-            ([f"missing {result.missing_keys[:3]}"] if result.missing_keys else [])
-            + ([f"unexpected {result.unexpected_keys[:3]}"] if result.unexpected_keys else [])
-            + shape_errors[:3]
-        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape_errors = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape_errors:
+        detail = "; ".join(([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {unexpected[:3]}"] if unexpected else [])
+                           + shape_errors[:3])
         raise InputError(f"weights in {path.name} do not fit --arch {arch}: {detail}", "pass the factory the checkpoint was trained with")
+    model.load_state_dict(state)
     return model.eval()
 
 

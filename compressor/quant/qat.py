@@ -140,8 +140,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                          "give a student with the same number of outputs as the teacher")
     s = student_logits.float() / temperature
     t = teacher_logits.float() / temperature
-    red = "batchmean" if kl_reduction == "batchmean" else "mean"
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction=red, log_target=True)
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="sum", log_target=True)
+    kl = kl / (s.shape[0] if kl_reduction == "batchmean" else s.numel())
     soft = temperature**2 * kl
     if labels is None or alpha >= 1.0:
         return soft

@@ -1,0 +1,139 @@
+"""Compact SaRA adaptation files (safetensors) and loading them onto a base model.
+
+Format (§4.6, plus a fingerprint): tensor `values/<param>` holds the adapted weights at the *initial* mask
+positions (boolean-mask gather order), `full/<param>` holds densely trained parameters (e.g. a new head);
+metadata `sara` is JSON with the threshold θ and, per base parameter, its shape and a SHA-256 of its base
+bytes. No indices are stored: loading recomputes M = |w_base| < θ from the base, which is only valid on the
+exact same base weights, hence the fingerprints: any difference (shape, values, missing tensor) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.errors import InputError
+
+FORMAT = "compressor.sara/1"
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of a tensor's dtype, shape and bytes."""
+    a = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{a.dtype}|{tuple(a.shape)}|".encode())
+    h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_adaptation(adapter, path: str | Path) -> dict:
+    """Write the adaptation of `adapter` (a SaRAAdapter, before or after training) to `path` atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {f"values/{n}": v.cpu().contiguous() for n, v in adapter.adapted_initial_values().items()}
+    named = dict(adapter.model.named_parameters())
+    for n in adapter.selection.full:
+        tensors[f"full/{n}"] = named[n].detach().cpu().contiguous()
+    meta = {
+        "format": FORMAT,
+        "threshold": repr(adapter.threshold),
+        "base": {n: {"shape": list(s), "sha256": fp} for n, (s, fp) in adapter.base_fingerprints.items()},
+        "counts": {n: int(d.initial_idx.numel()) for n, d in adapter.deltas.items()},
+        "full": list(adapter.selection.full),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"sara": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"path": str(path), "bytes": path.stat().st_size, "values": sum(int(c) for c in meta["counts"].values())}
+
+
+def read_adaptation(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"SaRA adaptation file not found: {path}", "give the .safetensors written by the sara stage")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("sara")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise InputError(f"cannot read {path} as safetensors ({type(e).__name__}: {e})", "give a file written by save_adaptation") from e
+    if meta is None:
+        raise InputError(f"{path} is not a SaRA adaptation (no 'sara' metadata)", "give a file written by save_adaptation")
+    meta = json.loads(meta)
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{path}: unknown SaRA adaptation format {meta.get('format')!r}", f"this version reads {FORMAT}")
+    return meta, tensors
+
+
+def check_base(model: nn.Module, meta: dict, path: str | Path = "adaptation") -> None:
+    """Refuse a base model that is not the one the adaptation was trained from."""
+    named = dict(model.named_parameters())
+    for n, info in meta["base"].items():
+        if n not in named:
+            raise InputError(
+                f"{path}: the base model has no parameter {n!r} (the adaptation was made for another architecture)",
+                "load the adaptation onto the base checkpoint it was trained from",
+            )
+        p = named[n]
+        if list(p.shape) != info["shape"]:
+            raise InputError(
+                f"{path}: parameter {n!r} has shape {list(p.shape)} in this base but {info['shape']} in the adaptation's base",
+                "load the adaptation onto the base checkpoint it was trained from",
+            )
+    for n, info in meta["base"].items():
+        p = named[n]
+        if fingerprint(p) != info["sha256"]:
+            raise InputError(
+                f"{path}: parameter {n!r} differs from the base the adaptation was trained on (fingerprint mismatch), "
+                "so the selected entries would not match",
+                "load it onto the exact pre-trained base checkpoint (unmodified weights)",
+            )
+
+
+def load_adaptation(model: nn.Module, path: str | Path, *, attach: bool = False):
+    """Apply a saved adaptation to `model` (the exact base it was trained from).
+
+    attach=False: merge in place (ordinary parameters hold the adapted weights); returns the model.
+    attach=True: return a SaRAAdapter on the model with the saved values (to continue training).
+    """
+    from compressor.sara.core import SaRAAdapter, Selection
+
+    meta, tensors = read_adaptation(path)
+    check_base(model, meta, path)
+    threshold = float(meta["threshold"])
+    named = dict(model.named_parameters())
+    masks = {}
+    for n, count in meta["counts"].items():
+        m = named[n].detach().abs() < threshold
+        if int(m.sum()) != count or tensors[f"values/{n}"].numel() != count:
+            raise InputError(f"{path}: {n!r} selects {int(m.sum())} entries but the file holds {count}", "the file is corrupt or edited")
+        masks[n] = m
+    sel = Selection(threshold, masks, sum(named[n].numel() for n in meta["base"]), list(meta["full"]))
+    with torch.no_grad():
+        for n in meta["full"]:
+            src = tensors[f"full/{n}"]
+            if n not in named or named[n].shape != src.shape:
+                raise InputError(f"{path}: densely trained parameter {n!r} does not fit this model", "load onto the matching base")
+            named[n].copy_(src.to(named[n].dtype))
+    adapter = SaRAAdapter(model, sel)
+    with torch.no_grad():
+        for n, d in adapter.deltas.items():
+            d.values.copy_(tensors[f"values/{n}"].to(d.values.dtype))
+    adapter.sync()
+    if attach:
+        return adapter
+    return adapter.merge()

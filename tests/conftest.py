@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from compressor.io.data import load_data
+
+    return load_data("digits")
+
+
+@pytest.fixture(scope="session")
+def trained_cnn():
+    from compressor.models import pretrained_digits_cnn
+
+    return pretrained_digits_cnn()
+
+
+@pytest.fixture
+def cnn_state_file(tmp_path, trained_cnn):
+    p = tmp_path / "cnn.pt"
+    torch.save(trained_cnn.state_dict(), p)
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_folder(tmp_path_factory):
+    """A small BERT built from config, with the real MiniLM tokenizer, saved as an HF folder."""
+    transformers = pytest.importorskip("transformers")
+    from compressor.hf import minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

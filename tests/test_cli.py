@@ -1,0 +1,96 @@
+"""The CLI through typer's CliRunner and as a real subprocess; user errors: one red line, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from compressor.cli import app, main
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_recipes_list_and_show():
+    r = invoke("recipes", "list")
+    assert r.exit_code == 0 and "demo" in r.output
+    r = invoke("recipes", "show", "demo")
+    assert r.exit_code == 0 and "stage 1" in r.output
+
+
+def test_methods():
+    r = invoke("methods")
+    assert r.exit_code == 0 and "finetune" in r.output and "export" in r.output
+
+
+def test_run_and_eval(tmp_path, cnn_state_file):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: ft\nstages:\n  - method: finetune\n    epochs: 0.3\n  - method: export\n")
+    out = tmp_path / "out"
+    r = invoke("run", str(cnn_state_file), "--arch", "compressor.models:digits_cnn", "-r", str(recipe), "-d", "digits", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert "accuracy" in r.output and (out / "report.json").exists()
+    r = invoke("eval", str(out / "model.onnx"), "-d", "digits", "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["accuracy"] > 0.9
+
+
+def test_export_command(tmp_path, cnn_state_file):
+    out = tmp_path / "m.onnx"
+    r = invoke("export", str(cnn_state_file), "--arch", "compressor.models:digits_cnn", "-o", str(out), "--input-shape", "1,8,8")
+    assert r.exit_code == 0, r.output
+    assert out.exists()
+    r = invoke("export", str(cnn_state_file), "--arch", "compressor.models:digits_cnn", "-o", str(out), "--input-shape", "1,8,8")
+    assert r.exit_code == 2 and "exists" in r.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "/no/such/model.onnx", "-r", "demo"], "model not found"),
+    (["run", "MODEL", "-r", "no-such-recipe"], "no recipe named"),
+    (["run", "MODEL", "-r", "demo", "-d", "imagenet"], "unknown data source"),
+    (["eval", "/no/such.onnx"], "model not found"),
+    (["recipes", "show", "nope"], "no recipe named"),
+])
+def test_user_errors_exit_2_without_traceback(cnn_state_file, args, needle):
+    args = [str(cnn_state_file) if a == "MODEL" else a for a in args]
+    if args[0] == "run" and "--arch" not in args:
+        args += ["--arch", "compressor.models:digits_cnn"]
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and "Traceback" not in r.output
+
+
+def test_corrupt_onnx_cli(tmp_path):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(b"not an onnx file at all" * 20)
+    r = invoke("eval", str(p))
+    assert r.exit_code == 2 and "not a valid ONNX" in r.output
+
+
+def test_recipe_typo_cli(tmp_path, cnn_state_file):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nstages:\n  - method: finetune\n    epoch: 3\n")
+    r = invoke("run", str(cnn_state_file), "--arch", "compressor.models:digits_cnn", "-r", str(recipe), "-d", "digits", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "field 'epoch': unknown field" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_main_shorthand_routes_to_run(tmp_path, cnn_state_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(cnn_state_file), "-r", "no-such-recipe"])
+    assert e.value.code == 2
+
+
+def test_subprocess(tmp_path, cnn_state_file):
+    exe = [sys.executable, "-m", "compressor.cli"]
+    r = subprocess.run(exe + ["--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "demo" in r.stdout
+    r = subprocess.run(exe + [str(cnn_state_file), "-r", "demo", "-d", "digits", "-o", str(cnn_state_file)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "error:" in r.stderr
