@@ -49,11 +49,11 @@ def ort_ptq(fp32_path: Path, out_dir: Path, calib: np.ndarray, test) -> dict:
     res = {}
     dyn = out_dir / "ort_dynamic.onnx"
     quantize_dynamic(str(fp32_path), str(dyn), weight_type=QuantType.QUInt8)
-    res["ort_dynamic_int8"] = {"accuracy": accuracy_onnx(dyn, test), "bytes": dyn.stat().st_size}
+    res["ort_dynamic_int8"] = {"accuracy_ort": accuracy_onnx(dyn, test), "bytes": dyn.stat().st_size}
     sta = out_dir / "ort_static.onnx"
     quantize_static(str(fp32_path), str(sta), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    res["ort_static_int8_qdq"] = {"accuracy": accuracy_onnx(sta, test), "bytes": sta.stat().st_size}
+    res["ort_static_int8_qdq"] = {"accuracy_ort": accuracy_onnx(sta, test), "bytes": sta.stat().st_size}
     return res, {"ort_dynamic_int8": dyn, "ort_static_int8_qdq": sta}
 
 

@@ -291,6 +291,24 @@ def demo_cmd(
 # --- commands added by feature work ---
 
 
+@app.command("bench-kernels")
+def bench_kernels_cmd(
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (2:4 semi-structured vs dense bf16)"),
+    threads: str = typer.Option("1", "--threads", help="CPU thread counts, e.g. 1 or 1,2"),
+    shapes: str = typer.Option("768x768,4096x4096", "--shapes", help="Linear weight shapes out x in"),
+    sparsities: str = typer.Option("0.5,0.9,0.95", "--sparsities", help="unstructured sparsities"),
+    rows: str = typer.Option("128,1", "--rows", help="tokens per matmul"),
+    repeats: int = typer.Option(5, "--repeats", help="interleaved repetitions per format (median)"),
+    output: Path = typer.Option(Path("benchmarks/results/kernels.json"), "--output", "-o", help="JSON (merged per device)"),
+):
+    """Dense vs sparse Linear kernels (CSR/BSR on CPU, 2:4 on CUDA), timed side by side; small defaults."""
+    from compressor.kernels.bench import main as bench_main
+
+    res = bench_main(["--device", device, "--threads", threads, "--shapes", shapes, "--sparsities", sparsities,
+                      "--rows", rows, "--repeats", str(repeats), "--no-conv", "--out", str(output)])
+    del res
+
+
 @app.command("sweep")
 def sweep_cmd(
     model: str = typer.Argument(..., help="torch model (.pt2, TorchScript, state dict + --arch) or HF folder"),

@@ -747,21 +747,22 @@ def plot_sweep(result: dict, path: str | Path, title: str | None = None) -> Path
     for i, (name, pts) in enumerate(result["curves"].items()):
         xs = [100 * p["target"] for p in pts]
         ys = [p["metric"] for p in pts]
-        style = "--" if name.startswith("random") else (":" if name.startswith("N:") else "-")
+        style = "--" if name.startswith("random") else (":" if ":" in name else "-")
         (line,) = ax.plot(xs, ys, style, marker="o", ms=3.5, lw=1.6, label=name, zorder=3 + (i == 0))
         a = result["analysis"].get(name, {})
         if a.get("knee") is not None:
-            ax.plot([100 * a["knee"]], [a["metric_at_knee"]], marker="*", ms=15, color=line.get_color(), mec="black", zorder=6,
+            ax.plot([100 * a["knee"]], [a["metric_at_knee"]], ls="none", marker="*", ms=15, color=line.get_color(), mec="black", zorder=6,
                     label=f"knee {name}: {a['knee']:.0%}")
         if a.get("tolerance") is not None and name == next(iter(result["curves"])):
-            ax.plot([100 * a["tolerance"]], [a["metric_at_tolerance"]], marker="o", ms=11, mfc="none", mec="black", mew=1.5,
+            ax.plot([100 * a["tolerance"]], [a["metric_at_tolerance"]], ls="none", marker="o", ms=11, mfc="none", mec="black", mew=1.5,
                     zorder=6, label=f"≤{result['eps']:g}{'%' if result.get('relative') else ' pt'} drop ({name}): {a['tolerance']:.0%}")
     dense = result["dense"]["metric"]
     thr = dense * (1 - result["eps"] / 100) if result.get("relative") else dense - result["eps"]
     ax.axhline(thr, color="grey", lw=0.8, ls="--", zorder=1)
     ax.set_xlabel("sparsity of the pruned tensors (%)")
     ax.set_ylabel(result["metric"].replace("_%", " (%)").replace("_", " "))
-    ax.set_title(title or f"essential sparsity: {result.get('model', '')}", fontsize=10)
+    model_name = Path(str(result.get("model", ""))).name
+    ax.set_title(title or f"essential sparsity (one-shot, no retraining): {model_name}", fontsize=10)
     ys_all = [p["metric"] for pts in result["curves"].values() for p in pts]
     lo = min(ys_all)
     ax.set_ylim(max(lo - 0.05 * (dense - lo + 1e-9), lo - 5), dense + 0.08 * max(dense - lo, 1.0))

@@ -234,7 +234,7 @@ def test_masked_weights_stay_exactly_zero_through_training(opt, kw, digits):
         for k, p in M.prunable_weights(mod).items():
             grads[k] = p.grad.detach().clone()
 
-    train(model, digits.train, steps=6, batch_size=32, lr=0.05, optimizer=opt, after_backward=after_backward,
+    train(model, digits.train, steps=4, batch_size=16, lr=0.05, optimizer=opt, after_backward=after_backward,
           progress=False, device="cpu", **kw)
     stored = M.prunable_weights(model)
     mods = dict(model.named_modules())

@@ -16,6 +16,7 @@ Layouts are for ``nn.Linear`` weights ``[out_features, in_features]``; N:M group
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -130,12 +131,12 @@ def pack(w: Tensor, fmt: str, *, device: torch.device | str | None = None, dtype
     w = w.detach().to(device=device or w.device, dtype=dtype or w.dtype).contiguous()
     if fmt == "dense":
         return w
-    if fmt == "csr":
-        return w.to_sparse_csr()
-    if fmt == "bsr":
-        if w.shape[0] % block or w.shape[1] % block:
+    if fmt in ("csr", "bsr"):
+        if fmt == "bsr" and (w.shape[0] % block or w.shape[1] % block):
             raise ValueError(f"shape {tuple(w.shape)} does not tile into {block}x{block} blocks")
-        return w.to_sparse_bsr((block, block))
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and tested here
+            warnings.filterwarnings("ignore", message=".*Sparse (CSR|BSR) tensor support is in beta.*")
+            return w.to_sparse_csr() if fmt == "csr" else w.to_sparse_bsr((block, block))
     ok, why = semi24_support(w, w.device, w.dtype)
     if not ok:
         raise ValueError(f"cannot use 2:4 semi-structured: {why}")

@@ -57,6 +57,44 @@ class SparseLinear(nn.Module):
     def dense_weight(self) -> Tensor:
         return KF.dense_of(self.weight, self.fmt)
 
+    # state_dict holds the plain dense weight/bias under nn.Linear's names: a swapped model saves and loads
+    # exactly like the original architecture (and tools that call .contiguous() on state tensors keep working)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.dense_weight().detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        w = state_dict[key]
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {key}: {tuple(w.shape)} vs {(self.out_features, self.in_features)}")
+            return
+        dev = self.dense_weight().device
+        packed = KF.pack(w, self.fmt, device=dev, dtype=self.compute_dtype, block=self.block)
+        if self.fmt == "semi24":
+            self.weight = nn.Parameter(packed, requires_grad=False)
+        else:
+            self._buffers["weight"] = packed
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                self.bias.copy_(state_dict[prefix + "bias"].to(self.bias.dtype))
+            elif strict:
+                missing_keys.append(prefix + "bias")
+        self.sparsity = KF.sparsity(w)
+
+    def __deepcopy__(self, memo):
+        # sparse CSR/BSR and 2:4 tensors have no storage to deep-copy: rebuild from the dense weight
+        with torch.no_grad():
+            new = SparseLinear(self.dense_weight().clone(), self.bias.clone() if self.bias is not None else None, self.fmt,
+                               dtype=self.compute_dtype, block=self.block, decision=self.decision)
+        new.train(self.training)
+        memo[id(self)] = new
+        return new
+
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         w = self.dense_weight()
@@ -103,6 +141,11 @@ class SparseConv2d(nn.Module):
         self.register_buffer("weight", w.reshape(w.shape[0], -1).to_sparse_csr() if fmt == "csr" else w.clone())
         self.register_buffer("bias", conv.bias.detach().clone() if conv.bias is not None else None)
         self._wshape = tuple(w.shape)
+
+    def __deepcopy__(self, memo):
+        new = SparseConv2d(self.to_conv(), self.fmt)
+        memo[id(self)] = new
+        return new
 
     @torch.no_grad()
     def to_conv(self) -> nn.Conv2d:

@@ -65,7 +65,10 @@ class SwapReport:
         t = Table(title=f"sparse kernels on {self.device}")
         for c in ("layer", "shape", "sparsity", "rows", "format", "dense ms", "sparse ms", "speed-up", "why"):
             t.add_column(c)
-        f = (lambda v, p=3: "-" if v is None else f"{v:.{p}f}")
+
+        def f(v, p=3):
+            return "-" if v is None else f"{v:.{p}f}"
+
         for r in self.layers:
             t.add_row(r.name, "x".join(map(str, r.shape)), f"{r.sparsity:.2f}", str(r.rows), r.format, f(r.dense_ms),
                       f(r.sparse_ms), "-" if r.speedup is None else f"{r.speedup:.2f}x", r.reason)
@@ -200,6 +203,12 @@ def swap_sparse_kernels(model: nn.Module, example_inputs, min_sparsity: float = 
                     lr.dense_ms = t.get("dense_half", t["dense"]) if d.format == "semi24" and "dense_half" in t else t["dense"]
                     lr.sparse_ms = t.get(d.format)
                     lr.speedup = (lr.dense_ms / lr.sparse_ms) if lr.sparse_ms else None
+                if d.source == "default" and lr.speedup is not None and lr.speedup < 1.0:
+                    # the unmeasured table guessed wrong for this layer on this machine: keep it dense
+                    lr.format, lr.source = "dense", "measured"
+                    lr.reason = f"default table chose {d.format} but it measured {lr.speedup:.2f}x: kept dense"
+                    report.layers.append(lr)
+                    continue
                 dt = KC.compute_dtype(device, d.format, w.dtype, half)
                 any_half |= dt != w.dtype
                 new = SparseLinear(w, lin.bias, d.format, device=device, dtype=dt, decision=d)
