@@ -240,6 +240,41 @@ def latency_torch(model: nn.Module, example_inputs, runs: int = 30, warmup: int 
     return _timed(once, runs, warmup)
 
 
+def runner(kind: str, model, example):
+    """A zero-argument callable running one forward of `model` on `example` (torch module or ONNX bytes)."""
+    if kind == "onnx":
+        sess = ort_session(model)
+        names = {i.name for i in sess.get_inputs()}
+        feeds = {k: v for k, v in example.items() if k in names}
+        return lambda: sess.run(None, feeds)
+    model.eval()
+    dev = _module_device(model)
+
+    @torch.no_grad()
+    def once():
+        _call(model, example)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    return once
+
+
+def paired_latency(fn_a, fn_b, runs: int = 30, warmup: int = 5) -> tuple[float, float]:
+    """Median ms of two callables timed alternately in one loop, so machine noise hits both alike."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn_a()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn_b()
+        tb.append(time.perf_counter() - t)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
 def ort_session(path_or_bytes, threads: int | None = None):
     """onnxruntime session on the CUDA EP when available, else CPU."""
     import onnxruntime as ort

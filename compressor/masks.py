@@ -68,18 +68,23 @@ def prunable_weights(model: nn.Module, include: list[str] | None = None, exclude
 
     `include` / `exclude` are glob patterns (fnmatch, case-sensitive) matched against the weight name
     ("fc1.weight") or the module name ("fc1"); e.g. ``exclude=["fc"]`` keeps the output layer dense,
-    ``include=["encoder.layer.*"]``. A weight shared by several modules (tied) is listed once.
+    ``include=["encoder.layer.*"]``. A weight shared by several such modules (tied) is listed once; one tied to a
+    module of another type (an embedding) is left out.
     For an already-masked module the returned parameter is its unmasked storage (the parametrization's
     ``original``), still under the plain name. Raises RecipeError when nothing matches.
     """
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     candidates = []
+    # a weight tied to a module of another type (e.g. GPT-2's lm_head and its token embedding) is not prunable:
+    # the other module would read it unmasked
+    foreign = {id(p) for m in model.modules() if not isinstance(m, types + (parametrize.ParametrizationList,))
+               for p in m._parameters.values() if p is not None}
     for mname, module in model.named_modules():
         if not isinstance(module, types):
             continue
         p = _weight_param(module)
-        if p is None or id(p) in seen:
+        if p is None or id(p) in seen or id(p) in foreign:
             continue
         seen.add(id(p))
         name = f"{mname}.weight" if mname else "weight"

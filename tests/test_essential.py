@@ -201,11 +201,12 @@ def test_shipped_recipe_end_to_end_on_digits_mlp(tmp_path, mlp):
     from compressor.api import compress
 
     res = compress(copy.deepcopy(mlp), "essential-sparsity", "digits", tmp_path / "run", measure_latency=False)
-    stage = res.report["stages"][0]["result"] if "stages" in res.report else None
-    assert (tmp_path / "run" / "sweep.json").is_file() and (tmp_path / "run" / "sweep.png").is_file()
-    assert (tmp_path / "run" / "model.onnx").is_file()
-    if stage is not None:
-        assert stage["applied_sparsity"] >= 0.3  # the digits MLP keeps its accuracy far beyond 30 %
+    stage = res.report["stages"][0]["result"]
+    for f in ("sweep.json", "sweep.png", "model.onnx", "report.json"):
+        assert (tmp_path / "run" / f).is_file(), f
+    assert stage["applied"] == "knee" and stage["applied_sparsity"] >= 0.3  # the MLP keeps its accuracy far beyond 30 %
+    assert 100.0 * res.after["accuracy"] == pytest.approx(stage["metric_at_applied"], abs=1e-6)
+    assert res.after["nonzero_params"] < res.before["nonzero_params"]
 
 
 # ------------------------------------------------------------------------------------------------ MiniLM

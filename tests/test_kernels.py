@@ -328,3 +328,17 @@ def test_cli_bench_kernels_small(tmp_path):
     pats = {row["pattern"] for row in run["linear"]}
     assert pats == {"unstructured-0.90", "2:4", "block16-0.90"}
     assert all(row["ms"]["dense"] > 0 and "csr" in row["speedup_vs_dense"] for row in run["linear"])
+
+
+def test_swap_calibrate_mode_measures_each_layer():
+    m = pruned_mlp()
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        ref = m(x)
+    rep = swap_sparse_kernels(m, (x,), mode="calibrate", repeats=2, cache=DecisionCache())
+    swept = [r for r in rep.layers if r.name in ("0", "2")]
+    assert all(r.source in ("measured", "cache") for r in swept)
+    for r in swept:  # swapped exactly when the measurement said a sparse format won
+        assert isinstance(m.get_submodule(r.name), SparseLinear) == (r.format != "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)

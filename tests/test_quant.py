@@ -195,3 +195,30 @@ def test_codebook_export_is_exact():
     x = np.random.default_rng(0).standard_normal((3, 20)).astype(np.float32)
     got = run_onnx(qm.SerializeToString(), {"input": x})[0]
     np.testing.assert_allclose(got, lin(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, ids):
+        return self.out(self.norm(self.emb(ids)))
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "nbits"])
+def test_embedding_rows_quantized_and_gathered(tmp_path, fmt):
+    torch.manual_seed(0)
+    m = TokenModel().eval()
+    qt, info = post_training_quantize(m, QuantConfig(bits=4, bucket_size=16, embedding_bits=4))
+    assert "emb.weight" in qt and qt["emb.weight"].codes.shape == (50, 16)  # one bucket per row
+    assert [d["layer"] for d in info["plan"]["kept_float"]] == ["norm"]
+    ids = torch.randint(0, 50, (3, 7))
+    rep = export_quantized(m, qt, (ids,), tmp_path / "e.onnx", fmt=fmt, atol=1e-5, rtol=1e-5)
+    assert rep["layers"]["emb.weight"].startswith("Gather on 4-bit codes")
+    assert rep["max_abs_diff_unoptimized"] < 1e-5
+    # plain (non-embedding) default leaves the table float and says so
+    _, info2 = post_training_quantize(TokenModel(), QuantConfig(bits=4))
+    assert {d["layer"] for d in info2["plan"]["kept_float"]} == {"emb", "norm"}

@@ -145,6 +145,31 @@ def bench_cuda(shapes, rows_list, sparsities, repeats: int, gen) -> list[dict]:
     return out
 
 
+def bench_onnx(tmp_dir: Path, sparsities=(0.5, 0.9)) -> list[dict]:
+    """File size of a BERT-sized FFN (768->3072->768) pruned by global magnitude: dense vs compact encodings."""
+    from compressor import masks as M
+    from compressor.export import export_onnx
+    from compressor.kernels.onnx_sparse import compact_onnx
+
+    out = []
+    for s in sparsities:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(768, 3072), torch.nn.GELU(), torch.nn.Linear(3072, 768))
+        M.apply_masks(m, M.magnitude_masks({"0.weight": m[0].weight.detach(), "2.weight": m[2].weight.detach()}, s))
+        M.bake_masks(m)
+        src = tmp_dir / f"ffn{s}.onnx"
+        export_onnx(m, (torch.randn(4, 768),), src)
+        row = {"model": "FFN 768-3072-768", "sparsity": s}
+        for meth in ("auto", "sparse_initializer"):
+            r = compact_onnx(src, tmp_dir / f"ffn{s}_{meth}.onnx", method=meth)
+            row[meth] = {k: r[k] for k in ("dense_bytes", "compact_bytes", "saving", "dense_zlib_bytes", "compact_zlib_bytes", "max_abs_diff")}
+        out.append(row)
+        print(f"  ONNX FFN s={s}: dense {row['auto']['dense_bytes']/1e6:.2f} MB, auto {row['auto']['compact_bytes']/1e6:.2f} MB, "
+              f"sparse_initializer {row['sparse_initializer']['compact_bytes']/1e6:.2f} MB, zlib(dense) "
+              f"{row['auto']['dense_zlib_bytes']/1e6:.2f} MB, max|diff| {row['auto']['max_abs_diff']}", flush=True)
+    return out
+
+
 def goals(rows: list[dict], device: str) -> dict:
     g = {}
     if device == "cpu":
@@ -171,6 +196,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shapes", default=None, help="override the weight shapes (out x in), e.g. 768x768,4096x4096")
     ap.add_argument("--sparsities", default=None, help="override the unstructured sparsities, e.g. 0.9,0.95")
     ap.add_argument("--no-conv", action="store_true")
+    ap.add_argument("--onnx-only", action="store_true", help="only the compact-ONNX file-size comparison")
     ap.add_argument("--out", default=str(Path("benchmarks") / "results" / "kernels.json"))
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -197,8 +223,16 @@ def main(argv=None) -> dict:
             "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "repeats": a.repeats,
             "command": "python benchmarks/kernels.py " + " ".join(str(a) for a in (argv if argv is not None else sys.argv[1:])),
             "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    if a.onnx_only:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            results["onnx_compact"] = meta | {"rows": bench_onnx(Path(d))}
+        a.device = "none"
     with torch.no_grad():
-        if a.device == "cpu":
+        if a.device == "none":
+            pass
+        elif a.device == "cpu":
             for th in [int(t) for t in a.threads.split(",")]:
                 torch.set_num_threads(th)
                 print(f"CPU, torch.set_num_threads({th}), MKL={torch.backends.mkl.is_available()}", flush=True)

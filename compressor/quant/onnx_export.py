@@ -161,6 +161,24 @@ def _weight_subgraph(b: _Builder, name: str, qt: QuantizedTensor, canonical_ok: 
     return name
 
 
+def _quantized_gather(b: _Builder, name: str, qt: QuantizedTensor, node) -> list:
+    """Embedding lookup on the codes: Gather(codes, ids)·Gather(scale, ids) + Gather(offset, ids) — only the
+    looked-up rows are dequantized (one bucket per row)."""
+    saved, b.new_nodes = b.new_nodes, []
+    ids = node.input[1]
+    signed = qt.scaling == "absmax"
+    codes = b.add_init(qt.codes.numpy().astype(np.int8 if signed else np.uint8), b.uid(f"{name}_codes"))
+    vals = b.node("Cast", [b.node("Gather", [codes, ids], axis=0)], to=TensorProto.FLOAT)
+    scale = b.node("Gather", [b.add_init(qt.scale.numpy().astype(np.float32)[:, None], b.uid(f"{name}_scale")), ids], axis=0)
+    out = node.output[0]
+    y = b.node("Mul", [vals, scale], out=out if qt.offset is None else None)
+    if qt.offset is not None:
+        off = b.node("Gather", [b.add_init(qt.offset.numpy().astype(np.float32)[:, None], b.uid(f"{name}_offset")), ids], axis=0)
+        b.node("Add", [y, off], out=out)
+    nodes, b.new_nodes = b.new_nodes, saved
+    return nodes
+
+
 def _nbits_eligible(qt: QuantizedTensor) -> str | None:
     """None when the tensor maps onto MatMulNBits blocks exactly, else the reason it does not."""
     if qt.codebook is not None:
@@ -253,6 +271,13 @@ def build_quantized_onnx(fp32: onnx.ModelProto, qtensors: dict[str, QuantizedTen
                     remove_nodes += [e.output[0] for e in extra]
                 layers[name] = f"MatMulNBits {qt.bits}-bit block {qt.bucket}"
                 done = True
+        cons = _consumers(g, iname)
+        if not done and cons and all(n.op_type == "Gather" and n.input[0] == iname and _attr(n, "axis", 0) == 0 for n in cons) \
+                and qt.codebook is None and len(qt.shape) == 2 and qt.layout == "row" and qt.bucket == qt.shape[1]:
+            for n in cons:
+                replace[n.output[0]] = _quantized_gather(b, iname, qt, n)
+            layers[name] = f"Gather on {qt.bits}-bit codes (8-bit container), then per-row scale/offset"
+            done = True
         if not done:
             fusable = any(n.op_type in ("MatMul", "Transpose") for n in _consumers(g, iname))
             _weight_subgraph(b, iname, qt, canonical_ok=not fusable)

@@ -38,9 +38,12 @@ class QuantConfig:
     layout: str = "row"
     stochastic: bool = False
     quantize_first_last: bool = True
+    embedding_bits: int | None = None  # nn.Embedding tables: None = float; else per-row (one bucket per token)
 
     def __post_init__(self):
         check_bits(self.bits)
+        if self.embedding_bits is not None:
+            check_bits(self.embedding_bits)
 
 
 @dataclass
@@ -49,13 +52,15 @@ class QuantPlan:
 
     params: dict[str, nn.Parameter] = field(default_factory=dict)  # "fc1.weight" -> parameter
     skipped: list[dict] = field(default_factory=list)  # {"layer", "type", "reason"}
+    overrides: dict[str, dict] = field(default_factory=dict)  # per-parameter quantizer settings (embeddings)
 
     def report(self) -> dict:
         return {"quantized": list(self.params), "kept_float": self.skipped}
 
 
-def plan_quantization(model: nn.Module, quantize_first_last: bool = True) -> QuantPlan:
-    """Weights of Conv/Linear layers are quantized; every other layer that owns parameters is reported."""
+def plan_quantization(model: nn.Module, quantize_first_last: bool = True, embedding_bits: int | None = None) -> QuantPlan:
+    """Weights of Conv/Linear layers are quantized (and nn.Embedding tables when embedding_bits is set, one
+    bucket per row so a lookup dequantizes only its rows); every other layer that owns parameters is reported."""
     plan = QuantPlan()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     if not layers:
@@ -72,6 +77,10 @@ def plan_quantization(model: nn.Module, quantize_first_last: bool = True) -> Qua
                 continue
             plan.params[f"{name}.weight" if name else "weight"] = mod.weight
             continue
+        if isinstance(mod, nn.Embedding) and embedding_bits is not None:
+            plan.params[f"{name}.weight"] = mod.weight
+            plan.overrides[f"{name}.weight"] = {"bits": embedding_bits, "bucket_size": None, "layout": "row", "stochastic": False}
+            continue
         plan.skipped.append({"layer": name or "(root)", "type": type(mod).__name__,
                              "reason": "no quantized kernel for this layer type; kept float"})
     return plan
@@ -82,21 +91,23 @@ class ShadowQuantizer:
 
     def __init__(self, model: nn.Module, cfg: QuantConfig, seed: int = 0):
         self.model, self.cfg = model, cfg
-        self.plan = plan_quantization(model, cfg.quantize_first_last)
+        self.plan = plan_quantization(model, cfg.quantize_first_last, cfg.embedding_bits)
         self.shadow: dict[str, torch.Tensor] = {}
         self.gen = torch.Generator().manual_seed(seed) if cfg.stochastic else None
 
-    def _q(self, w: torch.Tensor) -> QuantizedTensor:
+    def _q(self, name: str, w: torch.Tensor, stochastic: bool | None = None) -> QuantizedTensor:
         c = self.cfg
-        gen = self.gen if (self.gen is not None and w.device.type == "cpu") else None
-        return quantize_tensor(w, c.bits, c.bucket_size, scaling=c.scaling, layout=c.layout, stochastic=c.stochastic, generator=gen)
+        kw = {"bits": c.bits, "bucket_size": c.bucket_size, "layout": c.layout, "stochastic": c.stochastic if stochastic is None else stochastic}
+        kw.update(self.plan.overrides.get(name, {}))
+        gen = self.gen if (self.gen is not None and kw["stochastic"] and w.device.type == "cpu") else None
+        return quantize_tensor(w, kw["bits"], kw["bucket_size"], scaling=c.scaling, layout=kw["layout"], stochastic=kw["stochastic"], generator=gen)
 
     @torch.no_grad()
     def quantize_(self) -> None:
         """Save w and write Q(w) into the parameters."""
         for name, p in self.plan.params.items():
             self.shadow[name] = p.detach().clone()
-            p.copy_(self._q(p).dequantize().to(p.dtype))
+            p.copy_(self._q(name, p).dequantize().to(p.dtype))
 
     @torch.no_grad()
     def restore_(self) -> None:
@@ -110,9 +121,8 @@ class ShadowQuantizer:
         """Write Q(w) (deterministic rounding) into the model; returns the integer form per parameter."""
         self.restore_()
         out = {}
-        c = self.cfg
         for name, p in self.plan.params.items():
-            q = quantize_tensor(p, c.bits, c.bucket_size, scaling=c.scaling, layout=c.layout)
+            q = self._q(name, p, stochastic=False)
             p.copy_(q.dequantize().to(p.dtype))
             out[name] = _cpu(q)
         return out

@@ -345,15 +345,14 @@ class SaRAOptimizer(torch.optim.AdamW):
         v = d.values.detach().float()
         if self.penalize == "update":
             # initial values at the live positions: the live set is a gather of the initial one
-            v = v - self._initial_live(name)
+            v = v - self._initial[name]
         s = torch.zeros(base.numel(), dtype=torch.float32, device=v.device)
         s[d.idx] = v
         u, sv, vh = torch.linalg.svd(s.view(base.shape), full_matrices=False)
-        grad = (u @ vh).reshape(-1)[d.idx]
+        # subgradient U·Vᵀ over the non-zero singular values (the minimal one: a zero matrix gets zero)
+        keep = sv > sv.max().clamp_min(1e-30) * max(base.shape) * torch.finfo(sv.dtype).eps
+        grad = (u[:, keep] @ vh[keep]).reshape(-1)[d.idx]
         return self.lambda_rank * float(sv.sum()), self.lambda_rank * grad.to(d.values.dtype)
-
-    def _initial_live(self, name: str) -> torch.Tensor:
-        return self._initial[name]
 
     def _add_rank_grad(self) -> None:
         if self.lambda_rank <= 0 or not self.rank_names:
