@@ -6,7 +6,7 @@ DigitsCNN (94k parameters; all conv/linear weights prunable, 94.2k of them), sci
 wd 1e-4, batch 64); rewind point k = `--rewind-epochs` epochs; each round prunes `--fraction` of the remaining
 weights globally (exact_k). Level 0 of the weight-rewinding run is the dense network.
 
-    .venv/bin/python benchmarks/lottery.py            # -> benchmarks/results/lottery.json (≈ 5 min on 1 core)
+    .venv/bin/python benchmarks/lottery.py            # -> benchmarks/results/lottery.json (≈ 10 min on a loaded 2-core machine)
     .venv/bin/python benchmarks/lottery.py --seeds 1 --levels 3 --epochs 8   # quick look
 """
 
@@ -36,7 +36,7 @@ def ms(xs: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--levels", type=int, default=5)
+    ap.add_argument("--levels", type=int, default=6)
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--epochs", type=float, default=15)
     ap.add_argument("--rewind-epochs", type=float, default=1.0)

@@ -37,7 +37,13 @@ def ms(xs: list[float]) -> dict:
 
 
 def ort_ptq(fp32_path: Path, out_dir: Path, calib: np.ndarray, test) -> dict:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -133,7 +133,13 @@ def main() -> None:
         folded = d / "fp32_folded.onnx"
         onnx.save(fold_weight_transposes(fp32), str(folded))
         fp32_path = folded  # the baselines quantize the folded graph (same numbers, constant MatMul weights)
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         p = d / "ort_dyn.onnx"

@@ -55,7 +55,12 @@ def run_qdistill(ctx: StageContext, p: QDistillParams) -> dict:
     from compressor.evaluate import accuracy
     from compressor.quant.diffq import differentiable_quantization
     from compressor.quant.onnx_export import export_quantized, quantized_storage
-    from compressor.quant.qat import QuantConfig, check_output_shapes, post_training_quantize, quantized_distillation
+    from compressor.quant.qat import (
+        QuantConfig,
+        check_output_shapes,
+        post_training_quantize,
+        quantized_distillation,
+    )
 
     cfg = QuantConfig(bits=p.bits, bucket_size=p.bucket_size, scaling=p.scaling, layout=p.layout, stochastic=p.stochastic_rounding,
                       quantize_first_last=p.quantize_first_last)

@@ -1,0 +1,261 @@
+"""Walk the graph with the per-op rules, then turn channel ids into coupled classes (atoms) and groups.
+
+Atom: a class of channel ids that must be removed together (a conv output channel with the BN entries,
+the next conv's input column, a residual partner...). Group: the atoms of one prunable dimension (a conv's
+output channels; the heads of an attention block; the within-head dims of Q and K), used to rank and
+select. A group lists its members: every initializer axis it slices, with the positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from compressor.graph import rules as R
+from compressor.graph import symbolic
+from compressor.graph.context import SHAPE_SLOTS, Ctx
+from compressor.graph.ir import GraphIR
+
+ROOT_KINDS = ("conv", "convT", "linear", "embedding")
+
+
+@dataclasses.dataclass
+class Member:
+    name: str  # initializer name (torch parameter name for models exported by compressor.export)
+    axis: int
+    indices: np.ndarray  # positions along `axis` removed when the whole group is removed
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "axis": self.axis, "indices": self.indices.tolist()}
+
+
+@dataclasses.dataclass
+class Group:
+    id: int
+    name: str  # "<root initializer>:<axis>" (+ "/slot k" for a factor of a reshaped axis)
+    atoms: list[int]  # atom ids, in channel order of the root axis
+    members: list[Member]
+    frozen: dict[int, list[str]]  # atom -> reasons, for the atoms that cannot be removed
+    approximate: list[str]  # why zero-channel equivalence holds only approximately (LayerNorm, softmax...)
+    protected: dict[str, list[int]]  # "embedding" / "output" -> atoms kept by default selection
+    kind: str = "channels"
+
+    @property
+    def size(self) -> int:
+        return len(self.atoms)
+
+    @property
+    def prunable(self) -> bool:
+        return len(self.frozen) < len(self.atoms)
+
+    @property
+    def reasons(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for rs in self.frozen.values():
+            for r in rs:
+                seen.setdefault(r, None)
+        return list(seen)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "name": self.name, "kind": self.kind, "size": self.size, "prunable": self.prunable,
+                "frozen_atoms": len(self.frozen), "reasons": self.reasons[:8], "approximate": self.approximate[:4],
+                "protected": {k: len(v) for k, v in self.protected.items()},
+                "members": [m.to_json() for m in self.members]}
+
+
+@dataclasses.dataclass
+class Analysis:
+    groups: list[Group]
+    ctx: Ctx
+    ir: GraphIR
+    atom_positions: dict[str, list[list[tuple[int, ...]]]]  # initializer -> per axis -> atoms per position
+
+    @property
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def group_of(self, atom: int) -> Group | None:
+        for g in self.groups:
+            if atom in g.atoms:
+                return g
+        return None
+
+    def to_json(self) -> dict:
+        return {"groups": [g.to_json() for g in self.groups],
+                "summary": {"groups": len(self.groups), "prunable": len(self.prunable_groups),
+                            "channels": sum(g.size for g in self.groups),
+                            "prunable_channels": sum(g.size - len(g.frozen) for g in self.groups)}}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+
+def run_rules(ir: GraphIR) -> Ctx:
+    ctx = Ctx(ir)
+    for name in ir.inputs:
+        axes = ctx.fresh_axes(ir.shape(name))
+        ctx.freeze_axes(axes, f"graph input '{name}'")
+        ctx.set(name, axes)
+    for node in ir.nodes:
+        ins = [ctx.sym(i) for i in node.input]
+        outs = symbolic.evaluate(node, ins, ir, ctx.attr) if node.op_type != "Constant" else None
+        if outs is not None:
+            for o, s in zip(node.output, outs, strict=False):
+                ctx.syms[o] = s
+                R.default_rule_out(ctx, node, o)
+            continue
+        slots = SHAPE_SLOTS.get(node.op_type, set())
+        for k, (i, s) in enumerate(zip(node.input, ins, strict=True)):
+            if s is not None and k not in slots:  # a dimension's value used as data: its size must not change
+                why = ctx.why(node, f"uses the size of this axis as a value (input '{i}')")
+                for t, axis in {d for e in s.elems for d in e.dims()}:
+                    a = ctx.ax(t)
+                    if a is not None and a[axis] is not None:
+                        ctx.freeze(a[axis], why)
+        fn = R.RULES.get(node.op_type)
+        if fn is None or node.domain not in ("", "ai.onnx"):
+            R.default_rule(ctx, node)
+        else:
+            fn(ctx, node)
+    for name in ir.outputs:
+        ctx.freeze_axes(ctx.ax(name), f"graph output '{name}'")
+    for a, b in ctx.ids.conflicts:
+        ctx.freeze(np.array([a, b]), "incompatible factorisations of one axis (reshape)")
+    return ctx
+
+
+def _atoms_of(ctx: Ctx, e: int) -> tuple[int, ...]:
+    try:
+        return ctx.ids.atoms(e)
+    except RecursionError:
+        return (ctx.ids.find(e),)
+
+
+def build(ir: GraphIR) -> Analysis:
+    ctx = run_rules(ir)
+    frozen: dict[int, list[str]] = {}
+    for arr, reason in ctx.frozen:
+        for e in arr.tolist():
+            try:
+                ats = ctx.ids.atoms(e)
+            except RecursionError:
+                ats = (ctx.ids.find(e),)
+                reason = "cyclic reshape factorisation"
+            for a in ats:
+                rs = frozen.setdefault(a, [])
+                if reason not in rs and len(rs) < 4:
+                    rs.append(reason)
+    approx: dict[int, list[str]] = {}
+    for arr, reason in ctx.approx:
+        for e in arr.tolist():
+            for a in _atoms_of(ctx, e):
+                rs = approx.setdefault(a, [])
+                if reason not in rs and len(rs) < 3:
+                    rs.append(reason)
+    positions: dict[str, list[list[tuple[int, ...]]]] = {}
+    for name in ir.initializers:
+        axes = ctx.axes.get(name)
+        if axes is None:
+            continue
+        positions[name] = [[_atoms_of(ctx, e) for e in a.tolist()] for a in axes]
+
+    # ---- groups: atoms linked slot by slot on producer axes, then on the other parameter axes
+    parent: dict[int, int] = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def link_axis(pos: list[tuple[int, ...]], only_new: bool) -> None:
+        if len(pos) <= 1:
+            return
+        arity = {len(p) for p in pos}
+        slots = range(next(iter(arity))) if len(arity) == 1 else [None]
+        for s in slots:
+            atoms = [a for p in pos for a in (p if s is None else (p[s],))]
+            if only_new:
+                atoms = [a for a in atoms if a not in parent]
+            if not atoms:
+                continue
+            first = find(atoms[0])
+            for a in atoms[1:]:
+                ra = find(a)
+                if ra != first:
+                    parent[ra] = first
+
+    order: list[tuple[int, str, int, int | None]] = []  # (atom, init, axis, slot) in discovery order
+    roots = [r for r in ctx.roles if r.kind in ROOT_KINDS and r.out_axis is not None]
+    others = [r for r in ctx.roles if r not in roots]
+    for r in roots:
+        pos = positions.get(r.init, [])
+        if r.out_axis < len(pos):
+            link_axis(pos[r.out_axis], only_new=False)
+    for r in others + [r for r in roots if r.in_axis is not None]:
+        pos = positions.get(r.init, [])
+        axes = [r.in_axis] if r in roots else ([r.out_axis] if r.out_axis is not None else range(len(pos)))
+        for ax in axes:
+            if ax is not None and ax < len(pos):
+                link_axis(pos[ax], only_new=True)
+    for r in roots + others:
+        pos = positions.get(r.init, [])
+        axes = [r.out_axis, r.in_axis] if r.kind in ROOT_KINDS else range(len(pos))
+        for ax in axes:
+            if ax is None or ax >= len(pos) or len(pos[ax]) <= 1:
+                continue
+            arity = {len(p) for p in pos[ax]}
+            for p in pos[ax]:
+                for s, a in enumerate(p):
+                    if a in parent:
+                        order.append((a, r.init, ax, s if len(arity) == 1 and len(p) > 1 else None))
+    by_root: dict[int, list[int]] = {}
+    label: dict[int, str] = {}
+    seen: set[int] = set()
+    for a, init, ax, slot in order:
+        if a in seen:
+            continue
+        seen.add(a)
+        g = find(a)
+        by_root.setdefault(g, []).append(a)
+        label.setdefault(g, f"{init}:{ax}" + (f"/{slot}" if slot is not None else ""))
+
+    protect_embed = {a for r in ctx.roles if r.kind == "embedding" and r.out_axis is not None
+                     for p in positions.get(r.init, [[]] * 2)[r.out_axis] for a in p}
+    protect_out: set[int] = set()
+    for r in roots:
+        pos = positions.get(r.init)
+        if pos is None or r.in_axis is None or r.out_axis is None:
+            continue
+        outs = {a for p in pos[r.out_axis] for a in p}
+        if outs and all(any("graph output" in s for s in frozen.get(a, [])) for a in outs):
+            protect_out |= {a for p in pos[r.in_axis] for a in p}
+
+    atom_group: dict[int, int] = {}
+    groups: list[Group] = []
+    for gi, (g, atoms) in enumerate(by_root.items()):
+        for a in atoms:
+            atom_group[a] = gi
+        aset = set(atoms)
+        apx = sorted({s for a in atoms for s in approx.get(a, [])})
+        prot = {k: [a for a in atoms if a in s] for k, s in (("embedding", protect_embed), ("output", protect_out))}
+        groups.append(Group(gi, label[g], atoms, [], {a: frozen[a] for a in atoms if a in frozen}, apx,
+                            {k: v for k, v in prot.items() if v}, _kind(label[g], len(aset))))
+    for name, axes in positions.items():
+        for ax, pos in enumerate(axes):
+            hits: dict[int, list[int]] = {}
+            for i, p in enumerate(pos):
+                for gi in {atom_group[a] for a in p if a in atom_group}:
+                    hits.setdefault(gi, []).append(i)
+            for gi, idx in hits.items():
+                groups[gi].members.append(Member(name, ax, np.array(idx, dtype=np.int64)))
+    return Analysis(groups, ctx, ir, positions)
+
+
+def _kind(label: str, n: int) -> str:
+    if "/" not in label:
+        return "channels"
+    return "factor " + label.rsplit("/", 1)[1]

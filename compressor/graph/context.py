@@ -1,0 +1,178 @@
+"""The analyser's working state while it walks the graph: axis ids per tensor, shape arithmetic, freezes.
+
+Rules (compressor.graph.rules) read inputs and write outputs through this object; nothing here knows about
+particular op types except which inputs of an op are *shape* inputs (read as integers, not as data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from onnx import helper
+
+from compressor.graph import symbolic
+from compressor.graph.ids import ChannelIds
+from compressor.graph.ir import GraphIR
+
+Axes = list  # list[np.ndarray | None]; None = dynamic axis (never pruned)
+
+# Inputs read as integer shapes/indices/axes, not as data: a Shape-derived value there is fine.
+SHAPE_SLOTS: dict[str, set[int]] = {
+    "Reshape": {1}, "Expand": {1}, "ConstantOfShape": {0}, "Slice": {1, 2, 3, 4}, "Split": {1}, "Squeeze": {1},
+    "Unsqueeze": {1}, "Tile": {1}, "Resize": {1, 2, 3}, "Upsample": {1}, "Pad": {1, 2, 3}, "TopK": {1},
+    "Gather": {1}, "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1}, "ReduceMin": {1}, "ReduceProd": {1},
+    "ReduceL1": {1}, "ReduceL2": {1}, "ReduceSumSquare": {1}, "ReduceLogSumExp": {1}, "Clip": {1, 2},
+    "Dropout": {1, 2}, "OneHot": {1},
+}
+
+
+@dataclasses.dataclass
+class Role:
+    """How an initializer is used by a parameterised op (drives importance and the torch bridge)."""
+
+    init: str
+    kind: str  # conv | convT | linear | embedding | bn | ln | norm | bias | free
+    node: str
+    out_axis: int | None = None
+    in_axis: int | None = None
+    groups: int = 1
+
+
+class Ctx:
+    def __init__(self, ir: GraphIR):
+        self.ir = ir
+        self.ids = ChannelIds()
+        self.axes: dict[str, Axes | None] = {}
+        self.syms: dict[str, symbolic.SymTensor] = {}
+        self.frozen: list[tuple[np.ndarray, str]] = []
+        self.approx: list[tuple[np.ndarray, str]] = []
+        self.roles: list[Role] = []
+        self.info: dict[str, dict] = {}  # node name -> facts a prune-time rewrite needs (e.g. GroupNorm groups)
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    @staticmethod
+    def attr(node, name: str, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                v = helper.get_attribute_value(a)
+                if a.type == a.TENSOR:
+                    from onnx import numpy_helper
+
+                    return numpy_helper.to_array(v)
+                return v.decode() if isinstance(v, bytes) else v
+        return default
+
+    def ax(self, name: str) -> Axes | None:
+        """Id arrays of every axis of tensor `name` (None if its rank is unknown)."""
+        if not name:
+            return None
+        if name in self.axes:
+            return self.axes[name]
+        init = self.ir.init_of(name)
+        key = init or name
+        if key in self.axes:
+            return self.axes[key]
+        val = self.ir.value(name)
+        if val is None:
+            return None
+        axes = [self.ids.fresh(int(s)) for s in val.shape]  # each constant gets its own ids, once
+        self.axes[key] = axes
+        return axes
+
+    def size(self, name: str) -> list | None:
+        a = self.ax(name)
+        if a is not None:
+            return [None if x is None else len(x) for x in a]
+        return self.ir.shape(name)
+
+    def sym(self, name: str) -> symbolic.SymTensor | None:
+        if not name:
+            return None
+        if name in self.syms:
+            return self.syms[name]
+        val = self.ir.value(name)
+        if val is None:
+            return None
+        key = self.ir.init_of(name) or name
+        s = symbolic.from_const(key, val)
+        if s is not None:
+            self.syms[name] = s
+        return s
+
+    def value(self, name: str) -> np.ndarray | None:
+        """Static integer/float value of a constant or fully known shape expression."""
+        if not name:
+            return None
+        v = self.ir.value(name)
+        if v is not None:
+            return v
+        s = self.syms.get(name)
+        return None if s is None else s.values()
+
+    def init_through(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        """(initializer, permutation) when `name` is an initializer, possibly through Identity/Transpose."""
+        init = self.ir.init_of(name)
+        if init:
+            return init, tuple(range(self.ir.initializers[init].ndim))
+        prod = self.ir.producer.get(name)
+        if prod is not None and prod.op_type == "Transpose":
+            inner = self.init_through(prod.input[0])
+            if inner is not None:
+                perm = self.attr(prod, "perm") or list(reversed(range(len(inner[1]))))
+                return inner[0], tuple(inner[1][p] for p in perm)
+        return None
+
+    # ---- writing ------------------------------------------------------------------------------------------
+    def fresh_axes(self, shape: list | None) -> Axes | None:
+        if shape is None:
+            return None
+        return [None if s is None else self.ids.fresh(int(s)) for s in shape]
+
+    def set(self, name: str, axes: Axes | None, node=None) -> None:
+        """Record an output's axes; a disagreement with shape inference freezes instead of guessing."""
+        if not name:
+            return
+        inferred = self.ir.shape(name)
+        if axes is not None and inferred is not None:
+            ok = len(inferred) == len(axes) and all(
+                a is None or s is None or len(a) == s for a, s in zip(axes, inferred, strict=False))
+            if not ok:
+                why = f"{node.op_type} '{node.name}': rule gave shape {[None if a is None else len(a) for a in axes]}, " \
+                      f"shape inference says {inferred}" if node is not None else "shape disagreement"
+                for a in axes:
+                    if a is not None:
+                        self.freeze(a, why)
+                axes = self.fresh_axes(inferred)
+                self.freeze_axes(axes, why)
+        self.axes[name] = axes
+
+    def unify(self, a: np.ndarray | None, b: np.ndarray | None, why: str = "") -> None:
+        if a is None or b is None or a is b:
+            return
+        if len(a) != len(b):
+            self.freeze(a, why or "size mismatch")
+            self.freeze(b, why or "size mismatch")
+            return
+        self.ids.union_arrays(a, b)
+
+    def freeze(self, arr: np.ndarray | None, reason: str) -> None:
+        if arr is not None and len(arr):
+            self.frozen.append((arr, reason))
+
+    def freeze_axes(self, axes: Axes | None, reason: str) -> None:
+        for a in axes or []:
+            self.freeze(a, reason)
+
+    def mark_approx(self, arr: np.ndarray | None, reason: str) -> None:
+        if arr is not None and len(arr) > 1:
+            self.approx.append((arr, reason))
+
+    def role(self, name: str, kind: str, node, **kw) -> None:
+        init = self.ir.init_of(name) if name else None
+        if init:
+            self.roles.append(Role(init, kind, node.name, **kw))
+
+    @staticmethod
+    def why(node, text: str) -> str:
+        return f"{node.op_type} '{node.name or node.output[0]}': {text}"

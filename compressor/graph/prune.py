@@ -1,0 +1,294 @@
+"""Remove chosen atoms from an ONNX model: slice every initializer that holds them and rewrite the integers
+that encode sizes (Reshape/Expand targets, Split sizes, Slice bounds, constant Gather indices, conv `group`),
+then check the model and run it in onnxruntime. The input model is never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compressor.errors import CompressorError
+from compressor.graph.analysis import Analysis
+from compressor.graph.context import SHAPE_SLOTS
+from compressor.graph.symbolic import Solver
+
+
+class PruneError(CompressorError):
+    """A selection that cannot be applied (frozen channels, an unsolvable shape constant)."""
+
+
+class Plan:
+    """Which positions of every tensor axis survive a selection."""
+
+    def __init__(self, analysis: Analysis, removed: set[int]):
+        self.a = analysis
+        self.removed = removed
+        self._keep: dict[int, np.ndarray] = {}
+
+    def keep(self, arr: np.ndarray | None) -> np.ndarray | None:
+        if arr is None:
+            return None
+        k = self._keep.get(id(arr))
+        if k is None:
+            ids = self.a.ctx.ids
+            k = np.array([not (set(ids.atoms(e)) & self.removed) for e in arr.tolist()], dtype=bool)
+            self._keep[id(arr)] = k
+        return k
+
+    def axes(self, tensor: str):
+        ctx = self.a.ctx
+        return ctx.axes.get(tensor) or ctx.axes.get(ctx.ir.init_of(tensor) or "")
+
+    def new_dim(self, tensor: str, axis: int) -> int | None:
+        axes = self.axes(tensor)
+        if axes is None or axes[axis] is None:
+            return self.a.ir.shape(tensor)[axis] if self.a.ir.shape(tensor) else None
+        return int(self.keep(axes[axis]).sum())
+
+
+def _atoms(selection) -> set[int]:
+    if hasattr(selection, "atoms"):
+        selection = selection.atoms
+    return {int(a) for a in selection}
+
+
+def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bool = True) -> onnx.ModelProto:
+    """A pruned copy of `model` (the ModelProto/path the analysis was built from) without the selected atoms."""
+    from compressor.graph.ir import load_model
+
+    removed = _atoms(selection)
+    frozen = {a: r for g in analysis.groups for a, r in g.frozen.items()}
+    bad = [a for a in removed if a in frozen]
+    if bad:
+        raise PruneError(f"{len(bad)} selected channel(s) are frozen: {frozen[bad[0]][0]}", "select prunable groups only")
+    for g in analysis.groups:
+        if g.atoms and all(a in removed for a in g.atoms):
+            raise PruneError(f"selection removes every channel of group {g.name}", "keep at least one per group")
+    m = load_model(model if model is not None else analysis.ir.model)
+    plan = Plan(analysis, removed)
+    _slice_tensors(m, plan)
+    edits = _rewrite_nodes(m, plan)
+    _apply_edits(m, edits, analysis)
+    del m.graph.value_info[:]
+    if check:
+        verify(m)
+    return m
+
+
+# ------------------------------------------------------------------------------------------ tensors
+def _slice(arr: np.ndarray, axes, plan: Plan) -> np.ndarray | None:
+    out, changed = arr, False
+    for k, a in enumerate(axes):
+        keep = plan.keep(a)
+        if keep is not None and not keep.all():
+            out = np.compress(keep, out, axis=k)
+            changed = True
+    return out if changed else None
+
+
+def _slice_tensors(m, plan: Plan) -> None:
+    ctx = plan.a.ctx
+    for i, init in enumerate(m.graph.initializer):
+        axes = ctx.axes.get(init.name)
+        if axes is None:
+            continue
+        new = _slice(numpy_helper.to_array(init), axes, plan)
+        if new is not None:
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, init.name))
+    for node in m.graph.node:
+        if node.op_type == "Constant" and node.output[0] in ctx.axes and node.output[0] in plan.a.ir.consts:
+            new = _slice(plan.a.ir.consts[node.output[0]], ctx.axes[node.output[0]], plan)
+            if new is not None:
+                _set_const(node, new)
+
+
+def _set_const(node, arr: np.ndarray) -> None:
+    del node.attribute[:]
+    node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
+
+
+# ------------------------------------------------------------------------------------------ integers
+def _rewrite_nodes(m, plan: Plan) -> Solver:
+    a = plan.a
+    ctx = a.ctx
+    solver = Solver(plan.new_dim)
+    wants: list[tuple[object, int, str]] = []  # (sym, value, where) to re-check at the end
+
+    def want(sym, value: int, where: str) -> None:
+        if not solver.solve(sym, value):
+            raise PruneError(f"cannot rewrite the size constant of {where} to {value}",
+                             "freeze this group (it feeds a shape computation we cannot rewrite)")
+        wants.append((sym, value, where))
+
+    for node in m.graph.node:
+        op = node.op_type
+        where = f"{op} '{node.name}'"
+        if node.output and node.output[0] in ctx.syms:  # shape arithmetic itself: follows its inputs
+            continue
+        if op in ("Reshape", "Expand", "ConstantOfShape"):
+            s = ctx.sym(node.input[1] if op != "ConstantOfShape" else node.input[0])
+            out = plan.axes(node.output[0])
+            if s is None or out is None:
+                continue
+            off = len(out) - len(s.elems)
+            for k, e in enumerate(s.elems):
+                arr = out[k + off] if k + off >= 0 else None
+                if arr is None or e.value in (None, -1, 0) or (op == "Expand" and e.value == 1):
+                    continue
+                new = int(plan.keep(arr).sum())
+                if new != len(arr) or solver.eval(e) != e.value:
+                    want(e, new, where)
+        elif op == "Slice":
+            _rewrite_slice(node, plan, solver, want, where)
+        elif op == "Split":
+            _rewrite_split(node, plan, solver, want, where)
+        elif op == "Gather":
+            _rewrite_gather(node, plan, want, where)
+        elif op in ("Conv", "ConvTranspose"):
+            x, w = plan.axes(node.input[0]), plan.axes(node.input[1])
+            g = ctx.attr(node, "group", 1)
+            if g > 1 and x is not None and x[1] is not None and len(x[1]) == g:  # depthwise: groups shrink
+                depthwise = len(w[1]) == 1 if op == "Conv" else len(w[1]) == 1
+                if depthwise:
+                    _set_attr(node, "group", int(plan.keep(x[1]).sum()))
+        elif op == "GroupNormalization" and node.name in ctx.info:
+            _set_attr(node, "num_groups", int(plan.keep(ctx.info[node.name]["groups"]).sum()))
+    for sym, value, where in wants:  # one literal may serve several consumers: all must still agree
+        if solver.eval(sym) != value:
+            raise PruneError(f"conflicting rewrites of a size constant used by {where}", "freeze this group")
+    return solver
+
+
+def _rewrite_slice(node, plan: Plan, solver: Solver, want, where: str) -> None:
+    ctx = plan.a.ctx
+    x = plan.axes(node.input[0])
+    if x is None or len(node.input) < 3:
+        return
+    starts, ends = ctx.sym(node.input[1]), ctx.sym(node.input[2])
+    axes_v = ctx.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if starts is None or ends is None:
+        return
+    axes = list(range(len(starts.elems))) if axes_v is None else [int(v) % len(x) for v in axes_v.reshape(-1)]
+    for s, e, k in zip(starts.elems, ends.elems, axes, strict=True):
+        arr = x[k]
+        if arr is None or s.value is None or e.value is None:
+            continue
+        keep = plan.keep(arr)
+        n, new_n = len(arr), int(keep.sum())
+        lo, hi, _ = slice(int(s.value), int(e.value), 1).indices(n)
+        new_lo, new_hi = int(keep[:lo].sum()), int(keep[:hi].sum())
+        if not (lo == 0 and (s.value == 0 or s.value <= -n)):
+            want(s, new_lo - new_n if s.value < 0 else new_lo, where + " start")
+        if not (hi == n and e.value >= n):
+            want(e, new_hi - new_n if e.value < 0 else new_hi, where + " end")
+
+
+def _rewrite_split(node, plan: Plan, solver: Solver, want, where: str) -> None:
+    ctx = plan.a.ctx
+    x = plan.axes(node.input[0])
+    if x is None:
+        return
+    axis = ctx.attr(node, "axis", 0) % len(x)
+    if x[axis] is None:
+        return
+    new = [int(plan.keep(plan.axes(o)[axis]).sum()) for o in node.output]
+    if ctx.attr(node, "split") is not None:
+        _set_attr(node, "split", new)
+    elif len(node.input) > 1 and node.input[1]:
+        s = ctx.sym(node.input[1])
+        if s is None:
+            raise PruneError(f"{where}: split sizes are not constant", "freeze this group")
+        for e, v in zip(s.elems, new, strict=True):
+            want(e, v, where)
+    elif len(set(new)) > 1:
+        raise PruneError(f"{where}: an equal split would become unequal", "prune the same number in every part")
+
+
+def _rewrite_gather(node, plan: Plan, want, where: str) -> None:
+    ctx = plan.a.ctx
+    x = plan.axes(node.input[0])
+    idx = ctx.value(node.input[1])
+    if x is None or idx is None:
+        return
+    axis = ctx.attr(node, "axis", 0) % len(x)
+    if x[axis] is None:
+        return
+    keep = plan.keep(x[axis])
+    if keep.all():
+        return
+    flat = idx.reshape(-1).astype(np.int64)
+    n, new_n = len(keep), int(keep.sum())
+    newpos = np.cumsum(keep) - 1
+    s = ctx.sym(node.input[1])
+    if s is None:
+        raise PruneError(f"{where}: gather indices are not rewritable", "freeze this group")
+    out_axes = plan.axes(node.output[0])
+    out_keep = plan.keep(out_axes[axis]) if idx.ndim == 1 and out_axes else None
+    for k, (e, v) in enumerate(zip(s.elems, flat.tolist(), strict=True)):
+        if out_keep is not None and not out_keep[k]:
+            continue  # this gathered position is removed with the output
+        p = v % n
+        target = int(newpos[p]) - (new_n if v < 0 else 0)
+        want(e, target, where)
+    if out_keep is not None and not out_keep.all():
+        raise PruneError(f"{where}: pruning through a constant-index Gather output is not supported", "freeze this group")
+
+
+def _set_attr(node, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _apply_edits(m, solver: Solver, analysis: Analysis) -> None:
+    if not solver.edits:
+        return
+    by_tensor: dict[str, dict[int, int]] = {}
+    for (t, i), v in solver.edits.items():
+        by_tensor.setdefault(t, {})[i] = v
+    ir, ctx = analysis.ir, analysis.ctx
+    for t in by_tensor:  # an edited literal must feed shape arithmetic only, never data
+        users = list(ir.consumers.get(t, []))
+        users += [c for n, src in ir.alias.items() if src == t for c in ir.consumers.get(n, [])]
+        for c in users:
+            slots = SHAPE_SLOTS.get(c.op_type, set())
+            ok = (c.output and c.output[0] in ctx.syms) or any(k in slots for k, i in enumerate(c.input) if i == t)
+            if not ok and c.op_type not in ("Identity",):
+                raise PruneError(f"size constant '{t}' is also used as data by {c.op_type} '{c.name}'",
+                                 "freeze this group")
+    inits = {i.name: k for k, i in enumerate(m.graph.initializer)}
+    consts = {n.output[0]: n for n in m.graph.node if n.op_type == "Constant"}
+    for t, changes in by_tensor.items():
+        if t in inits:
+            arr = numpy_helper.to_array(m.graph.initializer[inits[t]]).copy()
+        else:
+            arr = ir.consts[t].copy()
+        flat = arr.reshape(-1)
+        for i, v in changes.items():
+            flat[i] = v
+        arr = flat.reshape(arr.shape)
+        if t in inits:
+            m.graph.initializer[inits[t]].CopyFrom(numpy_helper.from_array(arr, t))
+        else:
+            _set_const(consts[t], arr)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def verify(m, feeds: dict | None = None) -> list[np.ndarray]:
+    """onnx.checker, then one onnxruntime run on example feeds; PruneError (with the cause) if either fails."""
+    from compressor.onnx_utils import example_feeds, run
+
+    try:
+        onnx.checker.check_model(m)
+        return run(m, feeds or example_feeds(m))
+    except PruneError:
+        raise
+    except Exception as e:
+        raise PruneError(f"pruned model does not validate or run: {str(e).splitlines()[0][:240]}",
+                         "report this as a bug; freeze the group involved meanwhile") from e
