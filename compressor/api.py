@@ -294,22 +294,25 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     stages = run_recipe(rec, ctx, on_stage)
     if ctx.model is not None:
         ctx.model.cpu().eval()
+    after = measure(ctx.model_kind, ctx.model, ctx.onnx_model, bundle, _example_after(ctx, example), reference, ctx.tokenizer, latency=False)
+    files = _save_final(ctx, out_dir) if out_dir is not None else dict(ctx.artifacts)
+    warnings_ = {k: files.pop(k) for k in [k for k in files if k.endswith("_error")]}
     kernels_report = None
     if sparse_kernels and ctx.model is not None:
+        # Swapped after saving: files hold plain dense-layout weights (portable); the swap is a runtime choice
+        # for torch inference on this device, verified output-identical by swap_sparse_kernels.
         from compressor.kernels.swap import swap_sparse_kernels
 
         kernels_report = swap_sparse_kernels(ctx.model, example).to_dict()
-    after = measure(ctx.model_kind, ctx.model, ctx.onnx_model, bundle, _example_after(ctx, example), reference, ctx.tokenizer, latency=False)
     if measure_latency:  # timed alternately in one loop: a ratio that machine noise cannot fake
-        run_before = ev.runner(loaded.kind, loaded.onnx.SerializeToString() if loaded.kind == "onnx" else loaded.module, example)
         from compressor.methods.export import plain_copy
 
+        run_before = ev.runner(loaded.kind, loaded.onnx.SerializeToString() if loaded.kind == "onnx" else loaded.module, example)
         # masks baked into plain weights: the model as deployed, without the parametrization's multiply
         run_after = ev.runner(ctx.model_kind, ctx.onnx_model.SerializeToString() if ctx.model_kind == "onnx" else plain_copy(ctx.model),
                               _example_after(ctx, example))
         before["latency_ms"], after["latency_ms"] = ev.paired_latency(run_before, run_after)
         before["latency_runtime"] = after["latency_runtime"] = "onnxruntime" if loaded.kind == "onnx" else f"torch-{ev.device_name()}"
-    files = _save_final(ctx, out_dir) if out_dir is not None else dict(ctx.artifacts)
     main_file = files.get("onnx") or files.get("program") or files.get("state_dict") or files.get("hf_folder")
     if main_file:
         after["file_bytes"] = ev.file_size(main_file)
@@ -326,6 +329,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
         "after": after,
         "sparse_kernels": kernels_report,
         "files": {k: str(v) for k, v in files.items()},
+        "warnings": warnings_,
         "seconds": round(time.time() - t0, 2),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": ev.device_name()},
     }

@@ -82,3 +82,19 @@ def test_onnx_model_without_labels_measures_agreement(tmp_path, trained_cnn):
     export_onnx(trained_cnn, (torch.zeros(2, 1, 8, 8),), p)
     res = compress(p, {"name": "e", "stages": [{"method": "export"}]}, "random", tmp_path / "o")
     assert res.after["output_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sparse_kernels_switch_writes_report(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    recipe = {"name": "s", "stages": [{"method": "magnitude", "sparsity": 0.95}]}
+    res = compress(model, recipe, "random", tmp_path / "o", input_shape=(64,), sparse_kernels=True)
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    layers = rep["sparse_kernels"]["layers"]
+    assert len(layers) == 3 and all(layer["format"] in ("dense", "csr", "bsr", "semi_structured_2_4") for layer in layers)
+    # files hold the plain (dense-layout) weights and load back into the architecture
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert state["2.weight"].layout == torch.strided and float((state["2.weight"] == 0).float().mean()) > 0.9
+    assert res.after["output_cosine"] > 0.0

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 from compressor.graph.analysis import Analysis, Group, Member, build
 from compressor.graph.ir import GraphIR, load_model
+from compressor.graph.prune import PruneError, prune_onnx
+from compressor.graph.selection import Selection, select
 
 
 def analyze(model_or_path) -> Analysis:
     """Coupled channel groups of an ONNX model (path, bytes or ModelProto; never modified)."""
     return build(GraphIR(load_model(model_or_path)))
-
-
-def __getattr__(name):  # heavier pieces load on first use
-    if name in ("prune_onnx", "PruneError"):
-        from compressor.graph import prune
-
-        return getattr(prune, name)
-    if name in ("select", "Selection"):
-        from compressor.graph import select as sel
-
-        return getattr(sel, name)
-    raise AttributeError(name)
 
 
 __all__ = ["Analysis", "Group", "Member", "PruneError", "Selection", "analyze", "prune_onnx", "select"]

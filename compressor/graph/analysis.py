@@ -40,7 +40,7 @@ class Group:
     frozen: dict[int, list[str]]  # atom -> reasons, for the atoms that cannot be removed
     approximate: list[str]  # why zero-channel equivalence holds only approximately (LayerNorm, softmax...)
     protected: dict[str, list[int]]  # "embedding" / "output" -> atoms kept by default selection
-    kind: str = "channels"
+    kind: str = "channels"  # channels | heads (outer factor of a reshaped axis) | head_dim (inner factor)
 
     @property
     def size(self) -> int:
@@ -100,7 +100,7 @@ def run_rules(ir: GraphIR) -> Ctx:
         ctx.set(name, axes)
     for node in ir.nodes:
         ins = [ctx.sym(i) for i in node.input]
-        outs = symbolic.evaluate(node, ins, ir, ctx.attr) if node.op_type != "Constant" else None
+        outs = symbolic.evaluate(node, ins, ctx.size, ctx.attr) if node.op_type != "Constant" else None
         if outs is not None:
             for o, s in zip(node.output, outs, strict=False):
                 ctx.syms[o] = s
@@ -211,9 +211,10 @@ def build(ir: GraphIR) -> Analysis:
             for p in pos[ax]:
                 for s, a in enumerate(p):
                     if a in parent:
-                        order.append((a, r.init, ax, s if len(arity) == 1 and len(p) > 1 else None))
+                        order.append((a, r.init, ax, (s, len(p)) if len(arity) == 1 and len(p) > 1 else None))
     by_root: dict[int, list[int]] = {}
     label: dict[int, str] = {}
+    kinds: dict[int, str] = {}
     seen: set[int] = set()
     for a, init, ax, slot in order:
         if a in seen:
@@ -221,7 +222,9 @@ def build(ir: GraphIR) -> Analysis:
         seen.add(a)
         g = find(a)
         by_root.setdefault(g, []).append(a)
-        label.setdefault(g, f"{init}:{ax}" + (f"/{slot}" if slot is not None else ""))
+        if g not in label:
+            label[g] = f"{init}:{ax}" + (f"/{slot[0]}" if slot is not None else "")
+            kinds[g] = "channels" if slot is None else ("head_dim" if slot[0] == slot[1] - 1 else "heads")
 
     protect_embed = {a for r in ctx.roles if r.kind == "embedding" and r.out_axis is not None
                      for p in positions.get(r.init, [[]] * 2)[r.out_axis] for a in p}
@@ -239,11 +242,10 @@ def build(ir: GraphIR) -> Analysis:
     for gi, (g, atoms) in enumerate(by_root.items()):
         for a in atoms:
             atom_group[a] = gi
-        aset = set(atoms)
         apx = sorted({s for a in atoms for s in approx.get(a, [])})
         prot = {k: [a for a in atoms if a in s] for k, s in (("embedding", protect_embed), ("output", protect_out))}
         groups.append(Group(gi, label[g], atoms, [], {a: frozen[a] for a in atoms if a in frozen}, apx,
-                            {k: v for k, v in prot.items() if v}, _kind(label[g], len(aset))))
+                            {k: v for k, v in prot.items() if v}, kinds[g]))
     for name, axes in positions.items():
         for ax, pos in enumerate(axes):
             hits: dict[int, list[int]] = {}
@@ -254,8 +256,3 @@ def build(ir: GraphIR) -> Analysis:
                 groups[gi].members.append(Member(name, ax, np.array(idx, dtype=np.int64)))
     return Analysis(groups, ctx, ir, positions)
 
-
-def _kind(label: str, n: int) -> str:
-    if "/" not in label:
-        return "channels"
-    return "factor " + label.rsplit("/", 1)[1]

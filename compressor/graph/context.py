@@ -145,6 +145,11 @@ class Ctx:
                         self.freeze(a, why)
                 axes = self.fresh_axes(inferred)
                 self.freeze_axes(axes, why)
+            else:  # a size only shape inference knows (e.g. a sequence length fixed at export): fresh, frozen
+                for k, (a, s) in enumerate(zip(axes, inferred, strict=True)):
+                    if a is None and s is not None:
+                        axes[k] = self.ids.fresh(s)
+                        self.freeze(axes[k], f"axis {k} of '{name}' has a size known only from shape inference")
         self.axes[name] = axes
 
     def unify(self, a: np.ndarray | None, b: np.ndarray | None, why: str = "") -> None:

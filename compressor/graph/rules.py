@@ -65,9 +65,12 @@ def broadcast(ctx: Ctx, node, names: list[str]) -> list | None:
         cols = [a[len(a) - rank + k] for a in axes if len(a) - rank + k >= 0]
         full = [c for c in cols if c is None or len(c) > 1]
         static = [c for c in full if c is not None]
-        if len(static) < len(full):  # a dynamic axis: never a channel
+        if not static and full:  # a dynamic axis: never a channel
             out.append(None)
             continue
+        if len(static) < len(full):  # static against unknown size: the positions must not move
+            for c in static:
+                ctx.freeze(c, ctx.why(node, "broadcast against an axis of unknown size"))
         for c in static[1:]:
             ctx.unify(static[0], c, ctx.why(node, "broadcast sizes differ"))
         out.append(static[0] if static else cols[0])
@@ -497,8 +500,18 @@ def expand(ctx: Ctx, node) -> None:
     """Broadcast to a shape: a size-1 axis grown to n gets n fresh ids (copies, e.g. GQA's repeat_kv)."""
     x = ctx.ax(node.input[0])
     out_shape = ctx.ir.shape(node.output[0])
-    if x is None or out_shape is None:
+    target = ctx.sym(node.input[1])
+    if x is None or (out_shape is None and target is None):
         return default_rule(ctx, node, "unknown shape")
+    if target is not None:  # broadcast(input, target): a 1 or -1 in the target keeps the input's size
+        rank = max(len(x), len(target.elems))
+        out_shape = []
+        for k in range(rank):
+            j, t = k - (rank - len(x)), k - (rank - len(target.elems))
+            n = len(x[j]) if j >= 0 and x[j] is not None else (1 if j < 0 else None)
+            v = target.elems[t].value if t >= 0 else 1
+            out_shape.append(n if v in (1, -1) or (n is not None and n > 1 and v is None) else
+                             (v if n in (1, None) and v is not None and (n == 1 or v > 1) else n if v == n else v))
     rank = len(out_shape)
     out = []
     for k in range(rank):
@@ -696,6 +709,8 @@ def reshape(ctx: Ctx, node) -> None:
             if v == 0 and not ctx.attr(node, "allowzero", 0):
                 v = sin[k]
             sout.append(v)
+        if inferred is not None and len(inferred) == len(sout):
+            sout = [i if s is None else s for s, i in zip(sout, inferred, strict=True)]
         if -1 in sout:
             known = [s for s in sout if s not in (None, -1)]
             n_dyn_in = sum(s is None for s in sin)

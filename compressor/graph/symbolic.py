@@ -91,11 +91,11 @@ def _broadcast(a: SymTensor, b: SymTensor) -> tuple[list[Sym], list[Sym], tuple]
     return None
 
 
-def evaluate(node, ins: list[SymTensor | None], ir, attr) -> list[SymTensor] | None:
+def evaluate(node, ins: list[SymTensor | None], shape_of, attr) -> list[SymTensor] | None:
     """Sym outputs of `node` from sym inputs, or None when the node is not shape arithmetic."""
     op = node.op_type
     if op == "Shape":
-        shp = ir.shape(node.input[0])
+        shp = shape_of(node.input[0])
         if shp is None:
             return None
         r = len(shp)
