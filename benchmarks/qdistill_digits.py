@@ -68,62 +68,69 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=float, default=30)
     ap.add_argument("--width", type=int, default=8, help="student width (teacher: 32)")
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--teacher-epochs", type=int, default=30)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="SGD lr grid, run for KD and no-KD alike")
+    ap.add_argument("--main-lr", type=float, default=0.01, help="the lr whose students are exported and quantized post-training")
     ap.add_argument("--temperature", type=float, default=4.0)
-    ap.add_argument("--alpha", type=float, default=0.7)
+    ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     ap.add_argument("--diffq-epochs", type=float, default=5)
+    ap.add_argument("--diffq-lr", type=float, default=1e-5)
     ap.add_argument("--out", default=str(RESULTS / "qdistill_digits.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
     data = load_data("digits")
-    teacher = pretrained_digits_cnn()
+    teacher = pretrained_digits_cnn(epochs=args.teacher_epochs)
     teacher_acc = accuracy(teacher, data.test)
-    common = dict(epochs=args.epochs, lr=args.lr, batch_size=64, momentum=0.9, weight_decay=2.2e-4, progress=False)
     kd = dict(temperature=args.temperature, alpha=args.alpha)
     runs: dict[str, list[float]] = {}
-    students: dict[tuple, tuple] = {}
+    students: dict = {}
 
     def add(key: str, v: float) -> None:
         runs.setdefault(key, []).append(v)
 
-    for seed in range(args.seeds):
-        torch.manual_seed(seed)
-        init = digits_cnn(args.width)
-        # float students (same init), with and without distillation
-        fp = copy.deepcopy(init)
-        train(fp, data.train, epochs=args.epochs, lr=args.lr, momentum=0.9, weight_decay=2.2e-4, cosine=True, seed=seed, progress=False)
-        add("fp32 student, no KD", accuracy(fp, data.test))
-        fp_kd = copy.deepcopy(init)
-        from compressor.quant.qat import make_kd_loss
+    from compressor.quant.qat import make_kd_loss
 
-        train(fp_kd, data.train, epochs=args.epochs, lr=args.lr, momentum=0.9, weight_decay=2.2e-4, cosine=True, seed=seed,
-              progress=False, loss_fn=make_kd_loss(teacher, **kd))
-        add("fp32 student, KD", accuracy(fp_kd, data.test))
-        for bits in args.bits:
-            cfg = QuantConfig(bits=bits, bucket_size=256, layout="row")
-            s_nokd = copy.deepcopy(init)
-            qt_nokd, _ = quantized_distillation(s_nokd, data.train, teacher=None, cfg=cfg, seed=seed, **common)
-            add(f"{bits}-bit QAT, no KD", accuracy(s_nokd, data.test))
-            s_kd = copy.deepcopy(init)
-            qt_kd, _ = quantized_distillation(s_kd, data.train, teacher=teacher, cfg=cfg, seed=seed, **kd, **common)
-            add(f"{bits}-bit quantized distillation", accuracy(s_kd, data.test))
-            pm = copy.deepcopy(fp)
-            post_training_quantize(pm, cfg)
-            add(f"{bits}-bit post-training (RTN, same quantizer)", accuracy(pm, data.test))
-            pm_kd = copy.deepcopy(fp_kd)
-            post_training_quantize(pm_kd, cfg)
-            add(f"{bits}-bit post-training of the KD float student", accuracy(pm_kd, data.test))
-            dq = copy.deepcopy(fp_kd)
-            qt_dq, _ = differentiable_quantization(dq, data.train, cfg=cfg, epochs=args.diffq_epochs, lr=1e-3, seed=seed,
-                                                   temperature=args.temperature, alpha=args.alpha, progress=False)
-            add(f"{bits}-bit differentiable quantization (of the KD float student)", accuracy(dq, data.test))
-            if seed == 0:
-                students[bits] = (s_kd, qt_kd, dq, qt_dq)
-        if seed == 0:
-            students["fp"] = fp
-        print(f"seed {seed}: " + ", ".join(f"{k}={v[-1]:.4f}" for k, v in runs.items()), flush=True)
+    for lr in args.lrs:
+        common = dict(epochs=args.epochs, lr=lr, batch_size=64, momentum=0.9, weight_decay=2.2e-4, progress=False)
+        main = lr == args.main_lr
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            init = digits_cnn(args.width)
+            fp = copy.deepcopy(init)
+            train(fp, data.train, epochs=args.epochs, lr=lr, momentum=0.9, weight_decay=2.2e-4, cosine=True, seed=seed, progress=False)
+            add(f"lr {lr}: fp32 student, no KD", accuracy(fp, data.test))
+            fp_kd = copy.deepcopy(init)
+            train(fp_kd, data.train, epochs=args.epochs, lr=lr, momentum=0.9, weight_decay=2.2e-4, cosine=True, seed=seed,
+                  progress=False, loss_fn=make_kd_loss(teacher, **kd))
+            add(f"lr {lr}: fp32 student, KD", accuracy(fp_kd, data.test))
+            for bits in args.bits:
+                cfg = QuantConfig(bits=bits, bucket_size=256, layout="row")
+                s_nokd = copy.deepcopy(init)
+                quantized_distillation(s_nokd, data.train, teacher=None, cfg=cfg, seed=seed, **common)
+                add(f"lr {lr}: {bits}-bit QAT, no KD", accuracy(s_nokd, data.test))
+                s_kd = copy.deepcopy(init)
+                qt_kd, _ = quantized_distillation(s_kd, data.train, teacher=teacher, cfg=cfg, seed=seed, **kd, **common)
+                add(f"lr {lr}: {bits}-bit quantized distillation", accuracy(s_kd, data.test))
+                pm = copy.deepcopy(fp)
+                post_training_quantize(pm, cfg)
+                add(f"lr {lr}: {bits}-bit post-training RTN of the fp32 student (PM)", accuracy(pm, data.test))
+                pm_kd = copy.deepcopy(fp_kd)
+                post_training_quantize(pm_kd, cfg)
+                add(f"lr {lr}: {bits}-bit post-training RTN of the fp32 KD student", accuracy(pm_kd, data.test))
+                if main:
+                    for init_pts in ("quantiles", "uniform"):
+                        dq = copy.deepcopy(fp_kd)
+                        qt_dq, _ = differentiable_quantization(dq, data.train, cfg=cfg, epochs=args.diffq_epochs, lr=args.diffq_lr, seed=seed,
+                                                               init=init_pts, progress=False, **kd)
+                        add(f"lr {lr}: {bits}-bit differentiable quantization ({init_pts} init) of the fp32 KD student", accuracy(dq, data.test))
+                    if seed == 0:
+                        students[bits] = (s_kd, qt_kd, dq, qt_dq)
+            if main and seed == 0:
+                students["fp"] = fp
+            print(f"lr {lr} seed {seed}: " + ", ".join(f"{k.split(': ')[1]}={v[-1]:.4f}" for k, v in runs.items() if k.startswith(f"lr {lr}:")),
+                  flush=True)
 
     table = {k: ms(v) for k, v in runs.items()}
     # ---- deployable files for seed 0: size, ORT accuracy and latency vs the fp32 student
@@ -164,29 +171,31 @@ def main() -> None:
         v["size_ratio_vs_fp32_student"] = base["bytes"] / v["bytes"]
         v["latency_ratio_vs_fp32_student"] = v["latency_ms_b64"] / base["latency_ms_b64"]
     out = {
-        "setup": {"teacher": "pretrained_digits_cnn() width 32", "teacher_params": count_params(teacher), "teacher_accuracy": teacher_acc,
-                  "student": f"digits_cnn(width={args.width}) from scratch", "student_params": count_params(digits_cnn(args.width)),
+        "setup": {"teacher": "pretrained_digits_cnn(epochs=teacher_epochs), width 32", "teacher_params": count_params(teacher), "teacher_accuracy": teacher_acc,
+                  "teacher_epochs": args.teacher_epochs, "student": f"digits_cnn(width={args.width}) from scratch", "student_params": count_params(digits_cnn(args.width)),
                   "test_images": len(data.test), **vars(args), "bucket_size": 256, "layout": "row", "optimizer": "SGD nesterov, cosine",
                   "ort_threads": 1, "latency_batch": 64},
         "accuracy_over_seeds": table,
-        "kd_minus_nokd_4bit": None,
         "files_seed0": files,
         "seconds": round(time.time() - t0, 1),
     }
+    kd_vs = {}
     for bits in args.bits:
-        a, b = runs.get(f"{bits}-bit quantized distillation"), runs.get(f"{bits}-bit QAT, no KD")
-        if a and b:
-            diffs = [x - y for x, y in zip(a, b, strict=True)]
-            out[f"kd_minus_nokd_{bits}bit"] = ms(diffs)
+        for lr in args.lrs:
+            a, b = runs[f"lr {lr}: {bits}-bit quantized distillation"], runs[f"lr {lr}: {bits}-bit QAT, no KD"]
+            kd_vs[f"{bits}-bit, lr {lr}: KD - no KD (paired by seed)"] = ms([x - y for x, y in zip(a, b, strict=True)])
+        best_kd = max(args.lrs, key=lambda lr: statistics.mean(runs[f"lr {lr}: {bits}-bit quantized distillation"]))
+        best_no = max(args.lrs, key=lambda lr: statistics.mean(runs[f"lr {lr}: {bits}-bit QAT, no KD"]))
+        kd_vs[f"{bits}-bit, each at its best lr of the grid (chosen on the test split): KD lr {best_kd} - no KD lr {best_no}"] = {
+            "mean": statistics.mean(runs[f"lr {best_kd}: {bits}-bit quantized distillation"]) - statistics.mean(runs[f"lr {best_no}: {bits}-bit QAT, no KD"])}
+    out["kd_vs_nokd"] = kd_vs
     RESULTS.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"\nteacher {teacher_acc:.4f}  ({count_params(teacher)} params); student width {args.width} ({out['setup']['student_params']} params)")
     for k, v in table.items():
-        print(f"{k:62s} {100 * v['mean']:6.2f} ± {100 * v['std']:.2f} %")
-    for bits in args.bits:
-        if out.get(f"kd_minus_nokd_{bits}bit"):
-            dd = out[f"kd_minus_nokd_{bits}bit"]
-            print(f"{bits}-bit KD - no KD (paired by seed): {100 * dd['mean']:+.2f} ± {100 * dd['std']:.2f} points")
+        print(f"{k:90s} {100 * v['mean']:6.2f} ± {100 * v['std']:.2f} %")
+    for k, dd in kd_vs.items():
+        print(f"{k}: {100 * dd['mean']:+.2f}" + (f" ± {100 * dd['std']:.2f}" if "std" in dd else "") + " points")
     print(f"\n{'file':70s} {'bytes':>8s} {'size x':>7s} {'acc ORT':>8s} {'ms/b64':>7s} {'lat x':>6s}")
     for k, v in files.items():
         print(f"{k:70s} {v['bytes']:8d} {v['size_ratio_vs_fp32_student']:7.2f} {100 * v['accuracy_ort']:8.2f} "

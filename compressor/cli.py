@@ -291,6 +291,43 @@ def demo_cmd(
 # --- commands added by feature work ---
 
 
+@app.command("analyze")
+def analyze_cmd(
+    model: str = typer.Argument(..., help="ONNX file, torch checkpoint or HF folder"),
+    as_json: bool = typer.Option(False, "--json", help="print the full analysis as JSON (groups with members)"),
+    arch: str = typer.Option(None, "--arch", help="package.module:Factory for state dicts / safetensors"),
+    data: str = typer.Option(None, "--data", help="data spec for example inputs (torch checkpoints)"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled module"),
+    all_groups: bool = typer.Option(False, "--all", help="also list groups that are entirely frozen"),
+):
+    """Coupled channel groups of a model: size, members, prunable or why not."""
+    from compressor.graph import analyze_model
+
+    a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data)
+    if as_json:
+        print(a.dumps())
+        return
+    table = Table(title=f"coupled channel groups · {Path(model).name}")
+    for col in ("#", "group", "kind", "size", "prunable", "members / why not"):
+        table.add_column(col, overflow="fold")
+    for g in a.groups:
+        if not g.prunable and not all_groups:
+            continue
+        members = ", ".join(f"{m.name}[{m.axis}]" for m in g.members[:6]) + (f" … +{len(g.members) - 6}" if len(g.members) > 6 else "")
+        why = "; ".join(g.reasons[:2])
+        state = "[green]yes[/]" if g.prunable else "[red]no[/]"
+        if g.prunable and g.frozen:
+            state = f"[yellow]{g.size - len(g.frozen)}/{g.size}[/]"
+        note = members if g.prunable else f"[red]{why}[/]"
+        if g.approximate:
+            note += " [dim](statistics span this axis: pruning is approximate)[/]"
+        table.add_row(str(g.id), g.name, g.kind, str(g.size), state, note)
+    console.print(table)
+    s = a.to_json()["summary"]
+    console.print(f"{s['prunable']} of {s['groups']} groups prunable · {s['prunable_channels']} of {s['channels']} "
+                  "channels removable" + ("" if all_groups else " (frozen groups hidden; --all lists them)"))
+
+
 @app.command("bench-kernels")
 def bench_kernels_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (2:4 semi-structured vs dense bf16)"),

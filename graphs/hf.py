@@ -83,6 +83,11 @@ def _vit_cfg(layers: int = TINY["layers"]) -> dict:
 
 TEXT = ("input_ids", "attention_mask")
 
+TP_ATTENTION = {"finer": "attention", "why": "torch-pruning treats the activation×activation MatMuls of attention as "
+                "element-wise ops, so Q, K, V outputs and the output projection's input land in one group; in ONNX "
+                "Q·Kᵀ contracts head_dim (Q↔K coupled) and softmax·V is a separate MatMul (V↔O coupled), so an ONNX "
+                "analyser may report two finer groups whose union is tp's group"}
+
 
 def build_bert(impl: str = "eager", layers: int = TINY["layers"]):
     return _build("BertForSequenceClassification", "BertConfig", _bert_cfg(layers), impl, TEXT, _text_inputs)
@@ -133,6 +138,7 @@ def _bert_expected(L: int = TINY["layers"]) -> dict:
                       (lay.format(i=0) + "attention.self.value.weight", "out")]],
         "frozen": [("classifier.weight", "out"), ("classifier.bias", "out")],
         "heads": {"num_heads": TINY["heads"], "head_dim": TINY["hidden"] // TINY["heads"]},
+        "tp": TP_ATTENTION,
     }
 
 
@@ -151,6 +157,7 @@ def _gpt2_expected(L: int = TINY["layers"]) -> dict:
         # lm_head is tied to wte: its out axis is the vocabulary (wte dim 0), which reaches the output
         "frozen": [("transformer.wte.weight", "dim0")],
         "tied_weights": {"lm_head.weight": "transformer.wte.weight"},
+        "separate": [[(h.format(i=0) + "mlp.c_fc.weight", "out"), (h.format(i=0) + "attn.c_attn.weight", "out")]],
     }
 
 
@@ -175,6 +182,9 @@ def _llama_expected(L: int = TINY["layers"]) -> dict:
         "gqa": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "q_out": 64, "kv_out": 32},
         # rotary embedding rotates pairs (j, j + head_dim/2) of q and k: those dims are coupled inside a head
         "rotary": True,
+        "separate": [[(lay.format(i=0) + "mlp.gate_proj.weight", "out"), (lay.format(i=0) + "self_attn.v_proj.weight", "out")]],
+        "tp": {"timeout": True, "why": "torch-pruning 1.6 builds the graph in < 1 s but get_all_groups did not "
+               "finish in 100 s on this GQA model (measured); no second opinion here"},
         "frozen": [("lm_head.weight", "out")],
     }
 
@@ -186,13 +196,24 @@ def _vit_expected(L: int = TINY["layers"]) -> dict:
               ("classifier.weight", "in")]
     for i in range(L):
         p = lay.format(i=i)
-        hidden += _members(p, ["layernorm_before.weight", "layernorm_after.weight"], "out")
+        hidden += _members(p, ["layernorm_before.weight", "layernorm_after.weight", "attention.o_proj.weight",
+                               "mlp.fc2.weight"], "out")
+        hidden += _members(p, ["attention.q_proj.weight", "attention.k_proj.weight", "attention.v_proj.weight",
+                               "mlp.fc1.weight"], "in")
     return {
         "blocks": L,
-        "tied": [hidden],
+        "tied": [hidden,
+                 *[[(lay.format(i=i) + "attention.q_proj.weight", "out"), (lay.format(i=i) + "attention.k_proj.weight", "out")]
+                   for i in range(L)],
+                 *[[(lay.format(i=i) + "attention.v_proj.weight", "out"), (lay.format(i=i) + "attention.o_proj.weight", "in")]
+                   for i in range(L)],
+                 *[[(lay.format(i=i) + "mlp.fc1.weight", "out"), (lay.format(i=i) + "mlp.fc2.weight", "in")]
+                   for i in range(L)]],
+        "separate": [[(lay.format(i=0) + "mlp.fc1.weight", "out"), (lay.format(i=0) + "attention.v_proj.weight", "out")]],
         "free_parameters": ["vit.embeddings.cls_token", "vit.embeddings.position_embeddings"],
         "frozen": [("classifier.weight", "out"), ("classifier.bias", "out")],
         "patch_conv": "vit.embeddings.patch_embeddings.projection.weight",
+        "tp": TP_ATTENTION,
     }
 
 

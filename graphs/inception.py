@@ -105,6 +105,10 @@ register(ZooEntry(
             [("conv_b2.weight", "out"), *_bn("bn_b2"), ("conv_out.weight", "in")],
             [("conv_out.weight", "out"), *_bn("bn_out"), ("fc.weight", "in")],
         ],
+        "tp": {"num_groups": 3, "bug": True, "why": "torch-pruning 1.6 infers the Split offsets of torch.chunk as "
+               "[0, 16, 24] instead of [0, 8, 16] when a chunk output feeds torch.cat directly, so it ties conv_b2's "
+               "outputs to stem channels 0-7 and loses conv_b1's input; the expected groups above are right "
+               "(checked by zero-channel equivalence in tests/test_graph_zoo.py)"},
         "split_map": {"stem.weight[0:8]": "conv_out.weight in [0:8]", "stem.weight[8:16]": "conv_b1.weight in [0:8]"},
         "frozen": [("fc.weight", "out"), ("fc.bias", "out")],
     },

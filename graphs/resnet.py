@@ -133,7 +133,7 @@ register(ZooEntry(
         "grouped_conv": {"param": "block.conv2.weight", "groups": 4, "in_per_group": 8, "out_per_group": 8},
         "frozen": [("fc.weight", "out"), ("fc.bias", "out")],
         "onnx_may_merge": [[("block.conv1.weight", "out"), ("block.conv2.weight", "out")]],
-        "tp": {"num_groups": 3, "why": "torch-pruning treats a grouped (non-depthwise) conv like a plain conv: "
+        "tp": {"num_groups": 3, "note": "torch-pruning treats a grouped (non-depthwise) conv like a plain conv: "
                "its in- and out-channels are separate groups and pruning is replicated per conv group "
                "(ch_groups). An ONNX analyser that couples a grouped conv's input and output per group (DESIGN) "
                "merges the two inner groups; both are safe, the merged one is coarser."},

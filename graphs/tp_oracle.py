@@ -36,7 +36,7 @@ def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """Canonical parameter name → (owning module, attribute name), for the name named_parameters() reports."""
     out = {}
     for mname, mod in model.named_modules():
-        for pname, p in mod.named_parameters(recurse=False):
+        for pname, _p in mod.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
             out.setdefault(full, (mod, pname))
     return out
@@ -157,9 +157,39 @@ def _members_of_item(dg, dep, owners, pname_of: dict[int, str], model) -> set[tu
     return {(pname_of[pid], dim) for pid, dim in found if pid in pname_of}
 
 
+class TPTimeout(TimeoutError):
+    """torch-pruning did not finish within the time limit (it recurses without bound on some graphs)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None):
+    """Raise TPTimeout in the main thread after `seconds` (SIGALRM; a no-op elsewhere or when None)."""
+    import signal
+    import threading
+
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise TPTimeout(f"torch-pruning did not finish within {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def tp_groups(model: nn.Module, inputs: Sequence[torch.Tensor], ignored: Iterable[str | nn.Module] = (),
-              root_module_types: Sequence[type] | None = None, dg=None) -> list[Canonical]:
+              root_module_types: Sequence[type] | None = None, dg=None,
+              timeout_s: float | None = None) -> list[Canonical]:
     """torch-pruning's groups on `model` in canonical form, in tp's order.
+
+    timeout_s: raise TPTimeout if tracing + grouping takes longer (torch-pruning 1.6 does not finish on the
+    LLaMA/GQA graph); only enforced in the main thread.
 
     ignored: output layers (module names or modules); groups that would prune their out-channels are skipped
     (tp's `get_all_groups(ignored_layers=...)`). Root types: Conv2d and Linear (+ HF Conv1D when present)."""
@@ -169,12 +199,12 @@ def tp_groups(model: nn.Module, inputs: Sequence[torch.Tensor], ignored: Iterabl
     conv1d = _hf_conv1d_type()
     if conv1d is not None and conv1d not in roots and any(isinstance(m, conv1d) for m in model.modules()):
         roots.append(conv1d)
-    dg = dg if dg is not None else build_dg(model, inputs)
     owners = _owners(model)
     pname_of = {id(p): n for n, p in model.named_parameters()}
     groups = []
-    with warnings.catch_warnings():
+    with _deadline(timeout_s), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        dg = dg if dg is not None else build_dg(model, inputs)
         for group in dg.get_all_groups(ignored_layers=ignored_mods, root_module_types=roots):
             phys = set()
             for item in group:
@@ -195,7 +225,7 @@ def _member_fields(m) -> tuple[str, int]:
             break
     else:
         raise TypeError(f"cannot read a member name from {m!r}")
-    return str(name), int(getattr(m, "axis"))
+    return str(name), int(m.axis)
 
 
 def _is_frozen(g) -> bool:
@@ -238,13 +268,16 @@ def _fmt(member: tuple[str, str]) -> str:
 def compare_groups(ours: Iterable[Canonical], theirs: Iterable[Canonical]) -> dict:
     """Compare two lists of canonical groups.
 
-    Returns {"same", "n_ours", "n_theirs", "matched", "merged", "differences"}:
+    Groups are deduplicated first (an analyser may list one member set twice, e.g. as heads and head_dim).
+    Returns {"same", "n_ours", "n_theirs", "matched", "merged", "finer", "differences"}:
       matched      groups equal on both sides
       merged       one of our groups equal to the union of ≥2 of theirs (coarser but safe: listed, not a
                    difference by itself; callers decide whether it is a documented exception)
+      finer        one of theirs equal to the union of ≥2 of ours (ours claims more independence: only
+                   acceptable where documented, e.g. attention Q·K vs V·O)
       differences  human-readable lines for everything else: a group only on one side, with its closest
                    counterpart and the members that differ
-    `same` is True iff there are no differences and nothing merged."""
+    `same` is True iff there are no differences and nothing merged or finer."""
     ours = list(dict.fromkeys(frozenset(g) for g in ours))
     theirs = list(dict.fromkeys(frozenset(g) for g in theirs))
     their_set = set(theirs)
@@ -259,6 +292,21 @@ def compare_groups(ours: Iterable[Canonical], theirs: Iterable[Canonical]) -> di
             only_ours.remove(g)
             for t in parts:
                 only_theirs.remove(t)
+    finer = []  # one of theirs equal to the union of ≥2 of ours: ours is finer (stricter claim: check it)
+    for t in list(only_theirs):
+        parts = [g for g in only_ours if g <= t]
+        if len(parts) >= 2 and frozenset().union(*parts) == t:
+            finer.append({"theirs": sorted(map(_fmt, t)), "ours": [sorted(map(_fmt, g)) for g in parts]})
+            only_theirs.remove(t)
+            for g in parts:
+                only_ours.remove(g)
+    for t in theirs:  # also a group both sides list whole, that ours additionally splits (heads vs head_dim)
+        parts = [g for g in only_ours if g < t]
+        if len(parts) >= 2 and frozenset().union(*parts) == t:
+            finer.append({"theirs": sorted(map(_fmt, t)), "ours": [sorted(map(_fmt, g)) for g in parts],
+                          "also_whole": t in set(ours)})
+            for g in parts:
+                only_ours.remove(g)
     for g in only_ours:
         best = max(only_theirs + matched, key=lambda t: len(t & g), default=frozenset())
         differences.append(
@@ -271,5 +319,5 @@ def compare_groups(ours: Iterable[Canonical], theirs: Iterable[Canonical]) -> di
             f"only theirs: {{{', '.join(sorted(map(_fmt, t)))}}}"
             + (f"; closest ours lacks {sorted(map(_fmt, t - best))} and has extra {sorted(map(_fmt, best - t))}"
                if best else ""))
-    return {"same": not differences and not merged, "n_ours": len(ours), "n_theirs": len(theirs),
-            "matched": len(matched), "merged": merged, "differences": differences}
+    return {"same": not differences and not merged and not finer, "n_ours": len(ours), "n_theirs": len(theirs),
+            "matched": len(matched), "merged": merged, "finer": finer, "differences": differences}

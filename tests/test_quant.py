@@ -44,6 +44,26 @@ def test_linear_levels_and_error_bound(bits, bucket, layout, rows, cols, seed):
     assert torch.all(q.codes.amax(1)[full] == s - 1) and torch.all(q.codes.amin(1) == 0)
 
 
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(2, 8), bucket=st.sampled_from([None, 5, 16]), seed=st.integers(0, 10_000), shift=st.floats(-3, 3))
+def test_affine_integer_zero_point(bits, bucket, seed, shift):
+    v = torch.randn(4, 24, generator=torch.Generator().manual_seed(seed)) + shift
+    q = quantize_tensor(v, bits, bucket, scaling="affine", layout="row")
+    s = 2**bits
+    assert int(q.codes.min()) >= 0 and int(q.codes.max()) <= s - 1
+    assert int(q.zero_point.min()) >= 0 and int(q.zero_point.max()) <= s - 1
+    from compressor.quant.quantizer import bucketize
+
+    vb, _ = bucketize(v, bucket, "row")
+    db, _ = bucketize(q.dequantize(), bucket, "row")
+    # the integer zero point shifts the grid by up to half a step: error ≤ one step
+    assert torch.all((vb - db).abs() <= q.scale[:, None] * (1 + 1e-4))
+    # zero is exactly representable (code == zero point)
+    x = v.clone()
+    x[:, 3] = 0.0
+    assert torch.all(quantize_tensor(x, bits, bucket, scaling="affine", layout="row").dequantize()[:, 3] == 0)
+
+
 def test_levels_count_is_2_to_the_bits_per_bucket():
     v = torch.linspace(-1, 1, 4096)
     for bits in (2, 3, 4, 8):
@@ -118,7 +138,7 @@ def _tiny():
 
 
 @pytest.mark.parametrize("scaling,layout,bucket", [("linear", "row", 32), ("absmax", "row", None), ("linear", "flat", 64),
-                                                   ("absmax", "flat", 16)])
+                                                   ("absmax", "flat", 16), ("affine", "row", 16), ("affine", "row", None)])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_qdq_export_matches_torch_fake_quant(tmp_path, scaling, layout, bucket, bits):
     m = _tiny()
@@ -140,7 +160,7 @@ def test_qdq_export_matches_torch_fake_quant(tmp_path, scaling, layout, bucket, 
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("scaling", ["linear", "absmax"])
+@pytest.mark.parametrize("scaling", ["linear", "absmax", "affine"])
 def test_matmulnbits_export_runs_and_agrees(tmp_path, bits, scaling):
     m = _tiny()
     qt, _ = post_training_quantize(m, QuantConfig(bits=bits, bucket_size=16, scaling=scaling, layout="row"))
@@ -206,11 +226,11 @@ class TokenModel(nn.Module):
         return self.out(self.norm(self.emb(ids)))
 
 
-@pytest.mark.parametrize("fmt", ["qdq", "nbits"])
-def test_embedding_rows_quantized_and_gathered(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,scaling", [("qdq", "linear"), ("nbits", "linear"), ("nbits", "affine"), ("qdq", "absmax")])
+def test_embedding_rows_quantized_and_gathered(tmp_path, fmt, scaling):
     torch.manual_seed(0)
     m = TokenModel().eval()
-    qt, info = post_training_quantize(m, QuantConfig(bits=4, bucket_size=16, embedding_bits=4))
+    qt, info = post_training_quantize(m, QuantConfig(bits=4, bucket_size=16, embedding_bits=4, scaling=scaling))
     assert "emb.weight" in qt and qt["emb.weight"].codes.shape == (50, 16)  # one bucket per row
     assert [d["layer"] for d in info["plan"]["kept_float"]] == ["norm"]
     ids = torch.randint(0, 50, (3, 7))

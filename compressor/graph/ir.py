@@ -65,7 +65,8 @@ class GraphIR:
         import onnx
         from onnx import numpy_helper
 
-        self.model = model  # the (copied) ModelProto; never written by the analyser
+        unshare_small_ints(model)
+        self.model = model  # our copy, with shared shape literals duplicated (see unshare_small_ints)
         try:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         except Exception:  # inference is a best effort: unknown shapes freeze what they touch
@@ -157,3 +158,47 @@ def _toposort(nodes: list, available: set[str]) -> list:
             break
         pending = rest
     return out
+
+
+def unshare_small_ints(model, max_elems: int = 64) -> int:
+    """Give every consumer its own copy of a small integer constant (Constant node or initializer).
+
+    Exporters reuse one literal for unrelated sizes (LLaMA's head_dim 16 feeds the K and the V reshape);
+    pruning K's head dim and V's head dim differently must rewrite them separately. Returns the copies made.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    small: dict[str, object] = {}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            t = n.attribute[0].t
+            if t.data_type in (6, 7) and np.prod(t.dims, dtype=np.int64) <= max_elems:
+                small[n.output[0]] = numpy_helper.to_array(t)
+    for init in g.initializer:
+        if init.data_type in (6, 7) and np.prod(init.dims, dtype=np.int64) <= max_elems:
+            small[init.name] = numpy_helper.to_array(init)
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in set(n.input):
+            if i in small:
+                users.setdefault(i, []).append(n)
+    out_names = {o.name for o in g.output}
+    made = 0
+    new_nodes = []
+    for name, nodes in users.items():
+        if len(nodes) < 2 or name in out_names:
+            continue
+        for k, n in enumerate(nodes[1:], 1):
+            copy = f"{name}__u{k}"
+            new_nodes.append(helper.make_node("Constant", [], [copy], name=f"{copy}__const",
+                                              value=numpy_helper.from_array(small[name], copy)))
+            for j, i in enumerate(n.input):
+                if i == name:
+                    n.input[j] = copy
+            made += 1
+    if new_nodes:  # constants first keeps the graph topologically sorted
+        nodes = list(g.node)
+        del g.node[:]
+        g.node.extend(new_nodes + nodes)
+    return made

@@ -28,6 +28,7 @@ class Plan:
         self.a = analysis
         self.removed = removed
         self._keep: dict[int, np.ndarray] = {}
+        self.replace: dict[str, np.ndarray] = {}  # constant tensors replaced whole (shrinking index lists)
 
     def keep(self, arr: np.ndarray | None) -> np.ndarray | None:
         if arr is None:
@@ -68,11 +69,16 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
     for g in analysis.groups:
         if g.atoms and all(a in removed for a in g.atoms):
             raise PruneError(f"selection removes every channel of group {g.name}", "keep at least one per group")
-    m = load_model(model if model is not None else analysis.ir.model)
+    if model is not None:  # the analysis holds the graph to prune (with shared shape literals unshared)
+        given = load_model(model)
+        if [n.op_type for n in given.graph.node] != [n.op_type for n in analysis.ir.model.graph.node
+                                                      if not n.name.endswith("__const")]:
+            raise PruneError("the model is not the one the analysis was built from", "analyse this model first")
+    m = load_model(analysis.ir.model)
     plan = Plan(analysis, removed)
     _slice_tensors(m, plan)
     edits = _rewrite_nodes(m, plan)
-    _apply_edits(m, edits, analysis)
+    _apply_edits(m, edits, analysis, plan.replace)
     del m.graph.value_info[:]
     if check:
         verify(m)
@@ -158,7 +164,7 @@ def _rewrite_nodes(m, plan: Plan) -> Solver:
         elif op == "GroupNormalization" and node.name in ctx.info:
             _set_attr(node, "num_groups", int(plan.keep(ctx.info[node.name]["groups"]).sum()))
     for sym, value, where in wants:  # one literal may serve several consumers: all must still agree
-        if solver.eval(sym) != value:
+        if solver.eval(sym) != value and not (where.endswith(" end") and value >= 0 and solver.eval(sym) >= value):
             raise PruneError(f"conflicting rewrites of a size constant used by {where}", "freeze this group")
     return solver
 
@@ -181,9 +187,13 @@ def _rewrite_slice(node, plan: Plan, solver: Solver, want, where: str) -> None:
         n, new_n = len(arr), int(keep.sum())
         lo, hi, _ = slice(int(s.value), int(e.value), 1).indices(n)
         new_lo, new_hi = int(keep[:lo].sum()), int(keep[:hi].sum())
-        if not (lo == 0 and (s.value == 0 or s.value <= -n)):
+
+        def clamp(v):
+            return None if v is None else max(0, min(new_n, v + new_n if v < 0 else v))
+
+        if clamp(solver.eval(s)) != new_lo:
             want(s, new_lo - new_n if s.value < 0 else new_lo, where + " start")
-        if not (hi == n and e.value >= n):
+        if clamp(solver.eval(e)) != new_hi:
             want(e, new_hi - new_n if e.value < 0 else new_hi, where + " end")
 
 
@@ -228,14 +238,17 @@ def _rewrite_gather(node, plan: Plan, want, where: str) -> None:
         raise PruneError(f"{where}: gather indices are not rewritable", "freeze this group")
     out_axes = plan.axes(node.output[0])
     out_keep = plan.keep(out_axes[axis]) if idx.ndim == 1 and out_axes else None
-    for k, (e, v) in enumerate(zip(s.elems, flat.tolist(), strict=True)):
-        if out_keep is not None and not out_keep[k]:
-            continue  # this gathered position is removed with the output
-        p = v % n
-        target = int(newpos[p]) - (new_n if v < 0 else 0)
+    new_idx = [int(newpos[v % n]) - (new_n if v < 0 else 0) for v in flat.tolist()]
+    if out_keep is not None and not out_keep.all():  # gathered positions removed too: the index list shrinks
+        leaves = {e.expr[1] for e in s.elems if e.expr[0] == "c"}
+        tensor = next(iter(leaves)) if len(leaves) == 1 and all(e.expr[0] == "c" for e in s.elems) else None
+        users = plan.a.ir.consumers.get(tensor, []) if tensor else []
+        if tensor is None or len(users) != 1:
+            raise PruneError(f"{where}: shared or computed gather indices cannot shrink", "freeze this group")
+        plan.replace[tensor] = np.array([v for v, k in zip(new_idx, out_keep, strict=True) if k], dtype=idx.dtype)
+        return
+    for e, target in zip(s.elems, new_idx, strict=True):
         want(e, target, where)
-    if out_keep is not None and not out_keep.all():
-        raise PruneError(f"{where}: pruning through a constant-index Gather output is not supported", "freeze this group")
 
 
 def _set_attr(node, name: str, value) -> None:
@@ -246,7 +259,14 @@ def _set_attr(node, name: str, value) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-def _apply_edits(m, solver: Solver, analysis: Analysis) -> None:
+def _apply_edits(m, solver: Solver, analysis: Analysis, replace: dict[str, np.ndarray]) -> None:
+    inits = {i.name: k for k, i in enumerate(m.graph.initializer)}
+    consts = {n.output[0]: n for n in m.graph.node if n.op_type == "Constant"}
+    for t, arr in replace.items():
+        if t in inits:
+            m.graph.initializer[inits[t]].CopyFrom(numpy_helper.from_array(arr, t))
+        else:
+            _set_const(consts[t], arr)
     if not solver.edits:
         return
     by_tensor: dict[str, dict[int, int]] = {}
@@ -262,8 +282,6 @@ def _apply_edits(m, solver: Solver, analysis: Analysis) -> None:
             if not ok and c.op_type not in ("Identity",):
                 raise PruneError(f"size constant '{t}' is also used as data by {c.op_type} '{c.name}'",
                                  "freeze this group")
-    inits = {i.name: k for k, i in enumerate(m.graph.initializer)}
-    consts = {n.output[0]: n for n in m.graph.node if n.op_type == "Constant"}
     for t, changes in by_tensor.items():
         if t in inits:
             arr = numpy_helper.to_array(m.graph.initializer[inits[t]]).copy()

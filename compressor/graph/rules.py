@@ -422,6 +422,12 @@ def split(ctx: Ctx, node) -> None:
         n = len(node.output)
         step = math.ceil(len(a) / n)
         sizes = [min(step, len(a) - i * step) for i in range(n)]
+    s_sym = ctx.sym(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if s_sym is not None and any((node.input[0], axis) in el.dims() for el in s_sym.elems):
+        if len(set(sizes)) != 1:
+            ctx.freeze(a, ctx.why(node, "split sizes computed from the axis size"))
+        else:
+            _couple_chunks(ctx, node, a, int(sizes[0]))
     off = 0
     for o, s in zip(node.output, sizes, strict=False):
         ctx.set(o, [*x[:axis], a[off:off + int(s)], *x[axis + 1:]], node)
@@ -453,6 +459,7 @@ def slice_(ctx: Ctx, node) -> None:
     starts, ends = np.asarray(starts).reshape(-1), np.asarray(ends).reshape(-1)
     axes = list(range(len(starts))) if axes is None else [int(a) % len(x) for a in np.asarray(axes).reshape(-1)]
     steps = [1] * len(starts) if steps is None else np.asarray(steps).reshape(-1).tolist()
+    bound_syms = [ctx.sym(n) for n in node.input[1:3]]
     for s, e, k, st in zip(starts.tolist(), ends.tolist(), axes, steps, strict=True):
         a = x[k]
         if a is None:
@@ -460,8 +467,19 @@ def slice_(ctx: Ctx, node) -> None:
         lo, hi, step = slice(int(s), int(e), int(st)).indices(len(a))
         if step != 1:  # kept positions would stop being evenly spaced after pruning
             ctx.freeze(a, ctx.why(node, f"slice with step {step}"))
+        elif any((node.input[0], k) in el.dims() for b in bound_syms if b for el in b.elems):
+            _couple_chunks(ctx, node, a, hi - lo)
         out[k] = a[lo:hi:step]
     ctx.set(node.output[0], out, node)
+
+
+def _couple_chunks(ctx: Ctx, node, a: np.ndarray, chunk: int) -> None:
+    """Bounds computed from the axis' own size (torch.chunk): every chunk must lose the same positions."""
+    if chunk <= 0 or len(a) % chunk:
+        ctx.freeze(a, ctx.why(node, "bounds computed from the axis size, uneven chunks"))
+        return
+    for r in range(1, len(a) // chunk):
+        ctx.unify(a[:chunk], a[r * chunk:(r + 1) * chunk])
 
 
 @rule("Gather")
@@ -681,6 +699,24 @@ def reshape_axes(ctx: Ctx, node, x: list, sizes_in: list, sizes_out: list) -> li
             ctx.freeze(out[k], why)
     for ri, ro in zip(rin, rout, strict=True):
         got = reshape_run(ctx, node, [x[k] for k in ri], [sizes_in[k] for k in ri], [sizes_out[k] for k in ro])
+        if got is None:  # e.g. [B, S, 64] -> [B*S, 64]: align the longest common trailing product
+            ci = list(np.cumprod([sizes_in[k] for k in reversed(ri)]))
+            co = list(np.cumprod([sizes_out[k] for k in reversed(ro)]))
+            common = [v for v in ci if v in co]
+            if common:
+                ni, no = ci.index(common[-1]) + 1, co.index(common[-1]) + 1
+                tail = reshape_run(ctx, node, [x[k] for k in ri[-ni:]], [sizes_in[k] for k in ri[-ni:]],
+                                   [sizes_out[k] for k in ro[-no:]])
+                if tail is not None:
+                    why = ctx.why(node, "merged with a dynamic axis")
+                    for k in ri[:-ni]:
+                        ctx.freeze(x[k], why)
+                    for k in ro[:-no]:
+                        out[k] = ctx.ids.fresh(sizes_out[k])
+                        ctx.freeze(out[k], why)
+                    for k, a in zip(ro[-no:], tail, strict=True):
+                        out[k] = a
+                    continue
         if got is None:
             why = ctx.why(node, "reshape regroups axes that do not nest")
             for k in ri:

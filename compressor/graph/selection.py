@@ -30,8 +30,8 @@ class Selection:
                 "ratio": self.ratio, "macs_before": self.macs_before, "macs_after": self.macs_after}
 
 
-def candidates(g: Group, protect_output: bool, protect_embeddings: bool, heads: bool) -> list[int]:
-    if g.kind == "heads" and not heads:
+def candidates(g: Group, protect_output: bool, protect_embeddings: bool, heads: bool, head_dim: bool = True) -> list[int]:
+    if (g.kind == "heads" and not heads) or (g.kind == "head_dim" and not head_dim):
         return []
     skip = set(g.frozen)
     if protect_output:
@@ -53,9 +53,10 @@ def _n_remove(size: int, n_cand: int, ratio: float, max_layer_ratio: float, roun
 
 
 def _select_ratio(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, scope: str, round_to: int,
-                  max_layer_ratio: float, prot_out: bool, prot_emb: bool, heads: bool) -> dict[int, list[int]]:
+                  max_layer_ratio: float, prot_out: bool, prot_emb: bool, heads: bool,
+                  head_dim: bool) -> dict[int, list[int]]:
     per_group: dict[int, list[int]] = {}
-    cands = {g.id: candidates(g, prot_out, prot_emb, heads) for g in analysis.groups if g.prunable}
+    cands = {g.id: candidates(g, prot_out, prot_emb, heads, head_dim) for g in analysis.groups if g.prunable}
     groups = {g.id: g for g in analysis.groups}
     if scope == "local":
         for gid, cand in cands.items():
@@ -90,18 +91,19 @@ def _select_ratio(analysis: Analysis, scores: dict[int, np.ndarray], ratio: floa
 
 def select(analysis: Analysis, importance: str | dict = "l2", ratio: float = 0.5, *, scope: str = "local",
            round_to: int = 1, max_layer_ratio: float = 1.0, target: str = "channels", protect_output: bool = True,
-           protect_embeddings: bool = True, heads: bool = False, grads: dict | None = None, seed: int = 0,
+           protect_embeddings: bool = True, heads: bool = False, head_dim: bool = True, grads: dict | None = None,
+           seed: int = 0,
            reduction: str = "mean", normalizer: str = "mean") -> Selection:
     """Atoms to remove. `importance`: "l2" | "l1" | "bn" | "taylor" | "random", or precomputed
     {group id: scores}. `target="macs"`: `ratio` is the fraction of MACs to remove (bisection on the channel
-    ratio)."""
+    ratio). heads: also remove whole attention heads; head_dim: remove dims within heads (default)."""
     if not 0.0 <= ratio < 1.0:
         raise RecipeError(f"ratio must be in [0, 1), got {ratio}", "e.g. ratio: 0.5")
     if scope not in ("local", "global"):
         raise RecipeError(f"scope must be local or global, got {scope!r}")
     scores = importance if isinstance(importance, dict) else group_scores(
         analysis, importance, grads=grads, seed=seed, reduction=reduction, normalizer=normalizer)
-    args = (scope, round_to, max_layer_ratio, protect_output, protect_embeddings, heads)
+    args = (scope, round_to, max_layer_ratio, protect_output, protect_embeddings, heads, head_dim)
     if target == "channels":
         per = _select_ratio(analysis, scores, ratio, *args)
         return Selection({a for v in per.values() for a in v}, per, ratio)

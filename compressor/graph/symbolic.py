@@ -165,16 +165,15 @@ def evaluate(node, ins: list[SymTensor | None], shape_of, attr) -> list[SymTenso
     if op == "Where":
         if len(ins) < 3 or ins[1] is None or ins[2] is None:
             return None
-        cond = ins[0].values()
-        if cond is None:
-            return None
         n = max(len(ins[0].elems), len(ins[1].elems), len(ins[2].elems))
 
         def at(t, i):
             return t.elems[i] if len(t.elems) == n else t.elems[0]
 
-        c = cond.reshape(-1)
-        el = [at(ins[1], i) if (c[i] if c.size == n else c[0]) else at(ins[2], i) for i in range(n)]
+        el = []
+        for i in range(n):
+            c = at(ins[0], i).value
+            el.append(Sym(None, ("k",)) if c is None else at(ins[1], i) if c else at(ins[2], i))
         return [SymTensor((n,), el)]
     if op == "ConstantOfShape":
         shp = ins[0].values()

@@ -20,7 +20,8 @@ class QDistillParams(BaseModel):
     bits: int = Field(4, ge=2, le=8, description="bits per quantized weight (2-8)")
     bucket_size: int | None = Field(256, ge=1, description="values sharing one scale/offset; null = whole tensor (flat) / whole row")
     layout: Literal["row", "flat"] = Field("row", description="row: buckets stay inside an output channel (exact ONNX/MatMulNBits blocks); flat: paper")
-    scaling: Literal["linear", "absmax"] = Field("linear", description="linear = paper min-max; absmax = symmetric, zero point 0")
+    scaling: Literal["linear", "absmax", "affine"] = Field(
+        "linear", description="linear = paper min-max (float offset); absmax = symmetric; affine = integer zero point (fast ORT kernels)")
     stochastic_rounding: bool = False
     variant: Literal["quantized_distillation", "differentiable_quantization"] = "quantized_distillation"
     distill: bool = Field(True, description="false: train the quantized student on labels only (baseline)")

@@ -79,9 +79,15 @@ class DiffQuantModel(nn.Module):
         return functional_call(self.model, self.quantized_weights(), args, kwargs, strict=False)
 
     @torch.no_grad()
-    def sort_points_(self) -> None:
+    def sort_points_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Re-sort the points (step 6); the optimizer's per-point state (momentum) follows its point."""
         for p in self.points:
-            p.copy_(torch.sort(p).values)
+            vals, perm = torch.sort(p)
+            p.copy_(vals)
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    v.copy_(v[perm])
 
     @torch.no_grad()
     def finalize_(self) -> dict[str, QuantizedTensor]:
@@ -124,7 +130,7 @@ def differentiable_quantization(model: nn.Module, dataset, *, cfg: QuantConfig, 
     info = train(dq, dataset, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt,
                  loss_fn=make_kd_loss(teacher, temperature, alpha, kl_reduction), seed=seed, device=device,
                  progress=progress, description=f"{cfg.bits}-bit differentiable quantization",
-                 after_step=lambda m, step: dq.sort_points_())
+                 after_step=lambda m, step: dq.sort_points_(opt))
     qt = dq.finalize_()
     model.cpu().eval()
     info["plan"] = dq.plan.report()

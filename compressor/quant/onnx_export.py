@@ -117,13 +117,16 @@ def _weight_subgraph(b: _Builder, name: str, qt: QuantizedTensor, canonical_ok: 
         vals = b.node("Mul", [vals, b.add_init(scale[:, None], b.uid(f"{name}_scale"))])
     else:
         signed = qt.scaling == "absmax"
+        zp = None if qt.zero_point is None else qt.zero_point.numpy()
         if per_row:
             c = b.codes_init(codes.reshape(shape), signed, qt.bits, b.uid(f"{name}_codes"))
-            sc = b.add_init(scale, b.uid(f"{name}_scale"))
+            sc = [b.add_init(scale, b.uid(f"{name}_scale"))]
+            if zp is not None:
+                sc.append(b.codes_init(zp, False, qt.bits, b.uid(f"{name}_zp")))
             if offset is None:
-                b.node("DequantizeLinear", [c, sc], out=name, axis=0)
+                b.node("DequantizeLinear", [c, *sc], out=name, axis=0)
                 return name
-            vals = b.node("DequantizeLinear", [c, sc], axis=0)
+            vals = b.node("DequantizeLinear", [c, *sc], axis=0)
             off = offset.reshape([shape[0]] + [1] * (len(shape) - 1))
             b.node("Add", [vals, b.add_init(off, b.uid(f"{name}_offset"))], out=name)
             return name
@@ -133,8 +136,10 @@ def _weight_subgraph(b: _Builder, name: str, qt: QuantizedTensor, canonical_ok: 
             nbr = codes.shape[0] // rows
             c2 = codes.reshape(rows, nbr * qt.bucket)[:, :length]
             c = b.codes_init(c2, signed, qt.bits, b.uid(f"{name}_codes"))
-            sc = b.add_init(scale.reshape(rows, nbr), b.uid(f"{name}_scale"))
-            vals = b.node("DequantizeLinear", [c, sc], axis=1, block_size=qt.bucket)
+            sc = [b.add_init(scale.reshape(rows, nbr), b.uid(f"{name}_scale"))]
+            if zp is not None:
+                sc.append(b.codes_init(zp.reshape(rows, nbr), False, qt.bits, b.uid(f"{name}_zp")))
+            vals = b.node("DequantizeLinear", [c, *sc], axis=1, block_size=qt.bucket)
             if offset is not None:
                 off = b.add_init(offset.reshape(rows, nbr, 1), b.uid(f"{name}_offset"))
                 off = b.node("Expand", [off, b.add_init(np.array([rows, nbr, qt.bucket], np.int64), b.uid("shape"))])
@@ -145,7 +150,10 @@ def _weight_subgraph(b: _Builder, name: str, qt: QuantizedTensor, canonical_ok: 
             b.node("Reshape", [vals, b.add_init(np.array(shape, np.int64), b.uid("shape"))], out=name)
             return name
         c = b.codes_init(codes, signed, qt.bits, b.uid(f"{name}_codes"))
-        vals = b.node("DequantizeLinear", [c, b.add_init(scale, b.uid(f"{name}_scale"))], axis=0)
+        sc = [b.add_init(scale, b.uid(f"{name}_scale"))]
+        if zp is not None:
+            sc.append(b.codes_init(zp, False, qt.bits, b.uid(f"{name}_zp")))
+        vals = b.node("DequantizeLinear", [c, *sc], axis=0)
     if offset is not None:
         vals = b.node("Add", [vals, b.add_init(offset[:, None], b.uid(f"{name}_offset"))])
     if qt.layout == "flat" or len(shape) < 2:
@@ -166,11 +174,13 @@ def _quantized_gather(b: _Builder, name: str, qt: QuantizedTensor, node) -> list
     looked-up rows are dequantized (one bucket per row)."""
     saved, b.new_nodes = b.new_nodes, []
     ids = node.input[1]
-    signed = qt.scaling == "absmax"
-    codes = b.add_init(qt.codes.numpy().astype(np.int8 if signed else np.uint8), b.uid(f"{name}_codes"))
+    codes = b.add_init(qt.codes.numpy().astype(np.int8 if qt.scaling == "absmax" else np.uint8), b.uid(f"{name}_codes"))
     vals = b.node("Cast", [b.node("Gather", [codes, ids], axis=0)], to=TensorProto.FLOAT)
     scale = b.node("Gather", [b.add_init(qt.scale.numpy().astype(np.float32)[:, None], b.uid(f"{name}_scale")), ids], axis=0)
     out = node.output[0]
+    if qt.zero_point is not None:
+        zp = b.add_init(qt.zero_point.numpy().astype(np.float32)[:, None], b.uid(f"{name}_zp"))
+        vals = b.node("Sub", [vals, b.node("Gather", [zp, ids], axis=0)])
     y = b.node("Mul", [vals, scale], out=out if qt.offset is None else None)
     if qt.offset is not None:
         off = b.node("Gather", [b.add_init(qt.offset.numpy().astype(np.float32)[:, None], b.uid(f"{name}_offset")), ids], axis=0)
@@ -204,7 +214,12 @@ def _matmul_nbits(b: _Builder, name: str, qt: QuantizedTensor, a_input: str, out
     nb = -(-k_in // k)
     codes = qt.codes.numpy().astype(np.int32).reshape(n_out, nb, k)
     scale = qt.scale.numpy().astype(np.float32).reshape(n_out, nb)
-    if qt.scaling == "absmax":
+    if qt.zero_point is not None:  # integer zero points: packed like the codes (onnxruntime's fast path)
+        per = 8 // qt.bits
+        zpi = qt.zero_point.numpy().astype(np.int32).reshape(n_out, nb)
+        zpi = np.concatenate([zpi, np.zeros((n_out, (-nb) % per), np.int32)], axis=1)
+        zp = _pack(zpi, qt.bits)
+    elif qt.scaling == "absmax":
         half = 2 ** (qt.bits - 1)
         codes = codes + half
         zp = np.full((n_out, nb), float(half), np.float32)

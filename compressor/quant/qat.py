@@ -135,6 +135,7 @@ def _cpu(q: QuantizedTensor) -> QuantizedTensor:
     q.codes, q.scale = q.codes.cpu(), q.scale.cpu()
     q.offset = None if q.offset is None else q.offset.cpu()
     q.codebook = None if q.codebook is None else q.codebook.detach().cpu()
+    q.zero_point = None if q.zero_point is None else q.zero_point.cpu()
     return q
 
 

@@ -12,6 +12,12 @@ Scalings:
   L = 2^(b−1) − 1 magnitude levels, codes ∈ [−L, L], value ``codes * m/L`` (2^b − 1 levels, zero exact,
   no offset: this is the layout ONNX DequantizeLinear takes directly with a zero point of 0).
 
+* ``affine`` (deployment form, not in the paper): the min-max range widened to include 0, scale =
+  range/(s−1) and an *integer* zero point zp ∈ [0, s−1]; value ``(codes − zp) * scale``. This is what ONNX
+  DequantizeLinear and onnxruntime's fast MatMulNBits kernels (uint8 zero points) compute natively. The
+  price: the integer zero point shifts the grid by up to half a step, so the error bound is one step
+  (scale), not half.
+
 Bucket layouts:
 * ``flat`` (paper): flatten the tensor, cut it into runs of `bucket_size` (the tail padded with copies of
   the last element; a tensor smaller than a bucket is one short bucket).
@@ -30,7 +36,7 @@ import torch
 from compressor.errors import InputError
 
 SUPPORTED_BITS = range(2, 9)
-Scaling = Literal["linear", "absmax"]
+Scaling = Literal["linear", "absmax", "affine"]
 Layout = Literal["flat", "row"]
 
 
@@ -40,9 +46,9 @@ def check_bits(bits: int) -> None:
 
 
 def num_levels(bits: int, scaling: str = "linear") -> int:
-    """Number of distinct values per bucket: 2^b (linear) or 2^b − 1 (absmax, symmetric)."""
+    """Number of distinct values per bucket: 2^b (linear, affine) or 2^b − 1 (absmax, symmetric)."""
     check_bits(bits)
-    return 2**bits if scaling == "linear" else 2**bits - 1
+    return 2**bits - 1 if scaling == "absmax" else 2**bits
 
 
 def compression_ratio(bits: float, bucket_size: int | None, numel: int | None = None) -> float:
@@ -72,6 +78,7 @@ class QuantizedTensor:
     bucket: int  # effective bucket length k (columns of `codes`)
     scaling: str = "linear"
     codebook: torch.Tensor | None = None  # [s] points in [0, 1] (non-uniform variant)
+    zero_point: torch.Tensor | None = None  # integer zero point per bucket (affine scaling)
 
     @property
     def numel(self) -> int:
@@ -81,7 +88,9 @@ class QuantizedTensor:
         return n
 
     def dequantize(self) -> torch.Tensor:
-        if self.codebook is not None:
+        if self.zero_point is not None:
+            vals = (self.codes - self.zero_point[:, None]).float() * self.scale[:, None]
+        elif self.codebook is not None:
             vals = self.codebook[self.codes.long()] * self.scale[:, None]
         else:
             vals = self.codes.float() * self.scale[:, None]
@@ -91,7 +100,7 @@ class QuantizedTensor:
 
     def storage_bits(self) -> int:
         """Bits to store: b per weight + fp32 scale (+ fp32 offset) per bucket (+ the codebook)."""
-        per_bucket = 32 * (1 if self.offset is None else 2)
+        per_bucket = 32 * (1 if self.offset is None else 2) + (self.bits if self.zero_point is not None else 0)
         extra = 32 * self.codebook.numel() if self.codebook is not None else 0
         return self.numel * self.bits + self.scale.numel() * per_bucket + extra
 
@@ -137,8 +146,8 @@ def quantize_tensor(v: torch.Tensor, bits: int, bucket_size: int | None = 256, *
                     layout: str = "flat", stochastic: bool = False, generator: torch.Generator | None = None) -> QuantizedTensor:
     """Quantize `v` to `bits` bits per value, one scale (and offset) per bucket (RECIPES §5.1)."""
     check_bits(bits)
-    if scaling not in ("linear", "absmax"):
-        raise InputError(f"unknown scaling {scaling!r}", "use 'linear' (paper, min-max) or 'absmax' (symmetric)")
+    if scaling not in ("linear", "absmax", "affine"):
+        raise InputError(f"unknown scaling {scaling!r}", "use 'linear' (paper, min-max), 'absmax' (symmetric) or 'affine' (integer zero point)")
     shape = tuple(v.shape)
     b, k = bucketize(v.detach().float(), bucket_size, layout)
     if scaling == "linear":
@@ -149,6 +158,15 @@ def quantize_tensor(v: torch.Tensor, bits: int, bucket_size: int | None = 256, *
         u = (b - lo[:, None]) / alpha[:, None]
         codes = _round(u * (s - 1), stochastic, generator).clamp_(0, s - 1)
         scale, offset = alpha / (s - 1), lo
+    elif scaling == "affine":
+        s = 2**bits
+        lo = b.min(dim=1).values.clamp(max=0)
+        hi = b.max(dim=1).values.clamp(min=0)
+        scale = (hi - lo) / (s - 1)
+        scale = torch.where(scale < 1e-10, torch.ones_like(scale), scale)
+        zp = torch.round(-lo / scale).clamp_(0, s - 1)
+        codes = (_round(b / scale[:, None], stochastic, generator) + zp[:, None]).clamp_(0, s - 1)
+        return QuantizedTensor(codes.to(torch.int16), scale.float(), None, shape, bits, layout, k, scaling, zero_point=zp.to(torch.int16))
     else:
         levels = 2 ** (bits - 1) - 1
         m = b.abs().max(dim=1).values

@@ -27,7 +27,8 @@ def fingerprint(t: torch.Tensor) -> str:
     """SHA-256 (first 16 hex digits) of a tensor's dtype, shape and bytes."""
     a = t.detach().to("cpu").contiguous()
     h = hashlib.sha256(f"{a.dtype}|{tuple(a.shape)}|".encode())
-    h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    if a.numel():
+        h.update(a.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,185 @@
+"""Apply an ONNX analysis to the torch model it was exported from, so the pruned model can be fine-tuned.
+
+compressor.export keeps parameter names as initializer names, so every group member (initializer, axis,
+positions) names a torch parameter or buffer. Standard layers are cut with torch-pruning's per-layer prune
+functions (they also fix in/out_channels, groups, running stats); anything else (free parameters, HF Conv1D,
+rotary buffers) is sliced directly. Hugging Face attention modules get their head counts updated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+from compressor.graph.analysis import Analysis
+
+
+def cut_plan(analysis: Analysis, selection) -> dict[str, dict[int, list[int]]]:
+    """{initializer: {axis: removed positions}} for a selection of atoms."""
+    removed = {int(a) for a in (selection.atoms if hasattr(selection, "atoms") else selection)}
+    plan: dict[str, dict[int, list[int]]] = {}
+    for name, axes in analysis.atom_positions.items():
+        for ax, pos in enumerate(axes):
+            idx = [i for i, ats in enumerate(pos) if removed.intersection(ats)]
+            if idx:
+                plan.setdefault(name, {})[ax] = idx
+    return plan
+
+
+def _slice_tensor(t: torch.Tensor, cuts: dict[int, list[int]]) -> torch.Tensor:
+    for ax, idx in cuts.items():
+        keep = torch.tensor(sorted(set(range(t.shape[ax])) - set(idx)), dtype=torch.long, device=t.device)
+        t = t.index_select(ax, keep)
+    return t
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if is_param:
+        setattr(mod, attr, nn.Parameter(value.contiguous(), requires_grad=getattr(mod, attr).requires_grad))
+    else:
+        mod._buffers[attr] = value.contiguous()
+
+
+def prune_torch(model: nn.Module, analysis: Analysis, selection) -> dict:
+    """Remove the selected atoms from `model` in place; returns {"tensors": n, "missing": [...]}."""
+    import torch_pruning as tp
+
+    plan = cut_plan(analysis, selection)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    known = params.keys() | buffers.keys()
+    if plan and not set(plan) & known and all(n.startswith("model.") for n in plan):
+        plan = {n[len("model."):]: v for n, v in plan.items()}  # exported through a keyword-input wrapper
+        analysis_names = {n[len("model."):]: n for n in cut_plan(analysis, selection)}
+    else:
+        analysis_names = {n: n for n in plan}
+    missing = [n for n in plan if n not in params and n not in buffers]
+    if missing:
+        raise CompressorError(f"{len(missing)} pruned tensors have no torch counterpart (e.g. {missing[0]!r})",
+                              "export the model with compressor.export (it keeps parameter names)")
+    for n, cuts in plan.items():
+        t = params.get(n, buffers.get(n))
+        if tuple(t.shape) != tuple(analysis.ir.initializers[analysis_names[n]].shape):
+            raise CompressorError(f"{n}: torch shape {tuple(t.shape)} differs from the ONNX initializer",
+                                  "analyse an export of this very model")
+    aliases: dict[int, list[str]] = {}  # tied weights (GPT-2 lm_head = wte) must stay one tensor
+    for n, prm in params.items():
+        aliases.setdefault(id(prm), []).append(n)
+    done: set[str] = set()
+    with torch.no_grad():
+        for mname, mod in model.named_modules():
+            w = f"{mname}.weight" if mname else "weight"
+            if w not in plan or w in done:
+                continue
+            cuts = plan[w]
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                out_ax, in_ax = (1, 0) if mod.transposed else (0, 1)
+                depthwise = mod.groups > 1 and mod.groups == mod.in_channels and mod.weight.shape[in_ax] == 1 \
+                    and not mod.transposed
+                if depthwise:
+                    tp.prune_depthwise_conv_out_channels(mod, cuts.get(0, []))
+                else:
+                    if out_ax in cuts:
+                        tp.prune_conv_out_channels(mod, cuts[out_ax])
+                    if in_ax in cuts:  # grouped: positions within a group, repeated in every group
+                        per = mod.weight.shape[in_ax]
+                        idx = [j + r * per for r in range(mod.groups) for j in cuts[in_ax]] if mod.groups > 1 else cuts[in_ax]
+                        tp.prune_conv_in_channels(mod, idx)
+                done |= {w, f"{mname}.bias"}
+            elif isinstance(mod, nn.Linear):
+                if 0 in cuts:  # (a tied copy of an already cut weight is re-tied below)
+                    tp.prune_linear_out_channels(mod, cuts[0])
+                if 1 in cuts:
+                    tp.prune_linear_in_channels(mod, cuts[1])
+                done |= {w, f"{mname}.bias"}
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                tp.prune_batchnorm_out_channels(mod, cuts[0])
+                done |= {w, f"{mname}.bias", f"{mname}.running_mean", f"{mname}.running_var"}
+            elif isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
+                tp.prune_layernorm_out_channels(mod, cuts[0])
+                done |= {w, f"{mname}.bias"}
+            elif isinstance(mod, nn.Embedding) and 0 not in cuts:
+                tp.prune_embedding_out_channels(mod, cuts[1])
+                done |= {w}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        for n, cuts in plan.items():  # everything else: slice the tensor itself
+            if n in done:
+                continue
+            if n in params:
+                _set(model, n, _slice_tensor(params[n].data, cuts), True)
+            else:
+                _set(model, n, _slice_tensor(buffers[n], cuts), False)
+        now = dict(model.named_parameters(remove_duplicate=False))
+        for names in aliases.values():
+            changed = [n for n in names if n in plan]
+            if len(names) > 1 and changed:
+                for n in names:
+                    if n not in changed:
+                        mod_name, _, attr = n.rpartition(".")
+                        setattr(model.get_submodule(mod_name) if mod_name else model, attr, now[changed[0]])
+        for mod in model.modules():
+            for child in mod.children():  # HF GPT-2 Conv1D keeps its width in `nf`
+                if hasattr(child, "nf") and hasattr(child, "weight"):
+                    child.nf = child.weight.shape[1]
+        _update_attention(model)
+    return {"tensors": len(plan)}
+
+
+def _out(mod: nn.Module | None) -> int | None:
+    if mod is None or not hasattr(mod, "weight"):
+        return None
+    return mod.weight.shape[1] if hasattr(mod, "nf") else mod.weight.shape[0]
+
+
+def _update_attention(model: nn.Module) -> None:
+    """Head counts of Hugging Face attention modules after heads were removed (head_dim is kept: HF uses one
+    head_dim for Q, K and V, so the torch side does not prune within heads)."""
+    for mod in model.modules():
+        head_dim = getattr(mod, "head_dim", None) or getattr(mod, "attention_head_size", None)
+        if not head_dim:
+            continue
+        q = _out(getattr(mod, "q_proj", None) or getattr(mod, "query", None))
+        if q is None and hasattr(mod, "c_attn"):
+            q = _out(mod.c_attn) // 3
+        if q is None or q % head_dim:
+            continue
+        heads = q // head_dim
+        for attr in ("num_heads", "num_attention_heads", "n_head"):
+            if hasattr(mod, attr) and isinstance(getattr(mod, attr), int):
+                setattr(mod, attr, heads)
+        for attr in ("all_head_size", "split_size", "embed_dim_q"):
+            if hasattr(mod, attr):
+                setattr(mod, attr, q)
+        k = _out(getattr(mod, "k_proj", None) or getattr(mod, "key", None))
+        if k and hasattr(mod, "num_key_value_groups") and k % head_dim == 0:
+            mod.num_key_value_groups = heads // (k // head_dim)
+        if hasattr(mod, "num_key_value_heads") and k:
+            mod.num_key_value_heads = k // head_dim
+
+
+def taylor_grads(model: nn.Module, batches, loss_fn=None) -> dict[str, np.ndarray]:
+    """Accumulated ∂L/∂w per parameter name over `batches` (tuples of inputs[, target]); default loss:
+    cross-entropy when a target is given, else the mean square of the output (a data-only proxy)."""
+    was = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        inputs, target = (batch[:-1], batch[-1]) if len(batch) > 1 else (batch, None)
+        out = model(*inputs)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        if loss_fn is not None:
+            loss = loss_fn(out, target)
+        elif target is not None and target.dtype == torch.long:
+            loss = nn.functional.cross_entropy(out, target)
+        else:
+            loss = out.float().pow(2).mean()
+        loss.backward()
+    grads = {n: p.grad.detach().cpu().numpy() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.train(was)
+    return grads

@@ -1,0 +1,121 @@
+"""The analyser on every model of the reference zoo (graphs/): groups against the zoo's expected facts and
+torch-pruning's second opinion, and zero-channel equivalence of ONNX pruning at 30 %."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+graphs = pytest.importorskip("graphs")
+
+from compressor.graph import analyze, prune_onnx, select  # noqa: E402
+from compressor.graph.oracle import max_diff, zero_channels  # noqa: E402
+from compressor.onnx_utils import example_feeds, run  # noqa: E402
+from graphs.tp_oracle import canonical, compare_groups, onnx_groups, tp_groups  # noqa: E402
+
+ZOO = graphs.names()
+CNNS = [n for n in ZOO if "transformer" not in graphs.ZOO[n].tags]
+HF = [n for n in ZOO if "transformer" in graphs.ZOO[n].tags]
+APPROX_TOL = 0.35  # relative L2 error of pruned vs zeroed outputs when LayerNorm/RMSNorm statistics span the pruned axis
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = root / f"{name}.onnx"
+            graphs.export(name, path)
+            model = onnx.load(str(path))
+            cache[name] = (model, analyze(model), graphs.ZOO[name].build()[0])
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", CNNS)
+def test_cnn_groups_match_the_zoo(exported, name):
+    model, a, torch_model = exported(name)
+    ours = onnx_groups(a, torch_model)
+    rep = compare_groups(ours, canonical(graphs.ZOO[name].expected["groups"]))
+    assert rep["same"], rep["differences"] + [str(m) for m in rep["merged"]]
+    frozen = {(m.name, m.axis) for g in a.groups if not g.prunable for m in g.members}
+    assert {(n, 0) for n, _ in graphs.ZOO[name].expected["frozen"]} <= frozen
+
+
+@pytest.mark.parametrize("name", ["residual", "concat", "depthwise"])  # split: tp merges chunk halves differently
+def test_cnn_groups_match_torch_pruning(exported, name):
+    model, a, torch_model = exported(name)
+    entry = graphs.ZOO[name]
+    theirs = tp_groups(torch_model, entry.build()[1], ignored=list(entry.ignored))
+    rep = compare_groups(onnx_groups(a, torch_model), theirs)
+    assert rep["same"], rep["differences"]
+
+
+def _group_of(a, torch_model, member):
+    for g in onnx_groups(a, torch_model, include_frozen=True):
+        if tuple(member) in g:
+            return g
+    return None
+
+
+@pytest.mark.parametrize("name", HF)
+def test_transformer_ties_and_frozen(exported, name):
+    model, a, torch_model = exported(name)
+    exp = graphs.ZOO[name].expected
+    for tied in exp.get("tied", []):
+        groups = {_group_of(a, torch_model, m) for m in tied if _group_of(a, torch_model, m) is not None}
+        assert len(groups) == 1, f"{name}: {tied[:3]}… spread over {len(groups)} groups"
+    for left, right in exp.get("separate", []):
+        assert _group_of(a, torch_model, left) != _group_of(a, torch_model, right)
+    frozen_members = {(m.name, m.axis) for g in a.groups if not g.prunable for m in g.members}
+    for pname, label in exp.get("frozen", []):
+        if label == "out":
+            assert any(n == pname for n, _ in frozen_members), f"{pname} should be frozen"
+    kinds = {g.kind for g in a.prunable_groups}
+    assert {"heads", "head_dim"} <= kinds, f"{name}: attention not factored into heads × head_dim: {kinds}"
+
+
+def test_gqa_heads_follow_kv_groups(exported):
+    model, a, _ = exported("llama")
+    q = [g for g in a.groups if "layers.0.self_attn.q_proj" in g.name]
+    sizes = sorted(g.size for g in q if g.kind == "heads")
+    assert sizes == [2, 2]  # 2 KV heads × 2 query heads per KV head (repeat_kv expand)
+    hd = [g for g in q if g.kind == "head_dim"]
+    assert hd and hd[0].size == 8  # rotary pairs (j, j + 8) of the 16 dims are coupled
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zero_channel_equivalence_30pct(exported, name):
+    model, a, _ = exported(name)
+    sel = select(a, "random", 0.3, protect_output=False, heads=True, seed=1)
+    exact = {g.id for g in a.groups if not g.approximate}
+    atoms = {x for gid, v in sel.per_group.items() if gid in exact for x in v}
+    assert atoms, f"{name}: nothing exact to prune"
+    pruned = prune_onnx(model, a, atoms)
+    before = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+    after = sum(int(np.prod(i.dims)) for i in pruned.graph.initializer)
+    assert after < before
+    feeds = example_feeds(model, batch=3)
+    d = max_diff(run(zero_channels(a, atoms), feeds), run(pruned, feeds))
+    assert d < 1e-4, f"{name}: pruned differs from zeroed by {d}"
+
+
+@pytest.mark.parametrize("name", ["mlp", "bert", "llama"])
+def test_zero_channel_approximate_groups(exported, name):
+    """LayerNorm / RMSNorm statistics include the zeroed channels in the original: stated tolerance."""
+    model, a, _ = exported(name)
+    g = next(g for g in a.prunable_groups if g.approximate)
+    cand = [x for x in g.atoms if x not in g.frozen]
+    atoms = set(cand[: int(0.3 * len(cand))])
+    feeds = example_feeds(model)
+    z, p = run(zero_channels(a, atoms), feeds)[0], run(prune_onnx(model, a, atoms), feeds)[0]
+    rel = float(np.linalg.norm(z - p) / np.linalg.norm(z))
+    assert rel < APPROX_TOL
