@@ -169,3 +169,13 @@ def test_no_quantizable_layer_is_reported():
         plan_quantization(nn.Sequential(nn.BatchNorm1d(4)))
     plan = plan_quantization(digits_cnn(), quantize_first_last=False)
     assert "conv1.weight" not in plan.params and "fc.weight" not in plan.params and "fc1.weight" in plan.params
+
+
+@pytest.mark.parametrize("name", ["qdistill-4bit", "qdistill-2bit", "int8-export"])
+def test_shipped_recipes_validate(name):
+    from compressor.recipe import load_recipe
+
+    rec = load_recipe(name)
+    st = rec.stages[0]
+    assert st.method == "qdistill"
+    assert st.params.bits == {"qdistill-4bit": 4, "qdistill-2bit": 2, "int8-export": 8}[name]

@@ -29,8 +29,10 @@ def analyze_model(model, *, arch: str | None = None, trust_pickle: bool = False,
 
     from compressor.api import example_inputs_for
     from compressor.export import export_onnx
+    from compressor.graph.torch_bridge import distinct_copy
     from compressor.io.data import load_data
-    from compressor.io.models import LoadedModel, load_model as load_any
+    from compressor.io.models import LoadedModel
+    from compressor.io.models import load_model as load_any
 
     if isinstance(model, onnx.ModelProto | bytes) or (isinstance(model, str | Path) and str(model).endswith(".onnx")):
         return analyze(model)
@@ -42,7 +44,7 @@ def analyze_model(model, *, arch: str | None = None, trust_pickle: bool = False,
     example = example_inputs_for(loaded, bundle)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        export_onnx(loaded.module, example, path)
+        export_onnx(distinct_copy(loaded.module), example, path)
         return analyze(path)
 
 

@@ -231,11 +231,9 @@ def build(ir: GraphIR) -> Analysis:
     protect_out: set[int] = set()
     for r in roots:
         pos = positions.get(r.init)
-        if pos is None or r.in_axis is None or r.out_axis is None:
+        if pos is None or r.in_axis is None or _feeds_output(ir, r.node) is False:
             continue
-        outs = {a for p in pos[r.out_axis] for a in p}
-        if outs and all(any("graph output" in s for s in frozen.get(a, [])) for a in outs):
-            protect_out |= {a for p in pos[r.in_axis] for a in p}
+        protect_out |= {a for p in pos[r.in_axis] for a in p}
 
     atom_group: dict[int, int] = {}
     groups: list[Group] = []
@@ -256,3 +254,27 @@ def build(ir: GraphIR) -> Analysis:
                 groups[gi].members.append(Member(name, ax, np.array(idx, dtype=np.int64)))
     return Analysis(groups, ctx, ir, positions)
 
+
+
+_PASS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "Dropout"}
+
+
+def _feeds_output(ir: GraphIR, node_name: str) -> bool:
+    """Whether a layer's output is a graph output, up to bias adds and layout ops (the output layer)."""
+    node = next((n for n in ir.nodes if n.name == node_name), None)
+    if node is None:
+        return False
+    t = node.output[0]
+    outputs = set(ir.outputs)
+    for _ in range(16):
+        if t in outputs:
+            return True
+        users = ir.consumers.get(t, [])
+        if len(users) != 1:
+            return False
+        u = users[0]
+        bias_add = u.op_type == "Add" and any(ir.init_of(i) for i in u.input if i != t)
+        if u.op_type not in _PASS and not bias_add:
+            return False
+        t = u.output[0]
+    return False

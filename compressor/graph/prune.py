@@ -188,7 +188,7 @@ def _rewrite_slice(node, plan: Plan, solver: Solver, want, where: str) -> None:
         lo, hi, _ = slice(int(s.value), int(e.value), 1).indices(n)
         new_lo, new_hi = int(keep[:lo].sum()), int(keep[:hi].sum())
 
-        def clamp(v):
+        def clamp(v, new_n=new_n):
             return None if v is None else max(0, min(new_n, v + new_n if v < 0 else v))
 
         if clamp(solver.eval(s)) != new_lo:

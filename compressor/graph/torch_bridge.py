@@ -61,7 +61,7 @@ def prune_torch(model: nn.Module, analysis: Analysis, selection) -> dict:
     if missing:
         raise CompressorError(f"{len(missing)} pruned tensors have no torch counterpart (e.g. {missing[0]!r})",
                               "export the model with compressor.export (it keeps parameter names)")
-    for n, cuts in plan.items():
+    for n in plan:
         t = params.get(n, buffers.get(n))
         if tuple(t.shape) != tuple(analysis.ir.initializers[analysis_names[n]].shape):
             raise CompressorError(f"{n}: torch shape {tuple(t.shape)} differs from the ONNX initializer",
@@ -183,3 +183,24 @@ def taylor_grads(model: nn.Module, batches, loss_fn=None) -> dict[str, np.ndarra
     model.zero_grad(set_to_none=True)
     model.train(was)
     return grads
+
+
+def distinct_copy(model: nn.Module) -> nn.Module:
+    """A copy whose equal-valued tensors are made distinct (by a few ulps), for analysis exports.
+
+    The TorchScript exporter merges initializers with identical values (a fresh model's BatchNorms all have
+    weight=1, bias=0, running_mean=0, running_var=1), which would make one initializer stand for several
+    layers and hide the others' names. The nudge is far below the export's verification tolerance."""
+    import copy
+
+    m = copy.deepcopy(model)
+    seen: dict[tuple, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for k, (_, t) in enumerate(list(m.named_parameters()) + list(m.named_buffers())):
+            if not t.is_floating_point() or t.numel() == 0:
+                continue
+            key = (tuple(t.shape), t.dtype)
+            if any(torch.equal(t, o) for o in seen.get(key, [])):
+                t.add_(1e-7 * (k + 1) * torch.linspace(1, 2, t.numel(), dtype=t.dtype).reshape(t.shape))
+            seen.setdefault(key, []).append(t.clone())
+    return m

@@ -79,7 +79,7 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
 
     from compressor.export import _as_named, export_onnx
     from compressor.graph import analyze, prune_onnx
-    from compressor.graph.torch_bridge import prune_torch, taylor_grads
+    from compressor.graph.torch_bridge import distinct_copy, prune_torch, taylor_grads
     from compressor.onnx_utils import run
 
     if any(parametrize.is_parametrized(m) for m in model.modules()):
@@ -87,7 +87,7 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
                           "put the structured stage before magnitude/gradual stages")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "analysis.onnx"
-        export_onnx(model, example_inputs, path)
+        export_onnx(distinct_copy(model), example_inputs, path)
         a = analyze(path)
     prefix = "model." if isinstance(example_inputs, dict) else ""  # export wraps keyword models in `.model`
     grads = None
