@@ -57,7 +57,7 @@ def build_cnn():
             mod.running_mean.uniform_(-0.1, 0.1)
             mod.running_var.uniform_(0.5, 1.5)
             nn.init.uniform_(mod.weight, 0.5, 1.5)
-    return m, (torch.randn(8, 3, 32, 32),), None
+    return m, (torch.randn(8, 3, 32, 32),), 1
 
 
 def build_bert():
@@ -72,7 +72,7 @@ def build_bert():
         for p in m.parameters():
             p.add_(0.02 * torch.randn_like(p))  # distinct values: the exporter merges identical initializers
     ids = torch.randint(0, 1000, (4, 128))
-    return m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None
+    return m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 128
 
 
 def session(model: onnx.ModelProto):
@@ -103,7 +103,8 @@ def interleaved_latency(models: list, feeds: dict, rounds: int, runs: int) -> li
 
 
 def bench(name: str, builder, ratios: list[float], rounds: int, runs: int) -> dict:
-    model, example, _ = builder()
+    model, example, dyn = builder()  # dyn: size used for dynamic dims when counting MACs (the sequence length;
+    # batch scales every op alike, so the ratio is right per sample)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.onnx"
         export_onnx(model, example, path)
@@ -121,7 +122,7 @@ def bench(name: str, builder, ratios: list[float], rounds: int, runs: int) -> di
         t_prune = time.perf_counter() - t0
         pruned.append(p)
         rows.append({"ratio": r, "removed_channels": len(sel.atoms), "prune_s": round(t_prune, 3),
-                     "macs_dense": count_macs(a), "macs_pruned": count_macs(a, sel.atoms),
+                     "macs_dense": count_macs(a, dynamic=dyn), "macs_pruned": count_macs(a, sel.atoms, dynamic=dyn),
                      "params_dense": sum(int(np.prod(i.dims)) for i in dense.graph.initializer),
                      "params_pruned": sum(int(np.prod(i.dims)) for i in p.graph.initializer)})
     lat = interleaved_latency([dense, *pruned], feeds, rounds, runs)

@@ -313,7 +313,8 @@ def analyze_cmd(
     for g in a.groups:
         if not g.prunable and not all_groups:
             continue
-        members = ", ".join(f"{m.name}[{m.axis}]" for m in g.members[:6]) + (f" … +{len(g.members) - 6}" if len(g.members) > 6 else "")
+        shown = [m for m in g.members if "running_" not in m.name]  # BN statistics follow their BN
+        members = ", ".join(f"{m.name}[{m.axis}]" for m in shown[:5]) + (f" … +{len(shown) - 5}" if len(shown) > 5 else "")
         why = "; ".join(g.reasons[:2])
         state = "[green]yes[/]" if g.prunable else "[red]no[/]"
         if g.prunable and g.frozen:

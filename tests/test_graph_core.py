@@ -163,3 +163,84 @@ def test_importance_matches_torch_pruning(net_onnx):
     group = dg.get_pruning_group(m.c1, tp.prune_conv_out_channels, idxs=list(range(8)))
     theirs = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="mean")(group)
     np.testing.assert_allclose(ours[g.id], theirs.detach().numpy(), rtol=1e-4)
+
+
+class Misc(nn.Module):
+    """ConvTranspose, GroupNorm (exported as Reshape/InstanceNorm/Reshape), InstanceNorm, Pad, Resize, Tile,
+    ReduceMean/ReduceMax."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.inorm = nn.InstanceNorm2d(6, affine=True)
+        self.c2 = nn.Conv2d(6, 12, 3, padding=1)
+        self.c3 = nn.Conv2d(12, 4, 1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.gn(self.c1(x)))
+        x = nn.functional.pad(self.inorm(self.up(x)), (1, 1, 1, 1))
+        x = nn.functional.interpolate(torch.sigmoid(self.c2(x)), scale_factor=2, mode="nearest")
+        x = x.repeat(1, 1, 1, 1) * 2.0 - x.mean(dim=(2, 3), keepdim=True)
+        return self.fc(torch.tanh(self.c3(x)).amax(dim=(2, 3)))
+
+
+def test_misc_ops_zero_channel_equivalence(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "misc.onnx"
+    export_onnx(Misc().eval(), (torch.randn(2, 3, 6, 6),), path)
+    model = onnx.load(str(path))
+    a = analyze(model)
+    by = {g.name: g for g in a.groups}
+    assert by["c1.weight:0/0"].kind == "heads" and by["c1.weight:0/0"].size == 2  # GroupNorm: whole groups…
+    assert by["c1.weight:0/1"].approximate  # …and within-group positions (statistics change)
+    assert {"up.weight:1", "c2.weight:0", "c3.weight:0"} <= {g.name for g in a.prunable_groups}
+    feeds = example_feeds(model)
+    for g in a.prunable_groups:
+        atoms = {x for x in g.atoms if x not in g.frozen}
+        atoms = set(sorted(atoms)[: max(1, len(atoms) // 3)])
+        d = max_diff(run(zero_channels(a, atoms), feeds), run(prune_onnx(model, a, atoms), feeds))
+        assert d < (5e-2 if g.approximate else 1e-5), (g.name, d)
+
+
+class ShapeScaledAttention(nn.Module):
+    """SDPA without an explicit scale: 1/sqrt(head_dim) is computed from Shape(q) at run time, and the output
+    reshape takes its width from the input's shape."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h, self.qkv, self.o, self.fc = h, nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = (t.reshape(b, s, self.h, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.fc(self.o(y.transpose(1, 2).reshape(b, s, d)).mean(1))
+
+
+def test_sizes_used_as_values_freeze(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "attn.onnx"
+    export_onnx(ShapeScaledAttention().eval(), (torch.randn(2, 5, 32),), path)
+    a = analyze(path)
+    by = {g.kind: g for g in a.groups if g.name.startswith("qkv.weight:0")}
+    assert not by["head_dim"].prunable and any("as a value" in r for r in by["head_dim"].reasons)
+    assert not by["heads"].prunable and any("another tensor's size" in r for r in by["heads"].reasons)
+    assert next(g for g in a.groups if g.name == "o.weight:0").prunable
+
+
+def test_protect_output_spares_only_the_output_layer(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    graphs = pytest.importorskip("graphs")
+    graphs.export("bert", tmp_path / "bert.onnx")
+    a = analyze(tmp_path / "bert.onnx")
+    protected = [g for g in a.groups if g.protected.get("output")]
+    assert [g.name for g in protected] == ["bert.pooler.dense.weight:0"]  # the classifier's input features
+    sel = select(a, "l2", 0.5)
+    ffn = [g for g in a.groups if "intermediate" in g.name]
+    assert all(len(sel.per_group[g.id]) == g.size // 2 for g in ffn)

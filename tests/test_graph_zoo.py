@@ -119,3 +119,51 @@ def test_zero_channel_approximate_groups(exported, name):
     z, p = run(zero_channels(a, atoms), feeds)[0], run(prune_onnx(model, a, atoms), feeds)[0]
     rel = float(np.linalg.norm(z - p) / np.linalg.norm(z))
     assert rel < APPROX_TOL
+
+
+def _zero_check(model: onnx.ModelProto) -> float:
+    a = analyze(model)
+    sel = select(a, "random", 0.3, protect_output=False, heads=True, seed=1)
+    exact = {g.id for g in a.groups if not g.approximate}
+    atoms = {x for gid, v in sel.per_group.items() if gid in exact for x in v}
+    assert atoms
+    feeds = example_feeds(model)
+    return max_diff(run(zero_channels(a, atoms), feeds), run(prune_onnx(model, a, atoms), feeds))
+
+
+@pytest.mark.parametrize("name", ["split", "llama"])
+@pytest.mark.parametrize("opset,fold", [(11, False), (13, True), (18, False)])
+def test_other_opsets_and_constant_folding(name, opset, fold):
+    """Exports the project does not make (older/newer opsets, folded shape constants) analyse and prune too."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    e = graphs.ZOO[name]
+    model, inputs = e.build()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, buf, dynamo=False, do_constant_folding=fold, opset_version=opset,
+                          input_names=list(e.input_names), output_names=list(e.output_names),
+                          dynamic_axes={n: {0: "batch"} for n in e.input_names})
+    assert _zero_check(onnx.load_from_string(buf.getvalue())) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["residual", "bert", "llama"])
+def test_dynamo_exporter(name):
+    """torch.onnx's dynamo exporter (constant-folded, transposed weight initializers named val_*)."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    e = graphs.ZOO[name]
+    model, inputs = e.build()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(model, inputs, dynamo=True, input_names=list(e.input_names))
+    assert _zero_check(prog.model_proto) < 1e-4

@@ -13,9 +13,17 @@ from compressor.graph.prune import PruneError, prune_onnx
 from compressor.graph.selection import Selection, select
 
 
-def analyze(model_or_path) -> Analysis:
-    """Coupled channel groups of an ONNX model (path, bytes or ModelProto; never modified)."""
-    return build(GraphIR(load_model(model_or_path)))
+def analyze(model_or_path, *, validate: bool = True) -> Analysis:
+    """Coupled channel groups of an ONNX model (path, bytes or ModelProto; never modified).
+
+    validate: try writing a one-channel cut of every prunable group into the graph (no inference run) and
+    freeze the groups whose size constants cannot be rewritten."""
+    from compressor.graph.prune import validate_groups
+
+    a = build(GraphIR(load_model(model_or_path)))
+    if validate:
+        validate_groups(a)
+    return a
 
 
 def analyze_model(model, *, arch: str | None = None, trust_pickle: bool = False, data=None) -> Analysis:

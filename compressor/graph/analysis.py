@@ -121,6 +121,12 @@ def run_rules(ir: GraphIR) -> Ctx:
             fn(ctx, node)
     for name in ir.outputs:
         ctx.freeze_axes(ctx.ax(name), f"graph output '{name}'")
+    for out, refs, why in ctx.size_refs:  # sizes read through Shape must move with the axis they size
+        have = {a for e in out.tolist() for a in _atoms_of(ctx, e)}
+        if any(not {a for e in r.tolist() for a in _atoms_of(ctx, e)} <= have for r in refs) or not len(out):
+            ctx.freeze(out, why)
+            for r in refs:
+                ctx.freeze(r, why)
     for a, b in ctx.ids.conflicts:
         ctx.freeze(np.array([a, b]), "incompatible factorisations of one axis (reshape)")
     return ctx
@@ -190,14 +196,15 @@ def build(ir: GraphIR) -> Analysis:
 
     order: list[tuple[int, str, int, int | None]] = []  # (atom, init, axis, slot) in discovery order
     roots = [r for r in ctx.roles if r.kind in ROOT_KINDS and r.out_axis is not None]
-    others = [r for r in ctx.roles if r not in roots]
+    root_ids = {id(r) for r in roots}
+    others = [r for r in ctx.roles if id(r) not in root_ids]
     for r in roots:
         pos = positions.get(r.init, [])
         if r.out_axis < len(pos):
             link_axis(pos[r.out_axis], only_new=False)
     for r in others + [r for r in roots if r.in_axis is not None]:
         pos = positions.get(r.init, [])
-        axes = [r.in_axis] if r in roots else ([r.out_axis] if r.out_axis is not None else range(len(pos)))
+        axes = [r.in_axis] if id(r) in root_ids else ([r.out_axis] if r.out_axis is not None else range(len(pos)))
         for ax in axes:
             if ax is not None and ax < len(pos):
                 link_axis(pos[ax], only_new=True)
@@ -261,7 +268,9 @@ _PASS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Tran
 
 def _feeds_output(ir: GraphIR, node_name: str) -> bool:
     """Whether a layer's output is a graph output, up to bias adds and layout ops (the output layer)."""
-    node = next((n for n in ir.nodes if n.name == node_name), None)
+    if not hasattr(ir, "_by_name"):
+        ir._by_name = {n.name: n for n in ir.nodes}
+    node = ir._by_name.get(node_name)
     if node is None:
         return False
     t = node.output[0]

@@ -48,6 +48,7 @@ class Ctx:
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.approx: list[tuple[np.ndarray, str]] = []
         self.roles: list[Role] = []
+        self.size_refs: list[tuple[np.ndarray, list[np.ndarray], str]] = []  # see refs_sizes()
         self.info: dict[str, dict] = {}  # node name -> facts a prune-time rewrite needs (e.g. GroupNorm groups)
 
     # ---- reading ------------------------------------------------------------------------------------------
@@ -172,6 +173,24 @@ class Ctx:
     def mark_approx(self, arr: np.ndarray | None, reason: str) -> None:
         if arr is not None and len(arr) > 1:
             self.approx.append((arr, reason))
+
+    def refs_sizes(self, node, sym_name: str, out_axes: list | None) -> None:
+        """A shape input whose entry k reads the size of another static axis (Shape(t)[j]): that size follows
+        t's pruning, so output axis k must contain t's axis j atoms (checked after the walk, else frozen)."""
+        s = self.sym(sym_name)
+        if s is None or out_axes is None:
+            return
+        off = len(out_axes) - len(s.elems)
+        for k, e in enumerate(s.elems):
+            refs = []
+            for t, j in e.dims():
+                a = self.ax(t)
+                if a is not None and j < len(a) and a[j] is not None:
+                    refs.append(a[j])
+            out = out_axes[k + off] if 0 <= k + off < len(out_axes) else None
+            if refs and out is not None:
+                self.size_refs.append((out, refs, self.why(node, f"entry {k} of its shape input reads another "
+                                                                  "tensor's size")))
 
     def role(self, name: str, kind: str, node, **kw) -> None:
         init = self.ir.init_of(name) if name else None

@@ -85,6 +85,35 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
     return m
 
 
+def dry_run(analysis: Analysis, atoms: set[int]) -> str | None:
+    """Why removing `atoms` cannot be written into the graph (an unsolvable size constant), or None."""
+    try:
+        _rewrite_nodes(analysis.ir.model, Plan(analysis, set(atoms)), apply=False)
+    except PruneError as e:
+        return e.message
+    return None
+
+
+def validate_groups(analysis: Analysis) -> int:
+    """Freeze every prunable group whose smallest cut (one atom) cannot be rewritten; returns how many.
+
+    One dry run with one atom of every group; only when it fails are groups tried one by one."""
+    probes = {g.id: next(a for a in reversed(g.atoms) if a not in g.frozen)
+              for g in analysis.groups if g.prunable and g.size > 1}
+    if not probes or dry_run(analysis, set(probes.values())) is None:
+        return 0
+    bad = 0
+    for g in analysis.groups:
+        if g.id not in probes:
+            continue
+        why = dry_run(analysis, {probes[g.id]})
+        if why is not None:
+            for a in g.atoms:
+                g.frozen.setdefault(a, [f"dry run: {why}"])
+            bad += 1
+    return bad
+
+
 # ------------------------------------------------------------------------------------------ tensors
 def _slice(arr: np.ndarray, axes, plan: Plan) -> np.ndarray | None:
     out, changed = arr, False
@@ -118,7 +147,10 @@ def _set_const(node, arr: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------------ integers
-def _rewrite_nodes(m, plan: Plan) -> Solver:
+def _rewrite_nodes(m, plan: Plan, apply: bool = True) -> Solver:
+    """Solve every size constant for the plan; with apply, also set attributes (conv group, split sizes) on
+    m's nodes (without, m may be the analysis' own graph: a dry run)."""
+    set_attr = _set_attr if apply else (lambda node, name, value: None)
     a = plan.a
     ctx = a.ctx
     solver = Solver(plan.new_dim)
@@ -151,7 +183,7 @@ def _rewrite_nodes(m, plan: Plan) -> Solver:
         elif op == "Slice":
             _rewrite_slice(node, plan, solver, want, where)
         elif op == "Split":
-            _rewrite_split(node, plan, solver, want, where)
+            _rewrite_split(node, plan, solver, want, where, set_attr)
         elif op == "Gather":
             _rewrite_gather(node, plan, want, where)
         elif op in ("Conv", "ConvTranspose"):
@@ -160,9 +192,9 @@ def _rewrite_nodes(m, plan: Plan) -> Solver:
             if g > 1 and x is not None and x[1] is not None and len(x[1]) == g:  # depthwise: groups shrink
                 depthwise = len(w[1]) == 1 if op == "Conv" else len(w[1]) == 1
                 if depthwise:
-                    _set_attr(node, "group", int(plan.keep(x[1]).sum()))
+                    set_attr(node, "group", int(plan.keep(x[1]).sum()))
         elif op == "GroupNormalization" and node.name in ctx.info:
-            _set_attr(node, "num_groups", int(plan.keep(ctx.info[node.name]["groups"]).sum()))
+            set_attr(node, "num_groups", int(plan.keep(ctx.info[node.name]["groups"]).sum()))
     for sym, value, where in wants:  # one literal may serve several consumers: all must still agree
         if solver.eval(sym) != value and not (where.endswith(" end") and value >= 0 and solver.eval(sym) >= value):
             raise PruneError(f"conflicting rewrites of a size constant used by {where}", "freeze this group")
@@ -197,7 +229,7 @@ def _rewrite_slice(node, plan: Plan, solver: Solver, want, where: str) -> None:
             want(e, new_hi - new_n if e.value < 0 else new_hi, where + " end")
 
 
-def _rewrite_split(node, plan: Plan, solver: Solver, want, where: str) -> None:
+def _rewrite_split(node, plan: Plan, solver: Solver, want, where: str, set_attr) -> None:
     ctx = plan.a.ctx
     x = plan.axes(node.input[0])
     if x is None:
@@ -207,7 +239,7 @@ def _rewrite_split(node, plan: Plan, solver: Solver, want, where: str) -> None:
         return
     new = [int(plan.keep(plan.axes(o)[axis]).sum()) for o in node.output]
     if ctx.attr(node, "split") is not None:
-        _set_attr(node, "split", new)
+        set_attr(node, "split", new)
     elif len(node.input) > 1 and node.input[1]:
         s = ctx.sym(node.input[1])
         if s is None:

@@ -38,7 +38,7 @@ def default_rule(ctx: Ctx, node, reason: str = "no rule for this op") -> None:
 
 
 # ------------------------------------------------------------------------------------------ elementwise
-UNARY = ("Relu", "LeakyRelu", "PRelu_", "Elu", "Selu", "Celu", "Gelu", "Erf", "Sigmoid", "HardSigmoid", "HardSwish",
+UNARY = ("Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Erf", "Sigmoid", "HardSigmoid", "HardSwish",
          "Tanh", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Sqrt", "Exp", "Log", "Neg", "Abs", "Reciprocal",
          "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Not", "IsNaN",
          "IsInf", "Identity", "Cast", "CastLike", "Clip", "Dropout", "Shrink", "BitwiseNot")
@@ -288,8 +288,7 @@ def groupnorm(ctx: Ctx, node) -> None:
 
 
 # ------------------------------------------------------------------------------------------ pooling / reductions
-@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Resize", "Upsample",
-      "MaxRoiPool", "SpaceToDepth_", "LRN_")
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Resize", "Upsample")
 def pool(ctx: Ctx, node) -> None:
     x = ctx.ax(node.input[0])
     if x is None or len(x) < 3:
@@ -469,6 +468,12 @@ def slice_(ctx: Ctx, node) -> None:
             ctx.freeze(a, ctx.why(node, f"slice with step {step}"))
         elif any((node.input[0], k) in el.dims() for b in bound_syms if b for el in b.elems):
             _couple_chunks(ctx, node, a, hi - lo)
+        for b in bound_syms:  # bounds read from another tensor's size: both must keep their size
+            for t, j in {d for el in (b.elems if b else []) for d in el.dims() if d != (node.input[0], k)}:
+                ref = ctx.ax(t)
+                if ref is not None and j < len(ref) and ref[j] is not None:
+                    ctx.size_refs.append((np.array([], dtype=np.int64), [ref[j], a],
+                                          ctx.why(node, "slice bounds read another tensor's size")))
         out[k] = a[lo:hi:step]
     ctx.set(node.output[0], out, node)
 
@@ -542,6 +547,7 @@ def expand(ctx: Ctx, node) -> None:
             out.append(None)
         else:
             out.append(ctx.ids.fresh(size))
+    ctx.refs_sizes(node, node.input[1], out)
     ctx.set(node.output[0], out, node)
 
 
@@ -578,13 +584,13 @@ def constant(ctx: Ctx, node) -> None:
     """Constants get their ids lazily, when an op uses them."""
 
 
-@rule("Shape", "Size")
+@rule("Shape")
 def shape(ctx: Ctx, node) -> None:
     """Shape values are tracked as shape arithmetic (compressor.graph.symbolic); here only the ids."""
     default_rule_out(ctx, node, node.output[0])
 
 
-@rule("ConstantOfShape", "Range", "RandomNormalLike_", "EyeLike")
+@rule("ConstantOfShape", "Range", "EyeLike")
 def fresh_output(ctx: Ctx, node) -> None:
     """Outputs whose sizes come from integer inputs: fresh ids; an axis sized by Shape(t)[k] of a static axis
     shares t's ids, so both shrink together."""
@@ -598,6 +604,8 @@ def fresh_output(ctx: Ctx, node) -> None:
                 if ref is not None and ref[e.expr[2]] is not None and out[k] is not None and \
                         len(ref[e.expr[2]]) == len(out[k]):
                     out[k] = ref[e.expr[2]]
+    if node.op_type == "ConstantOfShape":
+        ctx.refs_sizes(node, node.input[0], out)
     ctx.set(node.output[0], out, node)
 
 
@@ -762,6 +770,7 @@ def reshape(ctx: Ctx, node) -> None:
     else:
         sout = inferred
     out = reshape_axes(ctx, node, x, sin, sout)
+    ctx.refs_sizes(node, node.input[1], out)
     ctx.set(node.output[0], out, node)
 
 

@@ -52,7 +52,7 @@ class SymTensor:
 
 
 def from_const(name: str, arr: np.ndarray) -> SymTensor | None:
-    if arr.ndim > 1 or arr.size > MAX_ELEMS or not np.issubdtype(arr.dtype, np.integer):
+    if arr.ndim > 2 or arr.size > MAX_ELEMS or not np.issubdtype(arr.dtype, np.integer):
         return None
     flat = arr.reshape(-1)
     return SymTensor(tuple(arr.shape), [Sym(int(v), ("c", name, i)) for i, v in enumerate(flat)])
@@ -120,39 +120,9 @@ def evaluate(node, ins: list[SymTensor | None], shape_of, attr) -> list[SymTenso
         return [SymTensor(tuple(shp), [Sym(_apply(o, x.value, y.value), (o, x, y)) for x, y in zip(xa, xb, strict=True)])]
     if op == "Neg":
         return [SymTensor(ins[0].shape, [Sym(None if x.value is None else -x.value, ("neg", x)) for x in ins[0].elems])]
-    if op == "Unsqueeze":
-        return [SymTensor((1,), ins[0].elems)] if len(ins[0].shape) == 0 else None
-    if op == "Squeeze":
-        return [SymTensor((), ins[0].elems)] if len(ins[0].elems) == 1 else None
-    if op == "Reshape" and len(ins) > 1 and ins[1] is not None:
-        tv = ins[1].values()
-        if tv is not None and tv.size <= 1:
-            return [SymTensor(tuple(int(t) if t > 0 else len(ins[0].elems) for t in tv.reshape(-1)), ins[0].elems)]
-        return None
-    if op == "Concat":
-        if any(i is None for i in ins):
-            return None
-        el = [e for i in ins for e in i.elems]
-        return [SymTensor((len(el),), el)]
-    if op == "Gather":
-        if len(ins) < 2 or ins[1] is None or len(ins[0].shape) > 1:
-            return None
-        idx = ins[1].values()
-        if idx is None:
-            return None
-        n = len(ins[0].elems)
-        picks = [ins[0].elems[int(i) + n if i < 0 else int(i)] for i in idx.reshape(-1)]
-        return [SymTensor(tuple(idx.shape), picks)]
-    if op == "Slice":
-        if len(ins[0].shape) != 1 or any(i is None for i in ins[1:3]):
-            return None
-        vals = [i.values() if i is not None else None for i in ins[1:]]
-        if any(v is None for v in vals[:2]):
-            return None
-        step = int(vals[3][0]) if len(vals) > 3 and vals[3] is not None else 1
-        s = slice(int(vals[0][0]), int(vals[1][0]), step)
-        el = ins[0].elems[s]
-        return [SymTensor((len(el),), el)]
+    structural = _structural(node, ins, attr)
+    if structural is not None:
+        return [structural]
     if op == "Equal":
         if ins[1] is None:
             return None
@@ -246,3 +216,68 @@ class Solver:
                 return self.solve(b, va // want)
             return False
         return False
+
+
+def _obj(t: SymTensor) -> np.ndarray:
+    a = np.empty(len(t.elems), dtype=object)
+    a[:] = t.elems
+    return a.reshape(t.shape)
+
+
+def _sym(a) -> SymTensor:
+    if not isinstance(a, np.ndarray):  # numpy hands back the element itself for a scalar pick
+        one = np.empty((), dtype=object)
+        one[()] = a
+        a = one
+    return SymTensor(tuple(a.shape), list(a.reshape(-1)))
+
+
+def _ints(t: SymTensor | None) -> list[int] | None:
+    v = None if t is None else t.values()
+    return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+
+
+def _structural(node, ins: list, attr) -> SymTensor | None:
+    """Layout ops on small integer tensors (torch's Pad export reshapes, flips and transposes its pads):
+    move the Syms around like numpy moves elements."""
+    op = node.op_type
+    x = _obj(ins[0])
+    if op == "Unsqueeze":
+        axes = attr(node, "axes") or _ints(ins[1] if len(ins) > 1 else None)
+        if axes is None:
+            return None
+        for ax in sorted(a % (x.ndim + len(axes)) for a in axes):
+            x = np.expand_dims(x, ax)
+        return _sym(x)
+    if op == "Squeeze":
+        axes = attr(node, "axes") or _ints(ins[1] if len(ins) > 1 else None)
+        return _sym(x.squeeze() if axes is None else x.squeeze(tuple(a % x.ndim for a in axes)))
+    if op == "Reshape":
+        shape = _ints(ins[1] if len(ins) > 1 else None)
+        if shape is None:
+            return None
+        shape = [x.shape[i] if v == 0 else v for i, v in enumerate(shape)]
+        return _sym(x.reshape(shape))
+    if op == "Transpose":
+        return _sym(x.transpose(attr(node, "perm") or list(reversed(range(x.ndim)))))
+    if op == "Concat":
+        if any(i is None for i in ins):
+            return None
+        return _sym(np.concatenate([_obj(i) for i in ins], axis=attr(node, "axis", 0)))
+    if op == "Gather":
+        idx = None if len(ins) < 2 or ins[1] is None else ins[1].values()
+        if idx is None:
+            return None
+        return _sym(np.take(x, np.asarray(idx).astype(np.int64), axis=attr(node, "axis", 0)))
+    if op == "Slice":
+        vals = [_ints(i) for i in ins[1:]] + [None] * (5 - len(ins))
+        starts, ends, axes, steps = vals[:4]
+        if starts is None or ends is None:
+            return None
+        axes = axes if axes is not None else list(range(len(starts)))
+        steps = steps if steps is not None else [1] * len(starts)
+        for s0, e0, a, st in zip(starts, ends, axes, steps, strict=True):
+            ax = a % x.ndim  # range(*indices) is right for negative steps too (a slice object is not)
+            x = np.take(x, list(range(*slice(s0, e0, st).indices(x.shape[ax]))), axis=ax)
+        return _sym(x)
+    return None

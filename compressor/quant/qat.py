@@ -197,15 +197,18 @@ def quantized_distillation(student: nn.Module, dataset, *, teacher: nn.Module | 
                            lr: float = 1e-2, batch_size: int = 64, momentum: float = 0.9, nesterov: bool = True,
                            weight_decay: float = 2.2e-4, temperature: float = 2.0, alpha: float = 0.7,
                            kl_reduction: str = "batchmean", cosine: bool = True, seed: int = 0, device=None,
-                           progress: bool = True) -> tuple[dict[str, QuantizedTensor], dict]:
+                           progress: bool = True, loss_fn=None, optimizer: str = "sgd", steps: int | None = None
+                           ) -> tuple[dict[str, QuantizedTensor], dict]:
     """Train `student` in place with quantized weights; returns ({param: QuantizedTensor}, info).
 
     teacher=None trains the same quantized student with plain cross-entropy (the no-distillation baseline).
+    loss_fn(model, batch) replaces the logits distillation loss (e.g. feature distillation of an encoder,
+    where the teacher is captured by the closure); optimizer "sgd" (Nesterov, the paper) or "adamw".
     """
     from compressor.train import default_device, train
 
     device = torch.device(device) if device is not None else default_device()
-    if teacher is not None:
+    if teacher is not None and loss_fn is None:
         check_output_shapes(teacher.cpu(), student.cpu(), dataset[:2][0])
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():
@@ -214,9 +217,12 @@ def quantized_distillation(student: nn.Module, dataset, *, teacher: nn.Module | 
     sq = ShadowQuantizer(student, cfg, seed=seed)
     student.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
-    info = train(student, dataset, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=opt, cosine=cosine,
-                 loss_fn=make_kd_loss(teacher, temperature, alpha, kl_reduction), seed=seed, device=device,
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+    info = train(student, dataset, epochs=None if steps else epochs, steps=steps, batch_size=batch_size, lr=lr, optimizer=opt,
+                 cosine=cosine, loss_fn=loss_fn or make_kd_loss(teacher, temperature, alpha, kl_reduction), seed=seed, device=device,
                  progress=progress, description=f"{cfg.bits}-bit {'distillation' if teacher is not None else 'training'}",
                  **sq.hooks())
     qt = sq.finalize_()
