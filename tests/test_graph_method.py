@@ -101,3 +101,19 @@ def test_cli_analyze(tmp_path):
     bad.write_bytes(b"nope")
     r = CliRunner().invoke(app, ["analyze", str(bad)])
     assert r.exit_code == 2 and "error" in r.output
+
+
+def test_structured_torch_hf_keyword_inputs():
+    """HF models take keyword inputs: the export wraps them, the bridge still finds every parameter."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    rep = structured_torch(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                           StructuredParams(ratio=0.5, heads=True))
+    assert rep["params_after"] < rep["params_before"] and rep["torch_vs_onnx_max_diff"] < 1e-4
+    attn = model.encoder.layer[0].attention.self
+    assert attn.query.out_features == 16 and attn.num_attention_heads == 2  # half the heads, head_dim kept
+    assert model.encoder.layer[0].intermediate.dense.out_features == 32

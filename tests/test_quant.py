@@ -240,3 +240,19 @@ def test_embedding_rows_quantized_and_gathered(tmp_path, fmt, scaling):
     # plain (non-embedding) default leaves the table float and says so
     _, info2 = post_training_quantize(TokenModel(), QuantConfig(bits=4))
     assert {d["layer"] for d in info2["plan"]["kept_float"]} == {"emb", "norm"}
+
+
+def test_reused_fp32_graph_gets_the_trained_parameters(tmp_path):
+    """fp32_onnx of the model *before* training: every parameter (not just quantized ones) is refreshed."""
+    from compressor.export import export_onnx
+
+    m = _tiny()
+    x = torch.randn(3, 1, 8, 16)
+    export_onnx(m, (x,), tmp_path / "before.onnx")
+    before = onnx.load(str(tmp_path / "before.onnx"))
+    with torch.no_grad():
+        m.bn.weight.mul_(1.5)
+        m.proj.bias.add_(0.3)  # float parameters changed by "training"
+    qt, _ = post_training_quantize(m, QuantConfig(bits=4, bucket_size=16))
+    rep = export_quantized(m, qt, (x,), tmp_path / "q.onnx", fmt="nbits", fp32_onnx=before, atol=1e-5, rtol=1e-4)
+    assert rep["max_abs_diff_unoptimized"] < 1e-4

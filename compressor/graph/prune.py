@@ -57,8 +57,10 @@ def _atoms(selection) -> set[int]:
     return {int(a) for a in selection}
 
 
-def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bool = True) -> onnx.ModelProto:
-    """A pruned copy of `model` (the ModelProto/path the analysis was built from) without the selected atoms."""
+def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bool = True,
+               feeds: dict | None = None) -> onnx.ModelProto:
+    """A pruned copy of `model` (the ModelProto/path the analysis was built from) without the selected atoms.
+    check: run onnx.checker and one onnxruntime pass (on `feeds`, default synthetic inputs)."""
     from compressor.graph.ir import load_model
 
     removed = _atoms(selection)
@@ -81,7 +83,7 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
     _apply_edits(m, edits, analysis, plan.replace)
     del m.graph.value_info[:]
     if check:
-        verify(m)
+        verify(m, feeds)
     return m
 
 
@@ -334,9 +336,12 @@ def verify(m, feeds: dict | None = None) -> list[np.ndarray]:
     """onnx.checker, then one onnxruntime run on example feeds; PruneError (with the cause) if either fails."""
     from compressor.onnx_utils import example_feeds, run
 
+    if feeds is None:  # integer inputs (token ids, masks) as 0/1: valid for any vocabulary
+        feeds = {k: (np.ones_like(v) if "mask" in k else np.zeros_like(v)) if np.issubdtype(v.dtype, np.integer) else v
+                 for k, v in example_feeds(m).items()}
     try:
         onnx.checker.check_model(m)
-        return run(m, feeds or example_feeds(m))
+        return run(m, feeds)
     except PruneError:
         raise
     except Exception as e:

@@ -240,15 +240,14 @@ def build_quantized_onnx(fp32: onnx.ModelProto, qtensors: dict[str, QuantizedTen
     """Rewrite a verified fp32 export (initializers named like the torch parameters) into the integer form."""
     if fmt not in ("qdq", "nbits"):
         raise ValueError(fmt)
-    small = True
-    model = fp32
-    if small:
-        try:
-            from onnx import version_converter
+    # opset 21 gives INT4/UINT4 codes and blocked DequantizeLinear; when the converter cannot lift the graph,
+    # codes go in 8-bit containers and buckets are padded rows (still exact, larger file)
+    try:
+        from onnx import version_converter
 
-            model = version_converter.convert_version(fp32, 21)
-        except Exception:  # noqa: BLE001 - converter coverage varies; 8-bit containers are the fallback
-            small, model = False, fp32
+        small, model = True, version_converter.convert_version(fp32, 21)
+    except Exception:  # noqa: BLE001 - converter coverage varies by op
+        small, model = False, fp32
     model = onnx.ModelProto.FromString(model.SerializeToString())
     b = _Builder(model, small)
     g = model.graph
@@ -336,8 +335,14 @@ def export_quantized(model: nn.Module, qtensors: dict[str, QuantizedTensor], exa
             fp = Path(d) / "fp32.onnx"
             base = export_onnx(model, example_inputs, fp, atol=atol, rtol=rtol)
             fp32 = onnx.load(str(fp))
-    else:  # a verified export of the same model before quantization: only quantized initializers are replaced
-        fp32, base = fp32_onnx, {"bytes": fp32_onnx.ByteSize()}
+    else:  # an export of the same architecture: refresh every initializer named like a parameter/buffer
+        fp32, base = onnx.ModelProto.FromString(fp32_onnx.SerializeToString()), {"bytes": fp32_onnx.ByteSize()}
+        state = {k: v for k, v in model.state_dict().items()}
+        for i, init in enumerate(fp32.graph.initializer):
+            key = init.name if init.name in state else init.name.removeprefix("model.")
+            if key in state and tuple(state[key].shape) == tuple(init.dims):
+                arr = state[key].detach().cpu().numpy().astype(numpy_helper.to_array(init).dtype)
+                fp32.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
     qmodel, info = build_quantized_onnx(fp32, qtensors, fmt)
     buf = io.BytesIO()
     buf.write(qmodel.SerializeToString())
