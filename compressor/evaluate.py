@@ -233,7 +233,8 @@ def latency_torch(model: nn.Module, example_inputs, runs: int = 30, warmup: int 
     dev = _module_device(model)
 
     def once():
-        _call(model, example_inputs)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            _call(model, example_inputs)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
@@ -252,7 +253,9 @@ def runner(kind: str, model, example):
 
     @torch.no_grad()
     def once():
-        _call(model, example)
+        # bf16 autocast on CUDA, as deployed; plain fp32 on CPU
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            _call(model, example)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
