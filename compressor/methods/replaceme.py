@@ -532,7 +532,7 @@ def solve_cosine(stats: _Stats, *, loss: str, init: str, epochs: int, lr: float,
                 opt.zero_grad(set_to_none=True)
                 val.backward()
                 opt.step()
-                total += float(val) * len(idx)
+                total += float(val.detach()) * len(idx)
                 count += len(idx)
             losses.append(total / count)
     return T.detach().double(), {"cosine_loss_first_epoch": losses[0], "cosine_loss_last_epoch": losses[-1], "steps": epochs * math.ceil(X.shape[0] / batch)}
