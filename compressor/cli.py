@@ -116,6 +116,18 @@ def metrics_table(m: dict, title: str) -> Table:
     return t
 
 
+def _stage_line(rec):
+    return lambda i, st: err_console.print(f"[bold cyan]stage {i}/{len(rec.stages)}[/] {st.method}")
+
+
+def print_result(result, title: str, output: Path) -> None:
+    """The before/after table and every file a compress run wrote."""
+    console.print(before_after_table(result.before, result.after, title))
+    for k, v in result.files.items():
+        console.print(f"  [green]wrote[/] {k}: {v}")
+    console.print(f"  [green]wrote[/] report: {output / 'report.json'}")
+
+
 def _parse_shape(s: str | None) -> tuple[int, ...] | None:
     if not s:
         return None
@@ -154,15 +166,11 @@ def run_cmd(
         output = Path("compressed") / f"{Path(model).stem}-{rec.name}"
     result = compress(model, rec, data, output, arch=arch, trust_pickle=trust_pickle, teacher=teacher, seed=seed,
                       resume=resume, overwrite=overwrite, input_shape=_parse_shape(input_shape), device=device,
-                      sparse_kernels=sparse_kernels,
-                      on_stage=lambda i, st: err_console.print(f"[bold cyan]stage {i}/{len(rec.stages)}[/] {st.method}"))
+                      sparse_kernels=sparse_kernels, on_stage=_stage_line(rec))
     if as_json:
         print(json.dumps(result.report, indent=2))
         return
-    console.print(before_after_table(result.before, result.after, f"{Path(model).name} · recipe {rec.name}"))
-    for k, v in result.files.items():
-        console.print(f"  [green]wrote[/] {k}: {v}")
-    console.print(f"  [green]wrote[/] report: {output / 'report.json'}")
+    print_result(result, f"{Path(model).name} · recipe {rec.name}", output)
 
 
 @app.command("eval")
@@ -280,12 +288,8 @@ def demo_cmd(
     rec = load_recipe(recipe)
     err_console.print("[bold]training the embedded DigitsCNN on scikit-learn digits (a few seconds)…[/]")
     model = pretrained_digits_cnn()
-    result = compress(model, rec, "digits", output, overwrite=True,
-                      on_stage=lambda i, st: err_console.print(f"[bold cyan]stage {i}/{len(rec.stages)}[/] {st.method}"))
-    console.print(before_after_table(result.before, result.after, f"demo: DigitsCNN on digits · recipe {rec.name}"))
-    for k, v in result.files.items():
-        console.print(f"  [green]wrote[/] {k}: {v}")
-    console.print(f"  [green]wrote[/] report: {output / 'report.json'}")
+    result = compress(model, rec, "digits", output, overwrite=True, on_stage=_stage_line(rec))
+    print_result(result, f"demo: DigitsCNN on digits · recipe {rec.name}", output)
 
 
 # --- commands added by feature work ---

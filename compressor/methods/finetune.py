@@ -14,15 +14,20 @@ from compressor.errors import RecipeError
 from compressor.recipe import StageContext, register_method
 
 
-class FinetuneParams(BaseModel):
+class TrainingParams(BaseModel):
+    """Optimizer fields shared by every stage that trains with compressor.train.train."""
+
     model_config = ConfigDict(extra="forbid")
-    epochs: float = Field(3.0, gt=0, description="passes over the training split")
     lr: float = Field(0.01, gt=0)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(64, ge=1)
     schedule: Literal["constant", "cosine"] = "cosine"
+
+
+class FinetuneParams(TrainingParams):
+    epochs: float = Field(3.0, gt=0, description="passes over the training split")
 
 
 @register_method("finetune", FinetuneParams, help="fine-tune the current model on the labelled training data", kinds=("torch",))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from compressor import masks as M
 from compressor.errors import RecipeError
+from compressor.methods.finetune import TrainingParams
 from compressor.recipe import StageContext, register_method
 
 
@@ -112,8 +113,7 @@ def gradual_prune(model: nn.Module, dataset, final_sparsity: float, *, initial_s
             **{k: rep[k] for k in ("sparsity_masked", "sparsity_all_params", "per_tensor")}}
 
 
-class GradualParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GradualParams(TrainingParams):
     final_sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="s_f, reached at end_fraction of training")
     initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="s_i, applied at begin_fraction")
     epochs: float = Field(20.0, gt=0, description="total training length (pruning + recovery)")
@@ -123,12 +123,6 @@ class GradualParams(BaseModel):
     scope: Literal["layerwise", "global"] = "layerwise"
     include: list[str] | None = None
     exclude: list[str] | None = None
-    lr: float = Field(0.01, gt=0)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(64, ge=1)
-    schedule: Literal["constant", "cosine"] = "cosine"
 
     @model_validator(mode="after")
     def _order(self):
