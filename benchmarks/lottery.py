@@ -6,7 +6,7 @@ DigitsCNN (94k parameters; all conv/linear weights prunable, 94.2k of them), sci
 wd 1e-4, batch 64); rewind point k = `--rewind-epochs` epochs; each round prunes `--fraction` of the remaining
 weights globally (exact_k). Level 0 of the weight-rewinding run is the dense network.
 
-    .venv/bin/python benchmarks/lottery.py            # -> benchmarks/results/lottery.json (≈ 10 min on a loaded 2-core machine)
+    .venv/bin/python benchmarks/lottery.py            # -> benchmarks/results/lottery.json (741 s on a loaded 2-core machine)
     .venv/bin/python benchmarks/lottery.py --seeds 1 --levels 3 --epochs 8   # quick look
 """
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def main(argv=None) -> dict:
               f"vs {rep['calibration']['all_hidden_states_mb']:.0f} MB for all hidden states)")
     result = {
         "benchmark": "replaceme_minilm",
-        "command": "python benchmarks/replaceme_minilm.py " + " ".join(argv or []),
+        "command": " ".join([".venv/bin/python benchmarks/replaceme_minilm.py", *(sys.argv[1:] if argv is None else argv)]),
         "config": {"calibration_sentences": len(calib), "held_out_sentences": len(held), "threads": args.threads,
                    "metric": "mean cosine of mean-pooled L2-normalised embeddings to the dense model"},
         "params_dense": sum(p.numel() for p in model.parameters()),
@@ -77,7 +78,24 @@ def main(argv=None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
+    print_table(result)
     return result
+
+
+def print_table(result: dict) -> None:
+    """Markdown table (the README's ReplaceMe section)."""
+    print(f"\nMiniLM-L6, {result['config']['calibration_sentences']} calibration / "
+          f"{result['config']['held_out_sentences']} held-out sentences, embedding fidelity (cosine to dense)\n")
+    print("| blocks removed | cut | params | ReplaceMe-LS | ReplaceMe-cosine | same cut, no T | naive drop (last n) "
+          "| LS time (s) | calib. time (s) | calib. peak RSS (MB) | calib. tensors held (MB) | all hidden states (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        c = r["calibration"]
+        cut = f"{r['cut_start']}–{r['cut_start'] + r['removed_blocks'] - 1}"
+        print(f"| {r['removed_blocks']} | {cut} | {r['params_after'] / 1e6:.2f} M | {r['replaceme_ls']:.4f} "
+              f"| {r['replaceme_cosine']:.4f} | {r['same_cut_no_T']:.4f} | {r['naive_drop_last']:.4f} "
+              f"| {r['ls_seconds']:.1f} | {c['seconds']:.1f} | {c['peak_memory_mb']:.0f} | {c['held_tensors_peak_mb']:.0f} "
+              f"| {c['all_hidden_states_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -121,9 +121,10 @@ def run_rules(ir: GraphIR) -> Ctx:
             fn(ctx, node)
     for name in ir.outputs:
         ctx.freeze_axes(ctx.ax(name), f"graph output '{name}'")
+    look = ctx.ids.atom_lookup() if ctx.size_refs else None  # the ids are final from here on
     for out, refs, why in ctx.size_refs:  # sizes read through Shape must move with the axis they size
-        have = {a for e in out.tolist() for a in _atoms_of(ctx, e)}
-        if any(not {a for e in r.tolist() for a in _atoms_of(ctx, e)} <= have for r in refs) or not len(out):
+        have = {a for ats in look.many(out) for a in ats}
+        if any(not {a for ats in look.many(r) for a in ats} <= have for r in refs) or not len(out):
             ctx.freeze(out, why)
             for r in refs:
                 ctx.freeze(r, why)
@@ -141,31 +142,44 @@ def _atoms_of(ctx: Ctx, e: int) -> tuple[int, ...]:
 
 def build(ir: GraphIR) -> Analysis:
     ctx = run_rules(ir)
+    look = ctx.ids.atom_lookup()  # the ids no longer change: read atoms through one roots array
+    ctx.atom_lookup = look
     frozen: dict[int, list[str]] = {}
     for arr, reason in ctx.frozen:
-        for e in arr.tolist():
-            try:
-                ats = ctx.ids.atoms(e)
-            except RecursionError:
-                ats = (ctx.ids.find(e),)
-                reason = "cyclic reshape factorisation"
-            for a in ats:
-                rs = frozen.setdefault(a, [])
-                if reason not in rs and len(rs) < 4:
-                    rs.append(reason)
+        try:
+            uniq = dict.fromkeys(a for ats in look.many(arr, safe=False) for a in ats)
+        except RecursionError:
+            uniq = None
+        if uniq is None:  # a cyclic composite: element by element, as the reason changes part-way
+            for e in arr.tolist():
+                try:
+                    ats = ctx.ids.atoms(e)
+                except RecursionError:
+                    ats = (ctx.ids.find(e),)
+                    reason = "cyclic reshape factorisation"
+                for a in ats:
+                    rs = frozen.setdefault(a, [])
+                    if reason not in rs and len(rs) < 4:
+                        rs.append(reason)
+            continue
+        for a in uniq:  # one reason per array: repeats of an atom within it change nothing
+            rs = frozen.get(a)
+            if rs is None:
+                frozen[a] = [reason]
+            elif reason not in rs and len(rs) < 4:
+                rs.append(reason)
     approx: dict[int, list[str]] = {}
     for arr, reason in ctx.approx:
-        for e in arr.tolist():
-            for a in _atoms_of(ctx, e):
-                rs = approx.setdefault(a, [])
-                if reason not in rs and len(rs) < 3:
-                    rs.append(reason)
+        for a in dict.fromkeys(a for ats in look.many(arr) for a in ats):
+            rs = approx.setdefault(a, [])
+            if reason not in rs and len(rs) < 3:
+                rs.append(reason)
     positions: dict[str, list[list[tuple[int, ...]]]] = {}
     for name in ir.initializers:
         axes = ctx.axes.get(name)
         if axes is None:
             continue
-        positions[name] = [[_atoms_of(ctx, e) for e in a.tolist()] for a in axes]
+        positions[name] = [look.many(a) for a in axes]
 
     # ---- groups: atoms linked slot by slot on producer axes, then on the other parameter axes
     parent: dict[int, int] = {}
@@ -182,10 +196,9 @@ def build(ir: GraphIR) -> Analysis:
             return
         arity = {len(p) for p in pos}
         slots = range(next(iter(arity))) if len(arity) == 1 else [None]
-        for s in slots:
-            atoms = [a for p in pos for a in (p if s is None else (p[s],))]
-            if only_new:
-                atoms = [a for a in atoms if a not in parent]
+        for s in slots:  # repeats of an atom link nothing new: each distinct atom once, in order
+            atoms = dict.fromkeys(a for p in pos for a in p) if s is None else dict.fromkeys([p[s] for p in pos])
+            atoms = [a for a in atoms if a not in parent] if only_new else list(atoms)
             if not atoms:
                 continue
             first = find(atoms[0])
@@ -194,7 +207,6 @@ def build(ir: GraphIR) -> Analysis:
                 if ra != first:
                     parent[ra] = first
 
-    order: list[tuple[int, str, int, int | None]] = []  # (atom, init, axis, slot) in discovery order
     roots = [r for r in ctx.roles if r.kind in ROOT_KINDS and r.out_axis is not None]
     root_ids = {id(r) for r in roots}
     others = [r for r in ctx.roles if id(r) not in root_ids]
@@ -208,7 +220,11 @@ def build(ir: GraphIR) -> Analysis:
         for ax in axes:
             if ax is not None and ax < len(pos):
                 link_axis(pos[ax], only_new=True)
-    for r in roots + others:
+    by_root: dict[int, list[int]] = {}
+    label: dict[int, str] = {}
+    kinds: dict[int, str] = {}
+    seen: set[int] = set()
+    for r in roots + others:  # atoms in discovery order; the first sighting names and kinds the group
         pos = positions.get(r.init, [])
         axes = [r.out_axis, r.in_axis] if r.kind in ROOT_KINDS else range(len(pos))
         for ax in axes:
@@ -217,21 +233,15 @@ def build(ir: GraphIR) -> Analysis:
             arity = {len(p) for p in pos[ax]}
             for p in pos[ax]:
                 for s, a in enumerate(p):
-                    if a in parent:
-                        order.append((a, r.init, ax, (s, len(p)) if len(arity) == 1 and len(p) > 1 else None))
-    by_root: dict[int, list[int]] = {}
-    label: dict[int, str] = {}
-    kinds: dict[int, str] = {}
-    seen: set[int] = set()
-    for a, init, ax, slot in order:
-        if a in seen:
-            continue
-        seen.add(a)
-        g = find(a)
-        by_root.setdefault(g, []).append(a)
-        if g not in label:
-            label[g] = f"{init}:{ax}" + (f"/{slot[0]}" if slot is not None else "")
-            kinds[g] = "channels" if slot is None else ("head_dim" if slot[0] == slot[1] - 1 else "heads")
+                    if a in seen or a not in parent:
+                        continue
+                    seen.add(a)
+                    g = find(a)
+                    by_root.setdefault(g, []).append(a)
+                    if g not in label:
+                        slot = (s, len(p)) if len(arity) == 1 and len(p) > 1 else None
+                        label[g] = f"{r.init}:{ax}" + (f"/{slot[0]}" if slot is not None else "")
+                        kinds[g] = "channels" if slot is None else ("head_dim" if slot[0] == slot[1] - 1 else "heads")
 
     protect_embed = {a for r in ctx.roles if r.kind == "embedding" and r.out_axis is not None
                      for p in positions.get(r.init, [[]] * 2)[r.out_axis] for a in p}
@@ -251,11 +261,15 @@ def build(ir: GraphIR) -> Analysis:
         prot = {k: [a for a in atoms if a in s] for k, s in (("embedding", protect_embed), ("output", protect_out))}
         groups.append(Group(gi, label[g], atoms, [], {a: frozen[a] for a in atoms if a in frozen}, apx,
                             {k: v for k, v in prot.items() if v}, kinds[g]))
+    gis_of: dict[tuple[int, ...], tuple[int, ...]] = {}  # atoms of a position -> its groups (set order kept)
     for name, axes in positions.items():
         for ax, pos in enumerate(axes):
             hits: dict[int, list[int]] = {}
             for i, p in enumerate(pos):
-                for gi in {atom_group[a] for a in p if a in atom_group}:
+                gis = gis_of.get(p)
+                if gis is None:
+                    gis = gis_of[p] = tuple({atom_group[a] for a in p if a in atom_group})
+                for gi in gis:
                     hits.setdefault(gi, []).append(i)
             for gi, idx in hits.items():
                 groups[gi].members.append(Member(name, ax, np.array(idx, dtype=np.int64)))

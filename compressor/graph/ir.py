@@ -8,6 +8,7 @@ dynamic dims can be recognised as the same one (batch, sequence).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,24 @@ def load_model(model_or_path):
     if not path.exists():
         raise InputError(f"ONNX file not found: {path}", "check the path")
     try:
-        m = onnx.load(str(path))
+        m = _load_path(path)
     except Exception as e:
         raise InputError(f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e)[:120]})",
                          "re-export the model; the file may be truncated or corrupt") from e
     if not m.graph.node:
         raise InputError(f"{path} has an empty graph", "re-export the model")
     return m
+
+
+def _load_path(path: Path):
+    """onnx.load without its Python walk over every tensor looking for external data when the file cannot
+    have any: an external tensor names its file under the key "location", so bytes without that word
+    parse directly (same ModelProto); otherwise onnx.load does the full job."""
+    import onnx
+
+    with open(path, "rb") as f:
+        external = b"location" in f.read()
+    return onnx.load_model(str(path), load_external_data=external)
 
 
 def _dims(type_proto) -> tuple[Shape, list] | None:
@@ -173,10 +185,10 @@ def unshare_small_ints(model, max_elems: int = 64) -> int:
     for n in g.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             t = n.attribute[0].t
-            if t.data_type in (6, 7) and np.prod(t.dims, dtype=np.int64) <= max_elems:
+            if t.data_type in (6, 7) and math.prod(t.dims) <= max_elems:
                 small[n.output[0]] = numpy_helper.to_array(t)
     for init in g.initializer:
-        if init.data_type in (6, 7) and np.prod(init.dims, dtype=np.int64) <= max_elems:
+        if init.data_type in (6, 7) and math.prod(init.dims) <= max_elems:
             small[init.name] = numpy_helper.to_array(init)
     users: dict[str, list] = {}
     for n in g.node:

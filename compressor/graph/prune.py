@@ -35,8 +35,13 @@ class Plan:
             return None
         k = self._keep.get(id(arr))
         if k is None:
-            ids = self.a.ctx.ids
-            k = np.array([not (set(ids.atoms(e)) & self.removed) for e in arr.tolist()], dtype=bool)
+            look = getattr(self.a.ctx, "atom_lookup", None)  # set by build(): the ids are final
+            if look is not None:
+                removed = self.removed
+                k = np.array([removed.isdisjoint(at) for at in look.many(arr, safe=False)], dtype=bool)
+            else:
+                ids = self.a.ctx.ids
+                k = np.array([not (set(ids.atoms(e)) & self.removed) for e in arr.tolist()], dtype=bool)
             self._keep[id(arr)] = k
         return k
 

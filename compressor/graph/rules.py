@@ -7,7 +7,9 @@ account for is frozen with the op, node name and reason. An op with no rule free
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Callable
 
 import numpy as np
@@ -625,8 +627,8 @@ def _segments(sizes: list) -> list[list[int]]:
 
 def _refine(a: list[int], b: list[int]) -> list[int] | None:
     """Common refinement of two factorisations of one number (None if they interleave)."""
-    ca = list(np.cumprod(a)) if a else []
-    cb = list(np.cumprod(b)) if b else []
+    ca = list(itertools.accumulate(a, operator.mul))
+    cb = list(itertools.accumulate(b, operator.mul))
     if (ca[-1] if ca else 1) != (cb[-1] if cb else 1):
         return None
     pts = sorted({int(v) for v in ca + cb})
@@ -666,8 +668,10 @@ def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> l
         for i, p in enumerate(span):
             arrays[p] = parts[i]
         idx = np.indices([pieces[i] for i in span]).reshape(len(span), -1)
-        for flat, e in enumerate(xin[k].tolist()):
-            ctx.ids.set_composite(e, tuple(int(parts[j][idx[j, flat]]) for j in range(len(span))))
+        cols = [parts[j][idx[j]].tolist() for j in range(len(span))]
+        set_composite = ctx.ids.set_composite
+        for e, tup in zip(xin[k].tolist(), zip(*cols, strict=True), strict=True):
+            set_composite(e, tup)
     out: list = [None] * len(sout)
     pos = 0
     for k in range(len(sout)):
@@ -685,8 +689,8 @@ def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> l
             continue
         fresh = ctx.ids.fresh(sout[k])
         idx = np.indices([pieces[i] for i in span]).reshape(len(span), -1)
-        for flat, e in enumerate(fresh.tolist()):
-            ctx.ids.set_composite(e, tuple(int(arrays[span[j]][idx[j, flat]]) for j in range(len(span))))
+        cols = [arrays[span[j]][idx[j]].tolist() for j in range(len(span))]
+        ctx.ids.set_composite_fresh(fresh, zip(*cols, strict=True))
         out[k] = fresh
     return out
 
@@ -708,8 +712,8 @@ def reshape_axes(ctx: Ctx, node, x: list, sizes_in: list, sizes_out: list) -> li
     for ri, ro in zip(rin, rout, strict=True):
         got = reshape_run(ctx, node, [x[k] for k in ri], [sizes_in[k] for k in ri], [sizes_out[k] for k in ro])
         if got is None:  # e.g. [B, S, 64] -> [B*S, 64]: align the longest common trailing product
-            ci = list(np.cumprod([sizes_in[k] for k in reversed(ri)]))
-            co = list(np.cumprod([sizes_out[k] for k in reversed(ro)]))
+            ci = list(itertools.accumulate([sizes_in[k] for k in reversed(ri)], operator.mul))
+            co = list(itertools.accumulate([sizes_out[k] for k in reversed(ro)], operator.mul))
             common = [v for v in ci if v in co]
             if common:
                 ni, no = ci.index(common[-1]) + 1, co.index(common[-1]) + 1

@@ -247,7 +247,9 @@ def _structural(node, ins: list, attr) -> SymTensor | None:
         if axes is None:
             return None
         for ax in sorted(a % (x.ndim + len(axes)) for a in axes):
-            x = np.expand_dims(x, ax)
+            if ax > x.ndim:  # what np.expand_dims would refuse
+                x = np.expand_dims(x, ax)
+            x = x.reshape(x.shape[:ax] + (1,) + x.shape[ax:])  # np.expand_dims, minus its per-call overhead
         return _sym(x)
     if op == "Squeeze":
         axes = attr(node, "axes") or _ints(ins[1] if len(ins) > 1 else None)

@@ -35,6 +35,7 @@ from torch import nn
 from compressor import masks as M
 from compressor.atomic import atomic_path, write_text_atomic
 from compressor.errors import RecipeError
+from compressor.recipe import StageContext, register_method
 
 CHECKPOINT_FORMAT = 1
 
@@ -304,9 +305,6 @@ class IMPParams(BaseModel):
     exclude: list[str] | None = None
     init: Literal["reset", "given"] = Field("reset", description="reset: fresh seeded θ₀; given: the model's weights are θ₀")
     random_reinit_control: bool = Field(False, description="also train the same mask from a fresh init per level")
-
-
-from compressor.recipe import StageContext, register_method  # noqa: E402
 
 
 @register_method("imp_rewind", IMPParams, help="iterative magnitude pruning with weight/LR rewinding (lottery tickets)",

@@ -311,12 +311,13 @@ class _Capture:
 
     def __init__(self, adapter: BlockAdapter, index: int, zero_m: bool = False, post_norm: nn.Module | None = None,
                  T: torch.Tensor | None = None):
-        self.m = self.z = None
+        self.m = self.z = self.norm_out = None
         proj = adapter.out_proj(index)
         self.handles = [proj.register_forward_hook(self._on_proj)]
         self.zero_m, self.T = zero_m, T
         if post_norm is not None:
             self.handles.append(post_norm.register_forward_pre_hook(self._on_norm))
+            self.handles.append(post_norm.register_forward_hook(self._on_norm_out))
 
     def _on_proj(self, _mod, _args, out):
         if self.T is not None:  # unfolded reference: out projection followed by an explicit T
@@ -328,6 +329,9 @@ class _Capture:
 
     def _on_norm(self, _mod, args):
         self.z = args[0]
+
+    def _on_norm_out(self, _mod, _args, out):
+        self.norm_out = out
 
     def close(self):
         for h in self.handles:
@@ -361,7 +365,12 @@ def check_structure(adapter: BlockAdapter, index: int, hidden: torch.Tensor, inp
         if z1 is None or c1.m is None or z1.shape != c1.m.shape:
             return float("inf")
         scale = float(z1.abs().max()) + 1e-12
-        return float((z1 - z0 - c1.m).abs().max()) / scale
+        e = float((z1 - z0 - c1.m).abs().max()) / scale
+        if norm is not None:  # a post-norm's output must be the block output itself
+            if c1.norm_out is None or c1.norm_out.shape != o1.shape:
+                return float("inf")
+            e = max(e, float((c1.norm_out - o1).abs().max()) / (float(o1.abs().max()) + 1e-12))
+        return e
 
     tol = 1e-4 if hidden.dtype == torch.float32 else (1e-6 if hidden.dtype == torch.float64 else 1e-2)
     if adapter.post_norm_name is not None:
@@ -393,8 +402,17 @@ def _ln_params(norm: nn.Module):
     return w, b, float(eps), centered
 
 
-def _post_norm_target(z: torch.Tensor, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """z* with norm(z*) ≈ h, at the per-token scale of the original pre-norm sum z (float64)."""
+def _z_stats(z: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """Per-token [mean, scale] of the pre-norm sum z ([N, 2], float64): all the LS target needs of z."""
+    _, _, eps, centered = _ln_params(norm)
+    zd = z.double()
+    if centered:
+        return torch.cat([zd.mean(-1, keepdim=True), (zd.var(-1, unbiased=False, keepdim=True) + eps).sqrt()], -1)
+    return torch.cat([torch.zeros_like(zd[:, :1]), (zd.pow(2).mean(-1, keepdim=True) + eps).sqrt()], -1)
+
+
+def _post_norm_target(zs: torch.Tensor, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """z* with norm(z*) ≈ h, at the per-token mean/scale `zs` of the original pre-norm sum z (float64)."""
     w, b, eps, centered = _ln_params(norm)
     u = h.double()
     if b is not None:
@@ -402,13 +420,11 @@ def _post_norm_target(z: torch.Tensor, h: torch.Tensor, norm: nn.Module) -> torc
     if w is not None:
         wd = w.double()
         u = u / torch.where(wd.abs() < 1e-6, torch.full_like(wd, 1e-6).copysign(wd), wd)
-    zd = z.double()
+    mu_z, sd_z = zs[:, :1], zs[:, 1:2]
     if centered:
-        mu_z, sd_z = zd.mean(-1, keepdim=True), (zd.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
         un = (u - u.mean(-1, keepdim=True)) / (u.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
         return mu_z + sd_z * un
-    rms_z = (zd.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-    return rms_z * u / (u.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return sd_z * u / (u.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
 def _apply_norm(norm: nn.Module | None, z: torch.Tensor) -> torch.Tensor:
@@ -457,7 +473,7 @@ def collect_statistics(adapter: BlockAdapter, cal: Calibration, start: int, n_bl
         x = _flat(cap.m)[mask]
         xs.append(x)
         as_.append(_flat(z)[mask] - x)
-        zs.append(_flat(z)[mask] if norm is not None else None)
+        zs.append(_z_stats(_flat(z)[mask], norm) if norm is not None else None)
     d = xs[0].shape[-1]
     stats = _Stats(torch.zeros(d, d, dtype=torch.float64, device=device), torch.zeros(d, d, dtype=torch.float64, device=device))
     if mem is not None:
@@ -556,11 +572,11 @@ def prune(model: nn.Module, calib, n_blocks: int = 2, estimator: Estimator = "ls
           cosine_loss: Literal["residual", "output"] = "residual", cosine_init: Literal["identity", "ls"] = "identity",
           cosine_epochs: int = 10, cosine_lr: float = 1e-4, cosine_batch: int = 1024, adapter: BlockAdapter | None = None,
           blocks: str | None = None, out_proj: str | None = None, post_norm: str | None = None, device=None,
-          seed: int = 0, inplace: bool = False) -> tuple[nn.Module, dict]:
+          seed: int = 0, inplace: bool = False, return_transform: bool = False) -> tuple[nn.Module, dict]:
     """Remove `n_blocks` consecutive blocks and fold a linear map T (estimator "ls" | "cosine") into the last kept
     block's MLP output projection. estimator="none" removes the blocks without T (the UIDL baseline).
     `start` forces the cut to start there (else: argmin of the angular distance). Returns (model, report).
-    The model is copied first unless inplace=True."""
+    The model is copied first unless inplace=True; return_transform=True puts T (float64 tensor) in report["T"]."""
     t_start = time.perf_counter()
     if estimator not in ("ls", "cosine", "none"):
         raise InputError(f"unknown estimator {estimator!r}", "use ls, cosine or none")
@@ -635,6 +651,8 @@ def prune(model: nn.Module, calib, n_blocks: int = 2, estimator: Estimator = "ls
         eye = torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
         info["T_rel_dist_from_identity"] = float((T - eye).norm() / eye.norm())
         report["estimate"] = info
+        if return_transform:
+            report["T"] = T.detach().cpu()
         del stats
         # folded == unfolded: block s-1 with an explicit T after its out projection vs the folded weights
         hidden0, inputs0 = probe
@@ -748,6 +766,7 @@ def run_replaceme(ctx: StageContext, p: ReplaceMeParams) -> dict:
     dense = ctx.model
     dev = ctx.device if ctx.device is not None else None
     pruned, report = prune(dense, calib, tokenizer=ctx.tokenizer, device=dev, seed=ctx.seed, inplace=False, **kw)
+    report["calibration"]["source"] = data.source if data is not None else "shipped corpus (even sentences)"
     if p.baselines and (texts_eval or inputs_eval is not None):
         qkw = {"tokenizer": ctx.tokenizer, "texts": texts_eval} if texts_eval else {"inputs": inputs_eval}
         from compressor.hf import embed
