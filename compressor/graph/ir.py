@@ -9,6 +9,7 @@ dynamic dims can be recognised as the same one (batch, sequence).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +46,40 @@ def load_model(model_or_path):
 
 
 def _load_path(path: Path):
-    """onnx.load without its Python walk over every tensor looking for external data when the file cannot
-    have any: an external tensor names its file under the key "location", so bytes without that word
-    parse directly (same ModelProto); otherwise onnx.load does the full job."""
+    """onnx.load, reading the file once: the external-data pass (a Python walk over every tensor) runs only
+    when some tensor actually says its data lives in another file."""
     import onnx
 
-    with open(path, "rb") as f:
-        external = b"location" in f.read()
-    return onnx.load_model(str(path), load_external_data=external)
+    m = onnx.ModelProto()
+    m.ParseFromString(path.read_bytes())
+    if _has_external_data(m):
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(m, str(path.parent))
+    return m
+
+
+def _has_external_data(m) -> bool:
+    """Whether any tensor (initializer, or tensor attribute at any depth) keeps its data in another file."""
+    if any(t.data_location == 1 for t in m.graph.initializer):
+        return True
+    return _graph_attr_external(m.graph)
+
+
+def _graph_attr_external(g) -> bool:
+    for n in g.node:
+        for a in n.attribute:
+            t = a.type  # TENSOR 4, GRAPH 5, TENSORS 9, GRAPHS 10
+            if t == 4 and a.t.data_location == 1:
+                return True
+            if t == 9 and any(x.data_location == 1 for x in a.tensors):
+                return True
+            if t == 5 and (any(x.data_location == 1 for x in a.g.initializer) or _graph_attr_external(a.g)):
+                return True
+            if t == 10 and any(any(x.data_location == 1 for x in sg.initializer) or _graph_attr_external(sg)
+                               for sg in a.graphs):
+                return True
+    return False
 
 
 def _dims(type_proto) -> tuple[Shape, list] | None:
@@ -61,8 +88,9 @@ def _dims(type_proto) -> tuple[Shape, list] | None:
         return None
     sizes, names = [], []
     for d in tt.shape.dim:
-        if d.HasField("dim_value") and d.dim_value > 0:
-            sizes.append(int(d.dim_value))
+        v = d.dim_value  # 0 when unset (a dim_param or nothing): dynamic
+        if v > 0:
+            sizes.append(v)
             names.append(None)
         else:
             sizes.append(None)
@@ -70,57 +98,182 @@ def _dims(type_proto) -> tuple[Shape, list] | None:
     return sizes, names
 
 
+# ONNX TensorProto data types decoded without onnx.numpy_helper (little-endian raw_data, as every exporter
+# writes it): the analyser decodes hundreds of tiny shape constants and numpy_helper's generic path dominates.
+_RAW_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 10: np.float16,
+               11: np.float64, 12: np.uint32, 13: np.uint64}
+
+
+def tensor_to_array(t) -> np.ndarray:
+    """numpy_helper.to_array, with a fast path for plain raw_data tensors (same values, same dtype)."""
+    dt = _RAW_DTYPES.get(t.data_type)
+    if dt is not None and t.raw_data and t.data_location != 1 and np.little_endian:
+        return np.frombuffer(t.raw_data, dtype=dt).reshape(tuple(t.dims)).copy()
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(t)
+
+
+_VIEW_BYTES = 8 << 20  # weights below this go through inference as they are: copying the nodes costs more
+
+
+def _infer(model):
+    """ONNX shape inference on a weightless view of the model: large initializers (never shape arithmetic)
+    are declared as typed graph inputs instead of being serialised through the call, so a 100 MB model costs
+    what its graph costs. Inference needs only their type and dims."""
+    import onnx
+
+    g = model.graph
+    big = [i for i in g.initializer if i.ByteSize() > 4096]
+    if sum(i.ByteSize() for i in big) > _VIEW_BYTES:
+        view = onnx.ModelProto()
+        view.ir_version = model.ir_version
+        view.opset_import.extend(model.opset_import)
+        vg = view.graph
+        vg.node.extend(g.node)
+        vg.input.extend(g.input)
+        vg.output.extend(g.output)
+        vg.value_info.extend(g.value_info)
+        have = {i.name for i in g.input}
+        big_names = {i.name for i in big}
+        vg.initializer.extend(i for i in g.initializer if i.name not in big_names)
+        for i in big:
+            if i.name not in have:
+                vi = vg.input.add()
+                vi.name = i.name
+                tt = vi.type.tensor_type
+                tt.elem_type = i.data_type
+                for d in i.dims:
+                    tt.shape.dim.add().dim_value = d
+        model = view
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # inference is a best effort: unknown shapes freeze what they touch
+        return None
+
+
+class LazyArrays(Mapping):
+    """name -> ndarray of TensorProtos, decoded on first access: the analysis itself needs only the dims of
+    the weights (and the values of small shape constants), so a large model is not copied into numpy."""
+
+    def __init__(self, tensors: dict[str, object], eager: dict[str, np.ndarray] | None = None):
+        self._tensors = tensors
+        self._arrays: dict[str, np.ndarray] = dict(eager or {})
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = tensor_to_array(self._tensors[name])
+        return arr
+
+    def __contains__(self, name) -> bool:
+        return name in self._tensors
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+class _Consts(Mapping):
+    """Initializers (decoded lazily) followed by Constant node values, as one read-only mapping."""
+
+    def __init__(self, initializers: LazyArrays, constants: dict[str, np.ndarray]):
+        self._inits, self._constants = initializers, constants
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        v = self._constants.get(name)
+        return v if v is not None else self._inits[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._constants or name in self._inits
+
+    def __iter__(self):
+        yield from self._inits
+        yield from self._constants
+
+    def __len__(self) -> int:
+        return len(self._inits) + len(self._constants)
+
+
 class GraphIR:
     """Nodes in topological order, tensor shapes and element types, constant values, initializer aliases."""
 
     def __init__(self, model):
         import onnx
-        from onnx import numpy_helper
 
         unshare_small_ints(model)
         self.model = model  # our copy, with shared shape literals duplicated (see unshare_small_ints)
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-        except Exception:  # inference is a best effort: unknown shapes freeze what they touch
-            inferred = model
-        g = inferred.graph
-        self.initializers: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        self.consts: dict[str, np.ndarray] = dict(self.initializers)  # + Constant node outputs
+        g = model.graph
+        nodes = list(g.node)
+        self.nodes = _toposort(nodes, {i.name for i in g.initializer} | {i.name for i in g.input})
+        if self.nodes is not nodes:  # shape inference (and any file we write) needs the sorted order too
+            sorted_nodes = [onnx.NodeProto() for _ in self.nodes]
+            for dst, src in zip(sorted_nodes, self.nodes, strict=True):
+                dst.CopyFrom(src)
+            del g.node[:]
+            g.node.extend(sorted_nodes)
+            self.nodes = list(g.node)
+        inferred = _infer(model)
+        init_protos = {i.name: i for i in g.initializer}
+        self.initializers = LazyArrays(init_protos)  # name -> ndarray
+        self.const_values: dict[str, np.ndarray] = {}  # Constant node outputs
+        self.consts = _Consts(self.initializers, self.const_values)  # initializers + Constant node outputs
+        self.init_dims: dict[str, tuple[int, ...]] = {n: tuple(i.dims) for n, i in init_protos.items()}
         self.const_nodes: dict[str, object] = {}  # Constant output name -> node
         self.alias: dict[str, str] = {}  # Identity output -> initializer name
         self.shapes: dict[str, Shape] = {}
         self.dim_names: dict[str, list] = {}
         self.elem_type: dict[str, int] = {}
-        for vi in [*g.input, *g.value_info, *g.output]:
-            d = _dims(vi.type)
-            self.elem_type[vi.name] = vi.type.tensor_type.elem_type
-            if d is not None:
-                self.shapes[vi.name], self.dim_names[vi.name] = d
-        for name, arr in self.initializers.items():
-            self.shapes[name] = list(arr.shape)
-            self.dim_names[name] = [None] * arr.ndim
-        self.nodes = _toposort(list(model.graph.node), set(self.initializers) | {i.name for i in model.graph.input})
-        for n in self.nodes:
-            if n.op_type == "Constant" and n.attribute:
-                val = _constant_value(n)
-                if val is not None:
-                    self.consts[n.output[0]] = val
-                    self.const_nodes[n.output[0]] = n
-                    self.shapes[n.output[0]] = list(val.shape)
-                    self.dim_names[n.output[0]] = [None] * val.ndim
-            elif n.op_type == "Identity" and n.input[0] in self.initializers:
-                self.alias[n.output[0]] = n.input[0]
-            elif n.op_type == "Identity" and n.input[0] in self.alias:
-                self.alias[n.output[0]] = self.alias[n.input[0]]
-        init_names = set(self.initializers)
-        self.inputs = [i.name for i in model.graph.input if i.name not in init_names]
-        self.outputs = [o.name for o in model.graph.output]
-        self.producer = {o: n for n in self.nodes for o in n.output}
+        shapes, dim_names, elem_type = self.shapes, self.dim_names, self.elem_type
+        gi = inferred.graph if inferred is not None else g
+        # the inferred graph may list large initializers as extra inputs (see _infer): read the original ones
+        for vis in (gi.input[:len(g.input)], gi.value_info, gi.output):
+            for vi in vis:
+                t = vi.type
+                elem_type[vi.name] = t.tensor_type.elem_type
+                d = _dims(t)
+                if d is not None:
+                    shapes[vi.name], dim_names[vi.name] = d
+        for name, dims in self.init_dims.items():
+            shapes[name] = list(dims)
+            dim_names[name] = [None] * len(dims)
+        const_values, initializers, alias = self.const_values, self.initializers, self.alias
+        self.producer = producer = {}
         self.consumers: dict[str, list] = {}
+        consumers = self.consumers
         for n in self.nodes:
-            for i in n.input:
+            outs = n.output
+            for o in outs:
+                producer[o] = n
+            ins = n.input
+            for i in ins:
                 if i:
-                    self.consumers.setdefault(i, []).append(n)
+                    c = consumers.get(i)
+                    if c is None:
+                        consumers[i] = [n]
+                    else:
+                        c.append(n)
+            op = n.op_type
+            if op == "Constant":
+                if n.attribute:
+                    val = _constant_value(n)
+                    if val is not None:
+                        o = outs[0]
+                        const_values[o] = val
+                        self.const_nodes[o] = n
+                        shapes[o] = list(val.shape)
+                        dim_names[o] = [None] * val.ndim
+            elif op == "Identity":
+                src = ins[0]
+                if src in initializers:
+                    alias[outs[0]] = src
+                elif src in alias:
+                    alias[outs[0]] = alias[src]
+        init_names = set(self.initializers)
+        self.inputs = [i.name for i in g.input if i.name not in init_names]
+        self.outputs = [o.name for o in g.output]
 
     def init_of(self, name: str) -> str | None:
         """The initializer a tensor is (directly or through Identity), else None."""
@@ -132,20 +285,39 @@ class GraphIR:
         s = self.shapes.get(name)
         return None if s is None else list(s)
 
+    def const_shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of a constant (initializer, Constant, Identity of an initializer) without decoding it."""
+        v = self.const_values.get(name)
+        if v is not None:
+            return v.shape
+        d = self.init_dims.get(name)
+        if d is None:
+            a = self.alias.get(name)
+            d = self.init_dims.get(a) if a else None
+        return d
+
+    def init_dtype(self, name: str) -> int | None:
+        """ONNX element type of an initializer (or of what an Identity alias names)."""
+        t = self.initializers._tensors.get(name) or self.initializers._tensors.get(self.alias.get(name, ""))
+        return None if t is None else t.data_type
+
     def value(self, name: str) -> np.ndarray | None:
         """Constant value of an initializer / Constant / Identity-of-initializer, else None."""
-        if name in self.consts:
-            return self.consts[name]
+        v = self.const_values.get(name)
+        if v is not None:
+            return v
+        if name in self.initializers:
+            return self.initializers[name]
         a = self.alias.get(name)
-        return self.consts.get(a) if a else None
+        return self.initializers[a] if a else None
 
 
 def _constant_value(node) -> np.ndarray | None:
-    from onnx import helper, numpy_helper
-
     a = node.attribute[0]
     if a.name == "value":
-        return numpy_helper.to_array(a.t)
+        return tensor_to_array(a.t)
+    from onnx import helper
+
     if a.name in ("value_int", "value_float"):
         return np.array(helper.get_attribute_value(a), dtype=np.int64 if a.name == "value_int" else np.float32)
     if a.name in ("value_ints", "value_floats"):
@@ -155,8 +327,22 @@ def _constant_value(node) -> np.ndarray | None:
 
 def _toposort(nodes: list, available: set[str]) -> list:
     """Kahn's order (ONNX requires it already; exporters occasionally don't honour it)."""
-    have = set(available) | {""}
-    out, pending = [], list(nodes)
+    have = set(available)
+    have.add("")
+    done = 0  # fast path: one pass when the file is already in order (the norm)
+    for n in nodes:
+        missing = False
+        for i in n.input:
+            if i not in have:
+                missing = True
+                break
+        if missing:
+            break
+        have.update(n.output)
+        done += 1
+    if done == len(nodes):
+        return nodes
+    out, pending = nodes[:done], nodes[done:]
     while pending:
         rest = []
         for n in pending:
@@ -178,21 +364,28 @@ def unshare_small_ints(model, max_elems: int = 64) -> int:
     Exporters reuse one literal for unrelated sizes (LLaMA's head_dim 16 feeds the K and the V reshape);
     pruning K's head dim and V's head dim differently must rewrite them separately. Returns the copies made.
     """
-    from onnx import helper, numpy_helper
+    from onnx import NodeProto, helper
 
     g = model.graph
-    small: dict[str, object] = {}
+    small: dict[str, object] = {}  # name -> TensorProto (read only for the ones that are shared)
     for n in g.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             t = n.attribute[0].t
             if t.data_type in (6, 7) and math.prod(t.dims) <= max_elems:
-                small[n.output[0]] = numpy_helper.to_array(t)
+                small[n.output[0]] = t
     for init in g.initializer:
         if init.data_type in (6, 7) and math.prod(init.dims) <= max_elems:
-            small[init.name] = numpy_helper.to_array(init)
+            small[init.name] = init
+    if not small:
+        return 0
     users: dict[str, list] = {}
     for n in g.node:
-        for i in set(n.input):
+        ins = n.input
+        if len(ins) == 1:
+            if ins[0] in small:
+                users.setdefault(ins[0], []).append(n)
+            continue
+        for i in set(ins):
             if i in small:
                 users.setdefault(i, []).append(n)
     out_names = {o.name for o in g.output}
@@ -201,13 +394,22 @@ def unshare_small_ints(model, max_elems: int = 64) -> int:
     for name, nodes in users.items():
         if len(nodes) < 2 or name in out_names:
             continue
+        tensor = small[name]
         for k, n in enumerate(nodes[1:], 1):
             copy = f"{name}__u{k}"
-            new_nodes.append(helper.make_node("Constant", [], [copy], name=f"{copy}__const",
-                                              value=numpy_helper.from_array(small[name], copy)))
-            for j, i in enumerate(n.input):
-                if i == name:
-                    n.input[j] = copy
+            node = NodeProto()
+            node.op_type, node.name = "Constant", f"{copy}__const"
+            node.output.append(copy)
+            attr = node.attribute.add()
+            attr.name, attr.type = "value", helper.AttributeProto.TENSOR
+            attr.t.CopyFrom(tensor)  # an initializer copies its data fields only: clear what names it
+            attr.t.name = copy
+            attr.t.ClearField("doc_string")
+            new_nodes.append(node)
+            ins = n.input
+            for j in range(len(ins)):
+                if ins[j] == name:
+                    ins[j] = copy
             made += 1
     if new_nodes:  # constants first keeps the graph topologically sorted
         nodes = list(g.node)
