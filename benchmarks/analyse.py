@@ -4,9 +4,14 @@ DependencyGraph on the same models, in the same run, plus how analysis time grow
     python benchmarks/analyse.py                 # whole zoo + BERT/GPT-2 with 4, 8, 16, 32 blocks
     python benchmarks/analyse.py --quick         # hand-written zoo + bert/gpt2, depths 4 and 8
     python benchmarks/analyse.py --blocks 4 8 16 32 64 --repeats 5
+    python benchmarks/analyse.py --real-only     # just the deployment-size models (below)
 
 Per zoo model: export time (compressor.export, verified), our analyze() time on the ONNX file, tp's
 build_dependency time and get_all_groups time on the torch model (median of --repeats each), ratio tp/ours.
+Real size: the same comparison on models at the size they are deployed: the real pretrained MiniLM-L6
+(all-MiniLM-L6-v2, 22.7 M parameters, sequence 128) and a ResNet-18 layout (11.7 M parameters, 224x224,
+random weights; torchvision's BasicBlock stages 64-128-256-512). tp's build runs the model forward once, so
+at these sizes its cost includes real compute, as it does for a user.
 Scaling: analysis time per block for each depth and a linear-growth check (marginal time per block at the
 deepest pair vs the shallowest pair, and R² of a straight-line fit). Every step runs under a time limit
 (--timeout) and its failure is recorded instead of stopping the run. Writes benchmarks/results/analyse.json.
@@ -158,6 +163,72 @@ def scaling_section(families: list[str], blocks: list[int], tmp: Path, analyze, 
     return out
 
 
+class ResNet18(torch.nn.Module):
+    """torchvision's resnet18 layout (stem 7x7/2 + max-pool, stages of two BasicBlocks at 64/128/256/512)."""
+
+    def __init__(self, num_classes: int = 1000):
+        from graphs.resnet import BasicBlock
+
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _Embedder(torch.nn.Module):
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def real_section(tmp: Path, analyze, repeats: int, timeout: float) -> list[dict]:
+    builders = {"resnet18": lambda: (ResNet18().eval(), (torch.randn(1, 3, 224, 224),), ("input",), ("fc",))}
+    try:
+        from compressor.hf import load_minilm
+
+        def minilm():
+            model, _ = load_minilm()
+            ids = torch.randint(1000, 20000, (1, 128))
+            return _Embedder(model).eval(), (ids, torch.ones_like(ids)), ("input_ids", "attention_mask"), ()
+
+        builders["minilm_l6_real"] = minilm
+    except ImportError:
+        pass
+    rows = []
+    for name, make in builders.items():
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                model, inputs, input_names, ignored = make()
+            path = tmp / f"{name}.onnx"
+            info = _export(model, inputs, input_names, path) | {"onnx_mb": path.stat().st_size / 2**20}
+        except Exception as e:  # noqa: BLE001
+            rows.append({"name": name, "error": f"build/export: {type(e).__name__}: {str(e)[:200]}"})
+            print(f"{name:14s} build/export failed: {e}")
+            continue
+        row = bench_model(name, model, inputs, path, analyze, repeats, timeout, ignored) | info
+        rows.append(row)
+        ours, tpb = row.get("ours", {}), row.get("tp_build", {})
+        print(f"{name:14s} {info['onnx_mb']:6.1f} MB  nodes {info['onnx_nodes']:5d}  "
+              + (f"ours {ours['s'] * 1e3:8.1f} ms" if ours.get("ok") else "ours failed")
+              + (f"  tp build {tpb['s'] * 1e3:8.1f} ms" if tpb.get("ok") else "  tp failed")
+              + (f"  tp build / ours {row['ratio_tp_build_over_ours']:6.2f}x" if "ratio_tp_build_over_ours" in row else ""))
+    return rows
+
+
 def _linearity(rows: list[dict]) -> dict | None:
     pts = [(r["blocks"], r["ours"]["s"]) for r in rows if r.get("ours", {}).get("ok")]
     if len(pts) < 3:
@@ -187,8 +258,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per timed step (tp on LLaMA never ends)")
     ap.add_argument("--no-tp-scaling", action="store_true", help="skip tp in the depth sweep")
+    ap.add_argument("--real-only", action="store_true", help="only the deployment-size models")
+    ap.add_argument("--no-real", action="store_true", help="skip the deployment-size models")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.real_only and args.out == RESULTS:  # a partial run never overwrites the full record
+        args.out = RESULTS.with_name("analyse_real.json")
     torch.set_num_threads(1)
     names = args.models or (graphs.names(exclude=("hf",)) + ["bert", "gpt2"] if args.quick else list(graphs.ZOO))
     blocks = [4, 8] if args.quick and args.blocks == [4, 8, 16, 32] else args.blocks
@@ -198,9 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t0 = time.perf_counter()
-        zoo = zoo_section(names, tmp, analyze, args.repeats, args.timeout)
-        scaling = scaling_section(args.families, blocks, tmp, analyze, args.repeats, args.timeout,
-                                  with_tp=not args.no_tp_scaling)
+        zoo = [] if args.real_only else zoo_section(names, tmp, analyze, args.repeats, args.timeout)
+        real = [] if args.no_real else real_section(tmp, analyze, args.repeats, args.timeout)
+        scaling = {} if args.real_only else scaling_section(args.families, blocks, tmp, analyze, args.repeats,
+                                                            args.timeout, with_tp=not args.no_tp_scaling)
     ratios = [r["ratio_tp_build_over_ours"] for r in zoo if "ratio_tp_build_over_ours" in r]
     result = {
         "command": "python benchmarks/analyse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -212,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": {"models": len(zoo), "median_ratio_tp_build_over_ours": statistics.median(ratios) if ratios else None,
                     "tp_failures": [r["name"] for r in zoo if not r.get("tp_groups", {}).get("ok", False)],
                     "ours_failures": [r["name"] for r in zoo if not r.get("ours", {}).get("ok", False)]},
+        "real_size": real,
         "scaling": scaling,
         "wall_s": time.perf_counter() - t0,
     }

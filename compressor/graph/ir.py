@@ -114,6 +114,7 @@ def tensor_to_array(t) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
+_ITEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 _VIEW_BYTES = 8 << 20  # weights below this go through inference as they are: copying the nodes costs more
 
 
@@ -124,8 +125,11 @@ def _infer(model):
     import onnx
 
     g = model.graph
-    big = [i for i in g.initializer if i.ByteSize() > 4096]
-    if sum(i.ByteSize() for i in big) > _VIEW_BYTES:
+    # sizes from dims (ByteSize() would encode every tensor to count its bytes)
+    big = [(i, math.prod(i.dims) * _ITEM_BYTES.get(i.data_type, 4)) for i in g.initializer]
+    big = [(i, b) for i, b in big if b > 4096]
+    if sum(b for _, b in big) > _VIEW_BYTES:
+        big = [i for i, _ in big]
         view = onnx.ModelProto()
         view.ir_version = model.ir_version
         view.opset_import.extend(model.opset_import)
