@@ -28,6 +28,7 @@ class Plan:
         self.a = analysis
         self.removed = removed
         self._keep: dict[int, np.ndarray] = {}
+        self._mask: np.ndarray | None = None
         self.replace: dict[str, np.ndarray] = {}  # constant tensors replaced whole (shrinking index lists)
 
     def keep(self, arr: np.ndarray | None) -> np.ndarray | None:
@@ -37,13 +38,26 @@ class Plan:
         if k is None:
             look = getattr(self.a.ctx, "atom_lookup", None)  # set by build(): the ids are final
             if look is not None:
-                removed = self.removed
-                k = np.array([removed.isdisjoint(at) for at in look.many(arr, safe=False)], dtype=bool)
+                atoms, counts = look.expand(arr, safe=False)
+                gone = self._removed_mask(len(look.roots))[atoms]
+                if look.plain:
+                    k = ~gone
+                else:  # a position goes when any of its atoms goes
+                    ends = np.cumsum(counts)
+                    below = np.concatenate([[0], np.cumsum(gone)])
+                    k = below[ends] == below[ends - counts]
             else:
                 ids = self.a.ctx.ids
                 k = np.array([not (set(ids.atoms(e)) & self.removed) for e in arr.tolist()], dtype=bool)
             self._keep[id(arr)] = k
         return k
+
+    def _removed_mask(self, n: int) -> np.ndarray:
+        """removed as a mask over the ids (an atom is a root id; anything else matches no position)."""
+        if self._mask is None:
+            self._mask = np.zeros(n, dtype=bool)
+            self._mask[[a for a in self.removed if 0 <= a < n]] = True
+        return self._mask
 
     def axes(self, tensor: str):
         ctx = self.a.ctx
