@@ -222,31 +222,38 @@ def _components(edge: np.ndarray, node: np.ndarray, n: int) -> np.ndarray:
 
 
 def _reasons(look: AtomLookup, entries: list[tuple[np.ndarray, str]], rank: np.ndarray, cap: int,
-             cyclic: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+             cyclic: str | None = None) -> tuple[list[int], list[str]]:
     """The first `cap` distinct reasons of every ranked atom (rank[a] >= 0) over (ids, reason) entries, in
-    entry order: (ranks, reason numbers) sorted by rank, then by reason order; and the reason names.
+    entry order, as (rank, reason) pairs sorted by rank, then by reason order.
 
     cyclic: from an entry's first cyclic composite on, that entry gives this reason instead of its own (the
     composite itself reads as its root); None: a cyclic composite reads as its root, the reason unchanged."""
-    names: dict[str, int] = {}
     if not entries:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), []
-    rid = np.array([names.setdefault(r, len(names)) for _, r in entries], dtype=np.int64)
-    lens = [len(a) for a, _ in entries]
-    ids = np.concatenate([a for a, _ in entries])
-    entry = np.repeat(np.arange(len(entries)), lens)
-    order, reason = 2 * entry, rid[entry]  # order: entries in turn, an entry's cyclic reason after its own
+        return [], []
+    arrays, texts = zip(*entries, strict=True)
+    lens = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    ids = np.concatenate(arrays)
+    entry = np.repeat(np.arange(len(arrays)), lens)
+    after = None  # per id: at or past its entry's first cyclic composite
     if cyclic is not None and (deep := look.deep[look.roots[ids]]).any():
         seen = np.concatenate([[0], np.cumsum(deep)])
-        after = seen[1:] > np.repeat(seen[np.cumsum(lens) - lens], lens)  # past the entry's first cyclic id
-        order = order + after
-        reason = np.where(after, names.setdefault(cyclic, len(names)), reason)
+        after = seen[1:] > np.repeat(seen[np.cumsum(lens) - lens], lens)
     atom, cnt = look.expand(ids)
     if not look.plain:
-        order, reason = np.repeat(order, cnt), np.repeat(reason, cnt)
+        entry = np.repeat(entry, cnt)
+        after = None if after is None else np.repeat(after, cnt)
     keep = rank[atom] >= 0
-    atom, order, reason = atom[keep], order[keep], reason[keep]
-    nr, span = len(names), 2 * len(entries)
+    atom, entry = atom[keep], entry[keep]
+    hit = np.flatnonzero(np.bincount(entry, minlength=len(arrays))).tolist()
+    names: dict[str, int] = {}  # the reasons of the entries that reach a ranked atom, numbered
+    number = np.zeros(len(arrays), dtype=np.int64)
+    number[hit] = [names.setdefault(texts[e], len(names)) for e in hit]
+    order, reason = 2 * entry, number[entry]  # order: entries in turn, an entry's cyclic reason after its own
+    if after is not None:
+        after = after[keep]
+        order = order + after
+        reason = np.where(after, names.setdefault(cyclic, len(names)), reason)
+    nr, span = len(names), 2 * len(arrays)
     pair, order = np.divmod(np.sort((atom * nr + reason) * span + order), span)
     first = _run_starts(pair)  # a reason repeated on an atom adds nothing
     atom, reason = np.divmod(pair[first], nr)
@@ -254,7 +261,8 @@ def _reasons(look: AtomLookup, entries: list[tuple[np.ndarray, str]], rank: np.n
     rk = rest // span
     idx = np.arange(len(rk))
     within = idx - np.maximum.accumulate(np.where(_run_starts(rk), idx, 0))
-    return rk[within < cap], reason[within < cap], list(names)
+    text = list(names)
+    return rk[within < cap].tolist(), [text[r] for r in reason[within < cap].tolist()]
 
 
 def build(ir: GraphIR) -> Analysis:
@@ -326,19 +334,14 @@ def build(ir: GraphIR) -> Analysis:
         if ks is None or r.in_axis is None or _feeds_output(ir, r.node) is False:
             continue
         protect["output"][inits.atoms(ks[r.in_axis])] = True
-    fz_rank, fz_reason, fz_names = _reasons(look, ctx.frozen, rank, 4, "cyclic reshape factorisation")
+    atom_list, group_list = atoms.tolist(), group_of[order].tolist()
     frozen: list[dict[int, list[str]]] = [{} for _ in sizes]
-    for a, g, r in zip(atoms[fz_rank].tolist(), atom_group[atoms[fz_rank]].tolist(), fz_reason.tolist(),
-                       strict=True):
-        rs = frozen[g].get(a)
-        if rs is None:
-            frozen[g][a] = [fz_names[r]]
-        else:
-            rs.append(fz_names[r])
-    ap_rank, ap_reason, ap_names = _reasons(look, ctx.approx, rank, 3)
+    for rk, why in zip(*_reasons(look, ctx.frozen, rank, 4, "cyclic reshape factorisation"), strict=True):
+        reasons = frozen[group_list[rk]].setdefault(atom_list[rk], [])
+        reasons.append(why)
     approx: list[set[str]] = [set() for _ in sizes]
-    for g, r in zip(atom_group[atoms[ap_rank]].tolist(), ap_reason.tolist(), strict=True):
-        approx[g].add(ap_names[r])
+    for rk, why in zip(*_reasons(look, ctx.approx, rank, 3), strict=True):
+        approx[group_list[rk]].add(why)
 
     groups: list[Group] = []
     ends = list(itertools.accumulate(sizes, initial=0))
@@ -352,7 +355,7 @@ def build(ir: GraphIR) -> Analysis:
         kind = "channels" if s is None else ("head_dim" if s == ar - 1 else "heads")
         mine = atoms[lo:hi]
         prot = {k: mine[mask[mine]].tolist() for k, mask in protect.items()}
-        groups.append(Group(gi, label, mine.tolist(), [], frozen[gi], sorted(approx[gi]),
+        groups.append(Group(gi, label, atom_list[lo:hi], [], frozen[gi], sorted(approx[gi]),
                             {k: v for k, v in prot.items() if v}, kind))
 
     # members: per initializer axis and group, the positions holding one of the group's atoms
@@ -361,12 +364,12 @@ def build(ir: GraphIR) -> Analysis:
     where = np.arange(total) if look.plain else np.repeat(np.arange(total), inits.counts)
     key = np.sort(hit[hit >= 0] * total + where[hit >= 0])
     g, p = np.divmod(key[_run_starts(key)], total)
-    k = np.searchsorted(np.array(inits.pos), p, side="right") - 1
+    starts = np.array(inits.pos)
+    k = np.searchsorted(starts, p, side="right") - 1
     cut = np.flatnonzero((g[1:] != g[:-1]) | (k[1:] != k[:-1])) + 1
-    for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(p)], strict=True):
-        if lo < hi:
-            name, ax = inits.keys[k[lo]]
-            groups[g[lo]].members.append(Member(name, ax, p[lo:hi] - inits.pos[k[lo]]))
+    first = np.concatenate([[0], cut]) if len(p) else cut
+    for gi, ki, idx in zip(g[first].tolist(), k[first].tolist(), np.split(p - starts[k], cut), strict=True):
+        groups[gi].members.append(Member(*inits.keys[ki], idx))
     return Analysis(groups, ctx, ir, inits)
 
 

@@ -157,6 +157,7 @@ class AtomLookup:
         self.start = np.arange(n, dtype=np.int64)
         self.table = self.start  # its first n entries: every id standing for itself
         self.deep = np.zeros(n, dtype=bool)
+        self.deep_ids: np.ndarray | None = None  # deep[roots], where any root is deep
         self.plain = not ids.comp  # no composite at all: the atom of an id is its root
         if not self.plain:
             self._expand_composites()
@@ -192,20 +193,34 @@ class AtomLookup:
         self.count[keys[shallow]] = counts[shallow]
         self.start[keys[shallow]] = n + (np.cumsum(counts) - counts)[shallow]
         self.table = np.concatenate([np.arange(n, dtype=np.int64), parts])
-        self.deep[keys[deep]] = True
+        if deep.any():
+            self.deep[keys[deep]] = True
+            self.deep_ids = self.deep[self.roots]
 
     def expand(self, arr: np.ndarray, safe: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(atoms, counts): the atoms of every position of `arr` in order, concatenated, and how many each has.
         safe=False: RecursionError for a deep (cyclic) composite, like ChannelIds.atoms()."""
         r = self.roots[arr]
-        if not safe and self.deep[r].any():
-            raise RecursionError("cyclic composite channel id")
+        if not safe:
+            self.check(arr)
         cnt = self.count[r]
         if self.plain:
             return r, cnt
         ends = np.cumsum(cnt)
         idx = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(self.start[r] - (ends - cnt), cnt)
         return self.table[idx], cnt
+
+    def check(self, arr: np.ndarray) -> None:
+        """RecursionError when `arr` holds a deep (cyclic) composite, as ChannelIds.atoms() would raise."""
+        if self.deep_ids is not None and self.deep_ids[arr].any():
+            raise RecursionError("cyclic composite channel id")
+
+    def survivors(self, removed: np.ndarray) -> np.ndarray:
+        """Per id: whether none of its atoms is removed (`removed`: a mask over the ids)."""
+        if self.plain:
+            return ~removed[self.roots]
+        below = np.concatenate([[0], np.cumsum(removed[self.table])])  # removed table entries before each
+        return (below[self.start + self.count] == below[self.start])[self.roots]
 
     def many(self, arr: np.ndarray, safe: bool = True) -> list[tuple[int, ...]]:
         """[atoms(e) for e in arr]; safe: a cyclic composite gives (root,) instead of raising."""
