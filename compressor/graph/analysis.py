@@ -265,6 +265,21 @@ def _reasons(look: AtomLookup, entries: list[tuple[np.ndarray, str]], rank: np.n
     return rk[within < cap].tolist(), [text[r] for r in reason[within < cap].tolist()]
 
 
+def _add_members(groups: list[Group], inits: InitAtoms, atom_group: np.ndarray) -> None:
+    """Per initializer axis and group (in axis order), the positions that hold one of the group's atoms."""
+    total = inits.pos[-1]
+    hit = atom_group[inits.flat]
+    where = np.repeat(np.arange(total), inits.counts)  # the position of every atom
+    key = np.sort(hit[hit >= 0] * total + where[hit >= 0])
+    g, p = np.divmod(key[_run_starts(key)], total)
+    starts = np.array(inits.pos)
+    k = np.searchsorted(starts, p, side="right") - 1
+    cut = np.flatnonzero((g[1:] != g[:-1]) | (k[1:] != k[:-1])) + 1
+    first = np.concatenate([[0], cut]) if len(p) else cut
+    for gi, ki, idx in zip(g[first].tolist(), k[first].tolist(), np.split(p - starts[k], cut), strict=True):
+        groups[gi].members.append(Member(*inits.keys[ki], idx))
+
+
 def build(ir: GraphIR) -> Analysis:
     ctx = run_rules(ir)
     look = ctx.ids.atom_lookup()  # the ids no longer change: read atoms as arrays
@@ -345,7 +360,7 @@ def build(ir: GraphIR) -> Analysis:
 
     groups: list[Group] = []
     ends = list(itertools.accumulate(sizes, initial=0))
-    for gi, (at, lo, hi) in enumerate(zip(lead.tolist(), ends, ends[1:], strict=False)):
+    for gi, (at, lo, hi) in enumerate(zip(lead.tolist(), ends[:-1], ends[1:], strict=True)):
         p = int(seen[found[at]])  # where the group's first atom was seen: which axis, which slot
         j = bisect.bisect_right(piece_at, p) - 1
         name, ax = inits.keys[pieces[j]]
@@ -358,18 +373,7 @@ def build(ir: GraphIR) -> Analysis:
         groups.append(Group(gi, label, atom_list[lo:hi], [], frozen[gi], sorted(approx[gi]),
                             {k: v for k, v in prot.items() if v}, kind))
 
-    # members: per initializer axis and group, the positions holding one of the group's atoms
-    total = inits.pos[-1]
-    hit = atom_group[inits.flat]
-    where = np.arange(total) if look.plain else np.repeat(np.arange(total), inits.counts)
-    key = np.sort(hit[hit >= 0] * total + where[hit >= 0])
-    g, p = np.divmod(key[_run_starts(key)], total)
-    starts = np.array(inits.pos)
-    k = np.searchsorted(starts, p, side="right") - 1
-    cut = np.flatnonzero((g[1:] != g[:-1]) | (k[1:] != k[:-1])) + 1
-    first = np.concatenate([[0], cut]) if len(p) else cut
-    for gi, ki, idx in zip(g[first].tolist(), k[first].tolist(), np.split(p - starts[k], cut), strict=True):
-        groups[gi].members.append(Member(*inits.keys[ki], idx))
+    _add_members(groups, inits, atom_group)
     return Analysis(groups, ctx, ir, inits)
 
 
