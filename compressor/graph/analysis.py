@@ -8,7 +8,10 @@ select. A group lists its members: every initializer axis it slices, with the po
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
+import itertools
 import json
 
 import numpy as np
@@ -16,6 +19,7 @@ import numpy as np
 from compressor.graph import rules as R
 from compressor.graph import symbolic
 from compressor.graph.context import SHAPE_SLOTS, Ctx
+from compressor.graph.ids import AtomLookup, split_tuples
 from compressor.graph.ir import GraphIR
 
 ROOT_KINDS = ("conv", "convT", "linear", "embedding")
@@ -65,12 +69,71 @@ class Group:
                 "members": [m.to_json() for m in self.members]}
 
 
+class InitAtoms:
+    """The atoms of every position of every initializer axis, in one array.
+
+    Axis k (keys[k] = (initializer, axis), initializers in graph order) holds the positions pos[k]:pos[k + 1]
+    (numbered across all axes), whose atoms are flat[at[k]:at[k + 1]], position by position; arity[k] is the
+    atom count of each of its positions when they share it (-1 when not: factorised and plain ids mixed).
+    """
+
+    def __init__(self, ir: GraphIR, ctx: Ctx, look: AtomLookup):
+        self.keys: list[tuple[str, int]] = []
+        self.index: dict[str, list[int]] = {}  # initializer -> k of each of its axes
+        arrays = []
+        for name in ir.initializers:
+            axes = ctx.axes.get(name)
+            if axes is not None:
+                self.index[name] = list(range(len(self.keys), len(self.keys) + len(axes)))
+                self.keys += [(name, ax) for ax in range(len(axes))]
+                arrays += axes
+        sizes = [len(a) for a in arrays]
+        self.pos = [0, *itertools.accumulate(sizes)]
+        self.flat, self.counts = look.expand(np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64))
+        if look.plain:
+            self.at, self.arity = self.pos, [1] * len(arrays)
+            return
+        self.at = np.concatenate([[0], np.cumsum(self.counts)])[self.pos].tolist()
+        starts = [p for p, n in zip(self.pos, sizes, strict=False) if n]  # reduceat wants non-empty runs
+        lo = iter(np.minimum.reduceat(self.counts, starts).tolist() if starts else [])
+        hi = iter(np.maximum.reduceat(self.counts, starts).tolist() if starts else [])
+        self.arity = []
+        for n in sizes:
+            a, b = (next(lo), next(hi)) if n else (0, 0)
+            self.arity.append(a if a == b else -1)
+
+    def size(self, k: int) -> int:
+        return self.pos[k + 1] - self.pos[k]
+
+    def atoms(self, k: int) -> np.ndarray:
+        """Every atom of axis k, position by position (a view)."""
+        return self.flat[self.at[k]:self.at[k + 1]]
+
+    def slots(self, k: int) -> list[np.ndarray]:
+        """Axis k's atoms slot by slot (one array per factor) when its positions share an arity, else all of
+        them as one slot."""
+        ar = self.arity[k]
+        if ar < 0:
+            return [self.atoms(k)]
+        return [self.flat[self.at[k] + s:self.at[k + 1]:ar] for s in range(ar)]
+
+    def positions(self) -> dict[str, list[list[tuple[int, ...]]]]:
+        """initializer -> per axis -> the atoms of every position (Analysis.atom_positions)."""
+        return {name: [split_tuples(self.atoms(k), self.counts[self.pos[k]:self.pos[k + 1]]) for k in ks]
+                for name, ks in self.index.items()}
+
+
 @dataclasses.dataclass
 class Analysis:
     groups: list[Group]
     ctx: Ctx
     ir: GraphIR
-    atom_positions: dict[str, list[list[tuple[int, ...]]]]  # initializer -> per axis -> atoms per position
+    init_atoms: InitAtoms
+
+    @functools.cached_property
+    def atom_positions(self) -> dict[str, list[list[tuple[int, ...]]]]:
+        """initializer -> per axis -> the atoms of every position (built on first use)."""
+        return self.init_atoms.positions()
 
     @property
     def prunable_groups(self) -> list[Group]:
@@ -133,147 +196,185 @@ def run_rules(ir: GraphIR) -> Ctx:
     return ctx
 
 
-def _atoms_of(ctx: Ctx, e: int) -> tuple[int, ...]:
-    try:
-        return ctx.ids.atoms(e)
-    except RecursionError:
-        return (ctx.ids.find(e),)
+def _run_starts(x: np.ndarray) -> np.ndarray:
+    """Where a run of equal values begins in x (sorted: the first of every distinct value)."""
+    out = np.ones(len(x), dtype=bool)
+    out[1:] = x[1:] != x[:-1]
+    return out
+
+
+def _components(edge: np.ndarray, node: np.ndarray, n: int) -> np.ndarray:
+    """Connected components of the ids below n linked by hyperedges (node[i] lies on edge[i]): every id's
+    smallest fellow (an id on no edge is its own)."""
+    label = np.arange(n, dtype=np.int64)
+    if not len(node):
+        return label
+    low = np.empty(int(edge.max()) + 1, dtype=np.int64)
+    while True:
+        low.fill(n)
+        np.minimum.at(low, edge, label[node])
+        new = label.copy()
+        np.minimum.at(new, node, low[edge])
+        new = new[new]  # a label is an id of the same component: jump through it
+        if np.array_equal(new, label):
+            return label
+        label = new
+
+
+def _reasons(look: AtomLookup, entries: list[tuple[np.ndarray, str]], rank: np.ndarray, cap: int,
+             cyclic: str | None = None) -> tuple[list[int], list[str]]:
+    """The first `cap` distinct reasons of every ranked atom (rank[a] >= 0) over (ids, reason) entries, in
+    entry order, as (rank, reason) pairs sorted by rank, then by reason order.
+
+    cyclic: from an entry's first cyclic composite on, that entry gives this reason instead of its own (the
+    composite itself reads as its root); None: a cyclic composite reads as its root, the reason unchanged."""
+    if not entries:
+        return [], []
+    arrays, texts = zip(*entries, strict=True)
+    lens = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    ids = np.concatenate(arrays)
+    entry = np.repeat(np.arange(len(arrays)), lens)
+    after = None  # per id: at or past its entry's first cyclic composite
+    if cyclic is not None and (deep := look.deep[look.roots[ids]]).any():
+        seen = np.concatenate([[0], np.cumsum(deep)])
+        after = seen[1:] > np.repeat(seen[np.cumsum(lens) - lens], lens)
+    atom, cnt = look.expand(ids)
+    if not look.plain:
+        entry = np.repeat(entry, cnt)
+        after = None if after is None else np.repeat(after, cnt)
+    keep = rank[atom] >= 0
+    atom, entry = atom[keep], entry[keep]
+    hit = np.flatnonzero(np.bincount(entry, minlength=len(arrays))).tolist()
+    names: dict[str, int] = {}  # the reasons of the entries that reach a ranked atom, numbered
+    number = np.zeros(len(arrays), dtype=np.int64)
+    number[hit] = [names.setdefault(texts[e], len(names)) for e in hit]
+    order, reason = 2 * entry, number[entry]  # order: entries in turn, an entry's cyclic reason after its own
+    if after is not None:
+        after = after[keep]
+        order = order + after
+        reason = np.where(after, names.setdefault(cyclic, len(names)), reason)
+    nr, span = len(names), 2 * len(arrays)
+    pair, order = np.divmod(np.sort((atom * nr + reason) * span + order), span)
+    first = _run_starts(pair)  # a reason repeated on an atom adds nothing
+    atom, reason = np.divmod(pair[first], nr)
+    rest, reason = np.divmod(np.sort((rank[atom] * span + order[first]) * nr + reason), nr)
+    rk = rest // span
+    idx = np.arange(len(rk))
+    within = idx - np.maximum.accumulate(np.where(_run_starts(rk), idx, 0))
+    text = list(names)
+    return rk[within < cap].tolist(), [text[r] for r in reason[within < cap].tolist()]
+
+
+def _add_members(groups: list[Group], inits: InitAtoms, atom_group: np.ndarray) -> None:
+    """Per initializer axis and group (in axis order), the positions that hold one of the group's atoms."""
+    total = inits.pos[-1]
+    hit = atom_group[inits.flat]
+    where = np.repeat(np.arange(total), inits.counts)  # the position of every atom
+    key = np.sort(hit[hit >= 0] * total + where[hit >= 0])
+    g, p = np.divmod(key[_run_starts(key)], total)
+    starts = np.array(inits.pos)
+    k = np.searchsorted(starts, p, side="right") - 1
+    cut = np.flatnonzero((g[1:] != g[:-1]) | (k[1:] != k[:-1])) + 1
+    first = np.concatenate([[0], cut]) if len(p) else cut
+    for gi, ki, idx in zip(g[first].tolist(), k[first].tolist(), np.split(p - starts[k], cut), strict=True):
+        groups[gi].members.append(Member(*inits.keys[ki], idx))
 
 
 def build(ir: GraphIR) -> Analysis:
     ctx = run_rules(ir)
-    look = ctx.ids.atom_lookup()  # the ids no longer change: read atoms through one roots array
+    look = ctx.ids.atom_lookup()  # the ids no longer change: read atoms as arrays
     ctx.atom_lookup = look
-    frozen: dict[int, list[str]] = {}
-    for arr, reason in ctx.frozen:
-        try:
-            uniq = dict.fromkeys(a for ats in look.many(arr, safe=False) for a in ats)
-        except RecursionError:
-            uniq = None
-        if uniq is None:  # a cyclic composite: element by element, as the reason changes part-way
-            for e in arr.tolist():
-                try:
-                    ats = ctx.ids.atoms(e)
-                except RecursionError:
-                    ats = (ctx.ids.find(e),)
-                    reason = "cyclic reshape factorisation"
-                for a in ats:
-                    rs = frozen.setdefault(a, [])
-                    if reason not in rs and len(rs) < 4:
-                        rs.append(reason)
-            continue
-        for a in uniq:  # one reason per array: repeats of an atom within it change nothing
-            rs = frozen.get(a)
-            if rs is None:
-                frozen[a] = [reason]
-            elif reason not in rs and len(rs) < 4:
-                rs.append(reason)
-    approx: dict[int, list[str]] = {}
-    for arr, reason in ctx.approx:
-        for a in dict.fromkeys(a for ats in look.many(arr) for a in ats):
-            rs = approx.setdefault(a, [])
-            if reason not in rs and len(rs) < 3:
-                rs.append(reason)
-    positions: dict[str, list[list[tuple[int, ...]]]] = {}
-    for name in ir.initializers:
-        axes = ctx.axes.get(name)
-        if axes is None:
-            continue
-        positions[name] = [look.many(a) for a in axes]
+    inits = InitAtoms(ir, ctx, look)
+    n = len(look.roots)
+    empty = np.zeros(0, dtype=np.int64)
 
-    # ---- groups: atoms linked slot by slot on producer axes, then on the other parameter axes
-    parent: dict[int, int] = {}
-
-    def find(x):
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def link_axis(pos: list[tuple[int, ...]], only_new: bool) -> None:
-        if len(pos) <= 1:
-            return
-        arity = {len(p) for p in pos}
-        slots = range(next(iter(arity))) if len(arity) == 1 else [None]
-        for s in slots:  # repeats of an atom link nothing new: each distinct atom once, in order
-            atoms = dict.fromkeys(a for p in pos for a in p) if s is None else dict.fromkeys([p[s] for p in pos])
-            atoms = [a for a in atoms if a not in parent] if only_new else list(atoms)
-            if not atoms:
-                continue
-            first = find(atoms[0])
-            for a in atoms[1:]:
-                ra = find(a)
-                if ra != first:
-                    parent[ra] = first
-
+    # ---- groups: atoms linked slot by slot on producer axes, then the atoms new on the other parameter axes.
+    # Every axis slot is a hyperedge over its atoms; an only-new one links just the atoms no earlier one had.
     roots = [r for r in ctx.roles if r.kind in ROOT_KINDS and r.out_axis is not None]
     root_ids = {id(r) for r in roots}
     others = [r for r in ctx.roles if id(r) not in root_ids]
+    links: list[tuple[int, bool]] = []  # (axis k, only new atoms)
     for r in roots:
-        pos = positions.get(r.init, [])
-        if r.out_axis < len(pos):
-            link_axis(pos[r.out_axis], only_new=False)
+        ks = inits.index.get(r.init, [])
+        if r.out_axis < len(ks):
+            links.append((ks[r.out_axis], False))
     for r in others + [r for r in roots if r.in_axis is not None]:
-        pos = positions.get(r.init, [])
-        axes = [r.in_axis] if id(r) in root_ids else ([r.out_axis] if r.out_axis is not None else range(len(pos)))
-        for ax in axes:
-            if ax is not None and ax < len(pos):
-                link_axis(pos[ax], only_new=True)
-    by_root: dict[int, list[int]] = {}
-    label: dict[int, str] = {}
-    kinds: dict[int, str] = {}
-    seen: set[int] = set()
-    for r in roots + others:  # atoms in discovery order; the first sighting names and kinds the group
-        pos = positions.get(r.init, [])
-        axes = [r.out_axis, r.in_axis] if r.kind in ROOT_KINDS else range(len(pos))
-        for ax in axes:
-            if ax is None or ax >= len(pos) or len(pos[ax]) <= 1:
-                continue
-            arity = {len(p) for p in pos[ax]}
-            for p in pos[ax]:
-                for s, a in enumerate(p):
-                    if a in seen or a not in parent:
-                        continue
-                    seen.add(a)
-                    g = find(a)
-                    by_root.setdefault(g, []).append(a)
-                    if g not in label:
-                        slot = (s, len(p)) if len(arity) == 1 and len(p) > 1 else None
-                        label[g] = f"{r.init}:{ax}" + (f"/{slot[0]}" if slot is not None else "")
-                        kinds[g] = "channels" if slot is None else ("head_dim" if slot[0] == slot[1] - 1 else "heads")
+        ks = inits.index.get(r.init, [])
+        axes = [r.in_axis] if id(r) in root_ids else ([r.out_axis] if r.out_axis is not None else range(len(ks)))
+        links += [(ks[ax], True) for ax in axes if ax is not None and ax < len(ks)]
+    slots = [(s, new) for k, new in links if inits.size(k) > 1 for s in inits.slots(k)]
+    edge = np.repeat(np.arange(len(slots)), [len(s) for s, _ in slots])
+    node = np.concatenate([s for s, _ in slots]) if slots else empty
+    first_edge = np.full(n, len(slots), dtype=np.int64)
+    np.minimum.at(first_edge, node, edge)
+    linked = ~np.array([new for _, new in slots], dtype=bool)[edge] | (first_edge[node] == edge)
+    component = _components(edge[linked], node[linked], n)
+    in_group = first_edge < len(slots)
 
-    protect_embed = {a for r in ctx.roles if r.kind == "embedding" and r.out_axis is not None
-                     for p in positions.get(r.init, [[]] * 2)[r.out_axis] for a in p}
-    protect_out: set[int] = set()
+    # atoms in discovery order (root axes first); the first atom of a group names and kinds it
+    pieces = []
+    for r in roots + others:
+        ks = inits.index.get(r.init, [])
+        axes = (r.out_axis, r.in_axis) if r.kind in ROOT_KINDS else range(len(ks))
+        pieces += [ks[ax] for ax in axes if ax is not None and ax < len(ks) and inits.size(ks[ax]) > 1]
+    seq = np.concatenate([inits.atoms(k) for k in pieces]) if pieces else empty
+    piece_at = list(itertools.accumulate((inits.at[k + 1] - inits.at[k] for k in pieces), initial=0))
+    seen = np.full(n, len(seq), dtype=np.int64)  # where each atom is first seen
+    np.minimum.at(seen, seq, np.arange(len(seq)))
+    seen[~in_group] = len(seq)
+    found = np.flatnonzero(seen < len(seq))
+    found = found[np.argsort(seen[found])]
+    comp = component[found]
+    lead = np.full(n, len(found), dtype=np.int64)
+    np.minimum.at(lead, comp, np.arange(len(found)))
+    lead = np.sort(lead[lead < len(found)])  # index in `found` of every group's first atom, in group order
+    gid = np.full(n, -1, dtype=np.int64)
+    gid[comp[lead]] = np.arange(len(lead))
+    group_of = gid[comp]
+    order = np.argsort(group_of * len(found) + np.arange(len(found)))
+    atoms = found[order]  # every group's atoms in turn, each in discovery order
+    sizes = np.bincount(group_of, minlength=len(lead)).tolist()
+    atom_group = np.full(n, -1, dtype=np.int64)
+    atom_group[found] = group_of
+    rank = np.full(n, -1, dtype=np.int64)
+    rank[atoms] = np.arange(len(atoms))
+
+    protect = {"embedding": np.zeros(n, dtype=bool), "output": np.zeros(n, dtype=bool)}
+    for r in ctx.roles:
+        ks = inits.index.get(r.init)
+        if r.kind == "embedding" and r.out_axis is not None and ks is not None:
+            protect["embedding"][inits.atoms(ks[r.out_axis])] = True
     for r in roots:
-        pos = positions.get(r.init)
-        if pos is None or r.in_axis is None or _feeds_output(ir, r.node) is False:
+        ks = inits.index.get(r.init)
+        if ks is None or r.in_axis is None or _feeds_output(ir, r.node) is False:
             continue
-        protect_out |= {a for p in pos[r.in_axis] for a in p}
+        protect["output"][inits.atoms(ks[r.in_axis])] = True
+    atom_list, group_list = atoms.tolist(), group_of[order].tolist()
+    frozen: list[dict[int, list[str]]] = [{} for _ in sizes]
+    for rk, why in zip(*_reasons(look, ctx.frozen, rank, 4, "cyclic reshape factorisation"), strict=True):
+        reasons = frozen[group_list[rk]].setdefault(atom_list[rk], [])
+        reasons.append(why)
+    approx: list[set[str]] = [set() for _ in sizes]
+    for rk, why in zip(*_reasons(look, ctx.approx, rank, 3), strict=True):
+        approx[group_list[rk]].add(why)
 
-    atom_group: dict[int, int] = {}
     groups: list[Group] = []
-    for gi, (g, atoms) in enumerate(by_root.items()):
-        for a in atoms:
-            atom_group[a] = gi
-        apx = sorted({s for a in atoms for s in approx.get(a, [])})
-        prot = {k: [a for a in atoms if a in s] for k, s in (("embedding", protect_embed), ("output", protect_out))}
-        groups.append(Group(gi, label[g], atoms, [], {a: frozen[a] for a in atoms if a in frozen}, apx,
-                            {k: v for k, v in prot.items() if v}, kinds[g]))
-    gis_of: dict[tuple[int, ...], tuple[int, ...]] = {}  # atoms of a position -> its groups (set order kept)
-    for name, axes in positions.items():
-        for ax, pos in enumerate(axes):
-            hits: dict[int, list[int]] = {}
-            for i, p in enumerate(pos):
-                gis = gis_of.get(p)
-                if gis is None:
-                    gis = gis_of[p] = tuple({atom_group[a] for a in p if a in atom_group})
-                for gi in gis:
-                    hits.setdefault(gi, []).append(i)
-            for gi, idx in hits.items():
-                groups[gi].members.append(Member(name, ax, np.array(idx, dtype=np.int64)))
-    return Analysis(groups, ctx, ir, positions)
+    ends = list(itertools.accumulate(sizes, initial=0))
+    for gi, (at, lo, hi) in enumerate(zip(lead.tolist(), ends[:-1], ends[1:], strict=True)):
+        p = int(seen[found[at]])  # where the group's first atom was seen: which axis, which slot
+        j = bisect.bisect_right(piece_at, p) - 1
+        name, ax = inits.keys[pieces[j]]
+        ar = inits.arity[pieces[j]]
+        s = (p - piece_at[j]) % ar if ar > 1 else None
+        label = f"{name}:{ax}" + (f"/{s}" if s is not None else "")
+        kind = "channels" if s is None else ("head_dim" if s == ar - 1 else "heads")
+        mine = atoms[lo:hi]
+        prot = {k: mine[mask[mine]].tolist() for k, mask in protect.items()}
+        groups.append(Group(gi, label, atom_list[lo:hi], [], frozen[gi], sorted(approx[gi]),
+                            {k: v for k, v in prot.items() if v}, kind))
+
+    _add_members(groups, inits, atom_group)
+    return Analysis(groups, ctx, ir, inits)
 
 
 

@@ -20,7 +20,7 @@ def count_macs(analysis: Analysis, removed: set[int] | None = None, dynamic: int
         if axes is None:
             shp = analysis.ir.shape(name)
             return None if shp is None else [dynamic if s is None else s for s in shp]
-        return [dynamic if a is None else int(plan.keep(a).sum()) for a in axes]
+        return [dynamic if a is None else plan.count(a) for a in axes]
 
     total = 0
     for node in analysis.ir.nodes:

@@ -28,6 +28,8 @@ class Plan:
         self.a = analysis
         self.removed = removed
         self._keep: dict[int, np.ndarray] = {}
+        self._count: dict[int, int] = {}
+        self._alive: np.ndarray | None = None  # per id: none of its atoms removed
         self.replace: dict[str, np.ndarray] = {}  # constant tensors replaced whole (shrinking index lists)
 
     def keep(self, arr: np.ndarray | None) -> np.ndarray | None:
@@ -37,13 +39,25 @@ class Plan:
         if k is None:
             look = getattr(self.a.ctx, "atom_lookup", None)  # set by build(): the ids are final
             if look is not None:
-                removed = self.removed
-                k = np.array([removed.isdisjoint(at) for at in look.many(arr, safe=False)], dtype=bool)
+                if self._alive is None:
+                    n = len(look.roots)
+                    removed = np.zeros(n, dtype=bool)
+                    removed[[a for a in self.removed if 0 <= a < n]] = True  # an atom is an id below n
+                    self._alive = look.survivors(removed)
+                look.check(arr)
+                k = self._alive[arr]
             else:
                 ids = self.a.ctx.ids
                 k = np.array([not (set(ids.atoms(e)) & self.removed) for e in arr.tolist()], dtype=bool)
             self._keep[id(arr)] = k
         return k
+
+    def count(self, arr: np.ndarray) -> int:
+        """How many positions of `arr` survive."""
+        n = self._count.get(id(arr))
+        if n is None:
+            n = self._count[id(arr)] = int(np.count_nonzero(self.keep(arr)))
+        return n
 
     def axes(self, tensor: str):
         ctx = self.a.ctx
@@ -53,7 +67,7 @@ class Plan:
         axes = self.axes(tensor)
         if axes is None or axes[axis] is None:
             return self.a.ir.shape(tensor)[axis] if self.a.ir.shape(tensor) else None
-        return int(self.keep(axes[axis]).sum())
+        return self.count(axes[axis])
 
 
 def _atoms(selection) -> set[int]:
@@ -92,10 +106,11 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
     return m
 
 
-def dry_run(analysis: Analysis, atoms: set[int]) -> str | None:
-    """Why removing `atoms` cannot be written into the graph (an unsolvable size constant), or None."""
+def dry_run(analysis: Analysis, atoms: set[int], nodes: list | None = None) -> str | None:
+    """Why removing `atoms` cannot be written into the graph (an unsolvable size constant), or None.
+    nodes: the graph's nodes with an op in _REWRITTEN (in graph order), to spare many dry runs reading all."""
     try:
-        _rewrite_nodes(analysis.ir.model, Plan(analysis, set(atoms)), apply=False)
+        _rewrite_nodes(analysis.ir.model, Plan(analysis, set(atoms)), apply=False, nodes=nodes)
     except PruneError as e:
         return e.message
     return None
@@ -107,13 +122,16 @@ def validate_groups(analysis: Analysis) -> int:
     One dry run with one atom of every group; only when it fails are groups tried one by one."""
     probes = {g.id: next(a for a in reversed(g.atoms) if a not in g.frozen)
               for g in analysis.groups if g.prunable and g.size > 1}
-    if not probes or dry_run(analysis, set(probes.values())) is None:
+    if not probes:
+        return 0
+    nodes = [n for n in analysis.ir.model.graph.node if n.op_type in _REWRITTEN]
+    if dry_run(analysis, set(probes.values()), nodes) is None:
         return 0
     bad = 0
     for g in analysis.groups:
         if g.id not in probes:
             continue
-        why = dry_run(analysis, {probes[g.id]})
+        why = dry_run(analysis, {probes[g.id]}, nodes)
         if why is not None:
             for a in g.atoms:
                 g.frozen.setdefault(a, [f"dry run: {why}"])
@@ -154,9 +172,14 @@ def _set_const(node, arr: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------------ integers
-def _rewrite_nodes(m, plan: Plan, apply: bool = True) -> Solver:
+_REWRITTEN = frozenset({"Reshape", "Expand", "ConstantOfShape", "Slice", "Split", "Gather", "Conv", "ConvTranspose",
+                        "GroupNormalization"})  # the ops _rewrite_nodes looks at
+
+
+def _rewrite_nodes(m, plan: Plan, apply: bool = True, nodes: list | None = None) -> Solver:
     """Solve every size constant for the plan; with apply, also set attributes (conv group, split sizes) on
-    m's nodes (without, m may be the analysis' own graph: a dry run)."""
+    m's nodes (without, m may be the analysis' own graph: a dry run). nodes: m's nodes with an op in
+    _REWRITTEN, in graph order, where the caller has them already (all of m's are read otherwise)."""
     set_attr = _set_attr if apply else (lambda node, name, value: None)
     a = plan.a
     ctx = a.ctx
@@ -169,11 +192,11 @@ def _rewrite_nodes(m, plan: Plan, apply: bool = True) -> Solver:
                              "freeze this group (it feeds a shape computation we cannot rewrite)")
         wants.append((sym, value, where))
 
-    for node in m.graph.node:
+    for node in m.graph.node if nodes is None else nodes:
         op = node.op_type
+        if op not in _REWRITTEN or (node.output and node.output[0] in ctx.syms):  # shape arithmetic itself
+            continue  # follows its inputs
         where = f"{op} '{node.name}'"
-        if node.output and node.output[0] in ctx.syms:  # shape arithmetic itself: follows its inputs
-            continue
         if op in ("Reshape", "Expand", "ConstantOfShape"):
             s = ctx.sym(node.input[1] if op != "ConstantOfShape" else node.input[0])
             out = plan.axes(node.output[0])
@@ -184,7 +207,7 @@ def _rewrite_nodes(m, plan: Plan, apply: bool = True) -> Solver:
                 arr = out[k + off] if k + off >= 0 else None
                 if arr is None or e.value in (None, -1, 0) or (op == "Expand" and e.value == 1):
                     continue
-                new = int(plan.keep(arr).sum())
+                new = plan.count(arr)
                 if new != len(arr) or solver.eval(e) != e.value:
                     want(e, new, where)
         elif op == "Slice":
@@ -199,9 +222,9 @@ def _rewrite_nodes(m, plan: Plan, apply: bool = True) -> Solver:
             if g > 1 and x is not None and x[1] is not None and len(x[1]) == g:  # depthwise: groups shrink
                 depthwise = len(w[1]) == 1 if op == "Conv" else len(w[1]) == 1
                 if depthwise:
-                    set_attr(node, "group", int(plan.keep(x[1]).sum()))
+                    set_attr(node, "group", plan.count(x[1]))
         elif op == "GroupNormalization" and node.name in ctx.info:
-            set_attr(node, "num_groups", int(plan.keep(ctx.info[node.name]["groups"]).sum()))
+            set_attr(node, "num_groups", plan.count(ctx.info[node.name]["groups"]))
     for sym, value, where in wants:  # one literal may serve several consumers: all must still agree
         if solver.eval(sym) != value and not (where.endswith(" end") and value >= 0 and solver.eval(sym) >= value):
             raise PruneError(f"conflicting rewrites of a size constant used by {where}", "freeze this group")
@@ -244,7 +267,7 @@ def _rewrite_split(node, plan: Plan, solver: Solver, want, where: str, set_attr)
     axis = ctx.attr(node, "axis", 0) % len(x)
     if x[axis] is None:
         return
-    new = [int(plan.keep(plan.axes(o)[axis]).sum()) for o in node.output]
+    new = [plan.count(plan.axes(o)[axis]) for o in node.output]
     if ctx.attr(node, "split") is not None:
         set_attr(node, "split", new)
     elif len(node.input) > 1 and node.input[1]:
