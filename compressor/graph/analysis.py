@@ -92,30 +92,41 @@ class Analysis:
         return json.dumps(self.to_json(), indent=1)
 
 
+_STANDARD = ("", "ai.onnx")  # the ONNX operator set; ops of other domains get the default (freezing) rule
+
+
 def run_rules(ir: GraphIR) -> Ctx:
     ctx = Ctx(ir)
     for name in ir.inputs:
         axes = ctx.fresh_axes(ir.shape(name))
         ctx.freeze_axes(axes, f"graph input '{name}'")
         ctx.set(name, axes)
+    sym, syms, size, attr, rules = ctx.sym, ctx.syms, ctx.size, ctx.attr, R.RULES  # hoisted: ~500 nodes
     for node in ir.nodes:
-        ins = [ctx.sym(i) for i in node.input]
-        outs = symbolic.evaluate(node, ins, ctx.size, ctx.attr) if node.op_type != "Constant" else None
-        if outs is not None:
-            for o, s in zip(node.output, outs, strict=False):
-                ctx.syms[o] = s
-                R.default_rule_out(ctx, node, o)
+        op = node.op_type
+        inputs = node.input
+        standard = node.domain in _STANDARD
+        if op == "Constant" and standard and not inputs:  # ids and syms of a constant are made where it is used
             continue
-        slots = SHAPE_SLOTS.get(node.op_type, set())
-        for k, (i, s) in enumerate(zip(node.input, ins, strict=True)):
-            if s is not None and k not in slots:  # a dimension's value used as data: its size must not change
-                why = ctx.why(node, f"uses the size of this axis as a value (input '{i}')")
-                for t, axis in {d for e in s.elems for d in e.dims()}:
-                    a = ctx.ax(t)
-                    if a is not None and a[axis] is not None:
-                        ctx.freeze(a[axis], why)
-        fn = R.RULES.get(node.op_type)
-        if fn is None or node.domain not in ("", "ai.onnx"):
+        ins = [sym(i) for i in inputs]
+        if op in symbolic.OPS:  # shape arithmetic: outputs are values, their ids stay frozen
+            outs = symbolic.evaluate(node, ins, size, attr)
+            if outs is not None:
+                for o, s in zip(node.output, outs, strict=False):
+                    syms[o] = s
+                    ctx.set_fresh_frozen(o, node, "auxiliary output")
+                continue
+        if any(s is not None for s in ins):
+            slots = SHAPE_SLOTS.get(op, ())
+            for k, (i, s) in enumerate(zip(inputs, ins, strict=True)):
+                if s is not None and k not in slots:  # a dimension's value used as data: its size must not change
+                    why = ctx.why(node, f"uses the size of this axis as a value (input '{i}')")
+                    for t, axis in dict.fromkeys(d for e in s.elems for d in e.dims):
+                        a = ctx.ax(t)
+                        if a is not None and a[axis] is not None:
+                            ctx.freeze(a[axis], why)
+        fn = rules.get(op)
+        if fn is None or not standard:
             R.default_rule(ctx, node)
         else:
             fn(ctx, node)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from onnx import helper
+from onnx import AttributeProto, helper, numpy_helper
 
 from compressor.graph import symbolic
 from compressor.graph.ids import ChannelIds
 from compressor.graph.ir import GraphIR
+
+_INT, _INTS, _FLOAT, _TENSOR = AttributeProto.INT, AttributeProto.INTS, AttributeProto.FLOAT, AttributeProto.TENSOR
 
 Axes = list  # list[np.ndarray | None]; None = dynamic axis (never pruned)
 
@@ -45,6 +47,7 @@ class Ctx:
         self.ids = ChannelIds()
         self.axes: dict[str, Axes | None] = {}
         self.syms: dict[str, symbolic.SymTensor] = {}
+        self._not_sym: set[str] = set()  # constants that are not shape arithmetic
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.approx: list[tuple[np.ndarray, str]] = []
         self.roles: list[Role] = []
@@ -54,13 +57,20 @@ class Ctx:
     # ---- reading ------------------------------------------------------------------------------------------
     @staticmethod
     def attr(node, name: str, default=None):
+        """An attribute's value (ints / floats as Python lists, a string decoded, a tensor as an array)."""
         for a in node.attribute:
             if a.name == name:
+                t = a.type
+                if not a.ref_attr_name:  # the common types without onnx.helper's dispatch (same values)
+                    if t == _INT:
+                        return a.i
+                    if t == _INTS:
+                        return list(a.ints)
+                    if t == _FLOAT:
+                        return a.f
+                if t == _TENSOR:
+                    return numpy_helper.to_array(a.t)
                 v = helper.get_attribute_value(a)
-                if a.type == a.TENSOR:
-                    from onnx import numpy_helper
-
-                    return numpy_helper.to_array(v)
                 return v.decode() if isinstance(v, bytes) else v
         return default
 
@@ -88,16 +98,17 @@ class Ctx:
         return self.ir.shape(name)
 
     def sym(self, name: str) -> symbolic.SymTensor | None:
-        if not name:
-            return None
-        if name in self.syms:
-            return self.syms[name]
+        s = self.syms.get(name)
+        if s is not None or not name or name in self._not_sym:
+            return s
         val = self.ir.value(name)
         if val is None:
             return None
         key = self.ir.init_of(name) or name
         s = symbolic.from_const(key, val)
-        if s is not None:
+        if s is None:  # a constant that is data (weights, masks): remembered, as every use asks again
+            self._not_sym.add(name)
+        else:
             self.syms[name] = s
         return s
 
@@ -129,6 +140,26 @@ class Ctx:
         if shape is None:
             return None
         return [None if s is None else self.ids.fresh(int(s)) for s in shape]
+
+    def set_fresh_frozen(self, name: str, node, text: str) -> None:
+        """set(name, axes) with fresh ids sized by shape inference, all frozen (an output no rule can follow).
+        The ids take the inferred sizes, so there is nothing for set()'s cross-check to catch."""
+        shape = self.ir.shape(name)
+        axes = None
+        if shape is not None:
+            fresh, why = self.ids.fresh, None
+            axes = []
+            for s in shape:
+                if s is None:
+                    axes.append(None)
+                    continue
+                a = fresh(int(s))
+                axes.append(a)
+                if s:
+                    why = why or self.why(node, text)
+                    self.frozen.append((a, why))
+        if name:
+            self.axes[name] = axes
 
     def set(self, name: str, axes: Axes | None, node=None) -> None:
         """Record an output's axes; a disagreement with shape inference freezes instead of guessing."""
@@ -183,7 +214,7 @@ class Ctx:
         off = len(out_axes) - len(s.elems)
         for k, e in enumerate(s.elems):
             refs = []
-            for t, j in e.dims():
+            for t, j in e.dims:
                 a = self.ax(t)
                 if a is not None and j < len(a) and a[j] is not None:
                     refs.append(a[j])

@@ -34,9 +34,7 @@ def default_rule(ctx: Ctx, node, reason: str = "no rule for this op") -> None:
     for i in node.input:
         ctx.freeze_axes(ctx.ax(i), why)
     for o in node.output:
-        axes = ctx.fresh_axes(ctx.ir.shape(o))
-        ctx.freeze_axes(axes, why)
-        ctx.set(o, axes)
+        ctx.set_fresh_frozen(o, node, reason)
 
 
 # ------------------------------------------------------------------------------------------ elementwise
@@ -242,9 +240,7 @@ def batchnorm(ctx: Ctx, node) -> None:
 
 
 def default_rule_out(ctx: Ctx, node, name: str) -> None:
-    axes = ctx.fresh_axes(ctx.ir.shape(name))
-    ctx.freeze_axes(axes, ctx.why(node, "auxiliary output"))
-    ctx.set(name, axes)
+    ctx.set_fresh_frozen(name, node, "auxiliary output")
 
 
 @rule("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
@@ -424,7 +420,7 @@ def split(ctx: Ctx, node) -> None:
         step = math.ceil(len(a) / n)
         sizes = [min(step, len(a) - i * step) for i in range(n)]
     s_sym = ctx.sym(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    if s_sym is not None and any((node.input[0], axis) in el.dims() for el in s_sym.elems):
+    if s_sym is not None and any((node.input[0], axis) in el.dims for el in s_sym.elems):
         if len(set(sizes)) != 1:
             ctx.freeze(a, ctx.why(node, "split sizes computed from the axis size"))
         else:
@@ -468,10 +464,10 @@ def slice_(ctx: Ctx, node) -> None:
         lo, hi, step = slice(int(s), int(e), int(st)).indices(len(a))
         if step != 1:  # kept positions would stop being evenly spaced after pruning
             ctx.freeze(a, ctx.why(node, f"slice with step {step}"))
-        elif any((node.input[0], k) in el.dims() for b in bound_syms if b for el in b.elems):
+        elif any((node.input[0], k) in el.dims for b in bound_syms if b for el in b.elems):
             _couple_chunks(ctx, node, a, hi - lo)
         for b in bound_syms:  # bounds read from another tensor's size: both must keep their size
-            for t, j in {d for el in (b.elems if b else []) for d in el.dims() if d != (node.input[0], k)}:
+            for t, j in {d for el in (b.elems if b else []) for d in el.dims if d != (node.input[0], k)}:
                 ref = ctx.ax(t)
                 if ref is not None and j < len(ref) and ref[j] is not None:
                     ctx.size_refs.append((np.array([], dtype=np.int64), [ref[j], a],
