@@ -15,7 +15,7 @@ import numpy as np
 
 from compressor.graph import rules as R
 from compressor.graph import symbolic
-from compressor.graph.context import SHAPE_SLOTS, Ctx
+from compressor.graph.context import SHAPE_SLOTS, Ctx, Node
 from compressor.graph.ir import GraphIR
 
 ROOT_KINDS = ("conv", "convT", "linear", "embedding")
@@ -102,12 +102,13 @@ def run_rules(ir: GraphIR) -> Ctx:
         ctx.freeze_axes(axes, f"graph input '{name}'")
         ctx.set(name, axes)
     sym, syms, size, attr, rules = ctx.sym, ctx.syms, ctx.size, ctx.attr, R.RULES  # hoisted: ~500 nodes
-    for node in ir.nodes:
-        op = node.op_type
-        inputs = node.input
-        standard = node.domain in _STANDARD
-        if op == "Constant" and standard and not inputs:  # ids and syms of a constant are made where it is used
+    for proto in ir.nodes:
+        op = proto.op_type
+        standard = proto.domain in _STANDARD
+        if op == "Constant" and standard and not proto.input:  # ids and syms of a constant: where it is used
             continue
+        node = Node(proto)
+        inputs = node.input
         ins = [sym(i) for i in inputs]
         if op in symbolic.OPS:  # shape arithmetic: outputs are values, their ids stay frozen
             outs = symbolic.evaluate(node, ins, size, attr)
@@ -116,7 +117,7 @@ def run_rules(ir: GraphIR) -> Ctx:
                     syms[o] = s
                     ctx.set_fresh_frozen(o, node, "auxiliary output")
                 continue
-        if any(s is not None for s in ins):
+        if any(ins):  # some input is shape arithmetic
             slots = SHAPE_SLOTS.get(op, ())
             for k, (i, s) in enumerate(zip(inputs, ins, strict=True)):
                 if s is not None and k not in slots:  # a dimension's value used as data: its size must not change

@@ -29,6 +29,21 @@ SHAPE_SLOTS: dict[str, set[int]] = {
 }
 
 
+class Node:
+    """A node's fields, read once from its NodeProto: every protobuf field read builds new objects (strings
+    that then hash again in each dict lookup), and the rules read inputs and outputs many times."""
+
+    __slots__ = ("op_type", "input", "output", "name", "domain", "attribute")
+
+    def __init__(self, proto):
+        self.op_type: str = proto.op_type
+        self.input: list[str] = proto.input[:]
+        self.output: list[str] = proto.output[:]
+        self.name: str = proto.name
+        self.domain: str = proto.domain
+        self.attribute = proto.attribute
+
+
 @dataclasses.dataclass
 class Role:
     """How an initializer is used by a parameterised op (drives importance and the torch bridge)."""
@@ -47,7 +62,7 @@ class Ctx:
         self.ids = ChannelIds()
         self.axes: dict[str, Axes | None] = {}
         self.syms: dict[str, symbolic.SymTensor] = {}
-        self._not_sym: set[str] = set()  # constants that are not shape arithmetic
+        self._not_sym: set[str] = set()  # tensors with no constant that is shape arithmetic
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.approx: list[tuple[np.ndarray, str]] = []
         self.roles: list[Role] = []
@@ -99,15 +114,12 @@ class Ctx:
 
     def sym(self, name: str) -> symbolic.SymTensor | None:
         s = self.syms.get(name)
-        if s is not None or not name or name in self._not_sym:
+        if s is not None or name in self._not_sym:
             return s
-        val = self.ir.value(name)
-        if val is None:
-            return None
-        key = self.ir.init_of(name) or name
-        s = symbolic.from_const(key, val)
-        if s is None:  # a constant that is data (weights, masks): remembered, as every use asks again
-            self._not_sym.add(name)
+        val = self.ir.value(name) if name else None
+        s = None if val is None else symbolic.from_const(self.ir.init_of(name) or name, val)
+        if s is None:  # not a constant, or one that is data: remembered, as every use asks again
+            self._not_sym.add(name)  # (syms is read first: a value computed later still wins)
         else:
             self.syms[name] = s
         return s

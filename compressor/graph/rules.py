@@ -640,33 +640,32 @@ def _refine(a: list[int], b: list[int]) -> list[int] | None:
 def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> list | None:
     """Map one run of static axes (sizes sin) onto output sizes sout: a split makes each input id composite
     of piece ids, a merge makes fresh composite ids. Size-1 axes carry nothing and are frozen."""
+    if sin == sout and 1 not in sin:  # nothing regrouped (the general path below would give the same)
+        return list(xin)
     keep_in = [k for k, s in enumerate(sin) if s > 1]
     keep_out = [k for k, s in enumerate(sout) if s > 1]
     pieces = _refine([sin[k] for k in keep_in], [sout[k] for k in keep_out])
     if pieces is None:
         return None
-    why = ctx.why(node, "size-1 axis")
+    why = ctx.why(node, "size-1 axis") if 1 in sin or 1 in sout else None
     for k, s in enumerate(sin):
         if s == 1:
             ctx.freeze(xin[k], why)
     arrays: list = [None] * len(pieces)
     pos = 0
+    set_composite = ctx.ids.set_composite
     for k in keep_in:
         n, start = 1, pos
         while n < sin[k]:
             n *= pieces[pos]
             pos += 1
-        span = list(range(start, pos))
-        if len(span) == 1:
+        if pos - start == 1:
             arrays[start] = xin[k]
             continue
-        parts = [ctx.ids.fresh(pieces[i]) for i in span]
-        for i, p in enumerate(span):
-            arrays[p] = parts[i]
-        idx = np.indices([pieces[i] for i in span]).reshape(len(span), -1)
-        cols = [parts[j][idx[j]].tolist() for j in range(len(span))]
-        set_composite = ctx.ids.set_composite
-        for e, tup in zip(xin[k].tolist(), zip(*cols, strict=True), strict=True):
+        parts = [ctx.ids.fresh(pieces[i]) for i in range(start, pos)]
+        arrays[start:pos] = parts
+        # position p of the input axis is (part ids at p's row-major multi-index), as numpy lays it out
+        for e, tup in zip(xin[k].tolist(), itertools.product(*(p.tolist() for p in parts)), strict=True):
             set_composite(e, tup)
     out: list = [None] * len(sout)
     pos = 0
@@ -679,14 +678,11 @@ def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> l
         while n < sout[k]:
             n *= pieces[pos]
             pos += 1
-        span = list(range(start, pos))
-        if len(span) == 1:
+        if pos - start == 1:
             out[k] = arrays[start]
             continue
         fresh = ctx.ids.fresh(sout[k])
-        idx = np.indices([pieces[i] for i in span]).reshape(len(span), -1)
-        cols = [arrays[span[j]][idx[j]].tolist() for j in range(len(span))]
-        ctx.ids.set_composite_fresh(fresh, zip(*cols, strict=True))
+        ctx.ids.set_composite_fresh(fresh, itertools.product(*(arrays[i].tolist() for i in range(start, pos))))
         out[k] = fresh
     return out
 
@@ -706,6 +702,8 @@ def reshape_axes(ctx: Ctx, node, x: list, sizes_in: list, sizes_out: list) -> li
             out[k] = ctx.ids.fresh(sizes_out[k])
             ctx.freeze(out[k], why)
     for ri, ro in zip(rin, rout, strict=True):
+        if not ri and not ro:  # two dynamic axes side by side: nothing between them
+            continue
         got = reshape_run(ctx, node, [x[k] for k in ri], [sizes_in[k] for k in ri], [sizes_out[k] for k in ro])
         if got is None:  # e.g. [B, S, 64] -> [B*S, 64]: align the longest common trailing product
             ci = list(itertools.accumulate([sizes_in[k] for k in reversed(ri)], operator.mul))
