@@ -107,16 +107,16 @@ def run_rules(ir: GraphIR) -> Ctx:
         standard = proto.domain in _STANDARD
         if op == "Constant" and standard and not proto.input:  # ids and syms of a constant: where it is used
             continue
-        node = Node(proto)
-        inputs = node.input
-        ins = [sym(i) for i in inputs]
+        ins = [sym(i) for i in proto.input]
         if op in symbolic.OPS:  # shape arithmetic: outputs are values, their ids stay frozen
-            outs = symbolic.evaluate(node, ins, size, attr)
+            outs = symbolic.evaluate(proto, ins, size, attr)
             if outs is not None:
-                for o, s in zip(node.output, outs, strict=False):
+                for o, s in zip(proto.output, outs, strict=False):
                     syms[o] = s
-                    ctx.set_fresh_frozen(o, node, "auxiliary output")
+                    ctx.set_fresh_frozen(o, proto, "auxiliary output")
                 continue
+        node = Node(proto)  # the rules read its fields many times
+        inputs = node.input
         if any(ins):  # some input is shape arithmetic
             slots = SHAPE_SLOTS.get(op, ())
             for k, (i, s) in enumerate(zip(inputs, ins, strict=True)):
@@ -134,15 +134,26 @@ def run_rules(ir: GraphIR) -> Ctx:
     for name in ir.outputs:
         ctx.freeze_axes(ctx.ax(name), f"graph output '{name}'")
     look = ctx.ids.atom_lookup() if ctx.size_refs else None  # the ids are final from here on
+    ctx.atom_lookup = look  # still valid after the walk (freezing does not touch ids): build() may reuse it
     for out, refs, why in ctx.size_refs:  # sizes read through Shape must move with the axis they size
-        have = {a for ats in look.many(out) for a in ats}
-        if any(not {a for ats in look.many(r) for a in ats} <= have for r in refs) or not len(out):
+        if not len(out) or not _atoms_cover(look, out, refs):
             ctx.freeze(out, why)
             for r in refs:
                 ctx.freeze(r, why)
     for a, b in ctx.ids.conflicts:
         ctx.freeze(np.array([a, b]), "incompatible factorisations of one axis (reshape)")
     return ctx
+
+
+def _atoms_cover(look, out: np.ndarray, refs: list[np.ndarray]) -> bool:
+    """Whether the atoms of `out` include those of every array in `refs`. Equal roots have equal atoms, so
+    roots of refs within the roots of out settle it without expanding composites (the common case)."""
+    roots = look.roots
+    have = set(roots[out].tolist())
+    if all(have.issuperset(roots[r].tolist()) for r in refs):
+        return True
+    have = {a for ats in look.many(out) for a in ats}
+    return all({a for ats in look.many(r) for a in ats} <= have for r in refs)
 
 
 def _atoms_of(ctx: Ctx, e: int) -> tuple[int, ...]:

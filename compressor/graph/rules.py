@@ -87,9 +87,10 @@ def elementwise(ctx: Ctx, node) -> None:
     if out is None:
         return default_rule(ctx, node, "unknown input shape")
     for n in node.input:  # a constant operand with a channel axis is a free parameter (scale, shift, pos. emb.)
-        if ctx.ir.init_of(n) and ctx.ir.value(n).ndim and ctx.ir.value(n).size > 1 and \
-                np.issubdtype(ctx.ir.value(n).dtype, np.floating):
-            ctx.role(n, "free", node)
+        if ctx.ir.init_of(n):
+            v = ctx.ir.value(n)
+            if v.ndim and v.size > 1 and np.issubdtype(v.dtype, np.floating):
+                ctx.role(n, "free", node)
     ctx.set(node.output[0], out, node)
 
 

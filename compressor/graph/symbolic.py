@@ -75,11 +75,12 @@ class SymTensor:
     def ints(self) -> list[int] | None:
         """The values as flat Python ints (None if any is unknown); like values(), without the array."""
         vals = [e.value for e in self.elems]
-        if any(v is None for v in vals):
-            return None
-        if all(type(v) is int for v in vals):
-            return vals
-        return [int(x) for x in np.array(vals).reshape(-1)]  # floats (and their mixes) as numpy casts them
+        for v in vals:
+            if type(v) is not int:
+                if any(v is None for v in vals):
+                    return None
+                return [int(x) for x in np.array(vals).reshape(-1)]  # floats (and mixes) as numpy casts them
+        return vals
 
 
 def from_const(name: str, arr: np.ndarray) -> SymTensor | None:
