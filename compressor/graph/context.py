@@ -190,19 +190,22 @@ class Ctx:
                         self.freeze(a, why)
                 axes = self.fresh_axes(inferred)
                 self.freeze_axes(axes, why)
-            else:  # a size only shape inference knows (e.g. a sequence length fixed at export): fresh, frozen
-                for k, (a, s) in enumerate(zip(axes, inferred, strict=True)):
+            elif any(a is None for a in axes):  # a size only shape inference knows (e.g. a sequence length
+                for k, (a, s) in enumerate(zip(axes, inferred, strict=True)):  # fixed at export): fresh, frozen
                     if a is None and s is not None:
                         axes[k] = self.ids.fresh(s)
                         self.freeze(axes[k], f"axis {k} of '{name}' has a size known only from shape inference")
         self.axes[name] = axes
 
-    def unify(self, a: np.ndarray | None, b: np.ndarray | None, why: str = "") -> None:
+    def unify(self, a: np.ndarray | None, b: np.ndarray | None, why: str = "", node=None) -> None:
+        """Ids a[i] and b[i] must be pruned together; arrays of different sizes freeze instead, for `why`
+        (stated as the node's, when given: the message is only formatted then)."""
         if a is None or b is None or a is b:
             return
         if len(a) != len(b):
-            self.freeze(a, why or "size mismatch")
-            self.freeze(b, why or "size mismatch")
+            why = self.why(node, why) if node is not None else why or "size mismatch"
+            self.freeze(a, why)
+            self.freeze(b, why)
             return
         self.ids.union_arrays(a, b)
 

@@ -72,7 +72,7 @@ def broadcast(ctx: Ctx, node, names: list[str]) -> list | None:
             for c in static:
                 ctx.freeze(c, ctx.why(node, "broadcast against an axis of unknown size"))
         for c in static[1:]:
-            ctx.unify(static[0], c, ctx.why(node, "broadcast sizes differ"))
+            ctx.unify(static[0], c, "broadcast sizes differ", node)
         out.append(static[0] if static else cols[0])
     return out
 
@@ -179,7 +179,7 @@ def gemm(ctx: Ctx, node) -> None:
     ta, tb = ctx.attr(node, "transA", 0), ctx.attr(node, "transB", 0)
     m, ka = (a[1], a[0]) if ta else (a[0], a[1])
     kb, n = (b[1], b[0]) if tb else (b[0], b[1])
-    ctx.unify(ka, kb, ctx.why(node, "contracted sizes differ"))
+    ctx.unify(ka, kb, "contracted sizes differ", node)
     out = [m, n]
     if len(node.input) > 2 and node.input[2]:
         c = ctx.ax(node.input[2])
@@ -202,7 +202,7 @@ def matmul(ctx: Ctx, node) -> None:
         return default_rule(ctx, node, "unknown input shape")
     a2 = a if len(a) > 1 else [None, a[0]]
     b2 = b if len(b) > 1 else [b[0], None]
-    ctx.unify(a2[-1], b2[-2], ctx.why(node, "contracted sizes differ"))
+    ctx.unify(a2[-1], b2[-2], "contracted sizes differ", node)
     batch_a, batch_b = a2[:-2], b2[:-2]
     rank = max(len(batch_a), len(batch_b))
     batch = []
