@@ -15,7 +15,7 @@ import numpy as np
 
 from compressor.graph import rules as R
 from compressor.graph import symbolic
-from compressor.graph.context import SHAPE_SLOTS, Ctx, Node
+from compressor.graph.context import SHAPE_SLOTS, Ctx
 from compressor.graph.ir import GraphIR
 
 ROOT_KINDS = ("conv", "convT", "linear", "embedding")
@@ -102,21 +102,20 @@ def run_rules(ir: GraphIR) -> Ctx:
         ctx.freeze_axes(axes, f"graph input '{name}'")
         ctx.set(name, axes)
     sym, syms, size, attr, rules = ctx.sym, ctx.syms, ctx.size, ctx.attr, R.RULES  # hoisted: ~500 nodes
-    for proto in ir.nodes:
-        op = proto.op_type
-        standard = proto.domain in _STANDARD
-        if op == "Constant" and standard and not proto.input:  # ids and syms of a constant: where it is used
-            continue
-        ins = [sym(i) for i in proto.input]
-        if op in symbolic.OPS:  # shape arithmetic: outputs are values, their ids stay frozen
-            outs = symbolic.evaluate(proto, ins, size, attr)
-            if outs is not None:
-                for o, s in zip(proto.output, outs, strict=False):
-                    syms[o] = s
-                    ctx.set_fresh_frozen(o, proto, "auxiliary output")
-                continue
-        node = Node(proto)  # the rules read its fields many times
+    for node in ir.nodes:
+        op = node.op_type
+        standard = node.domain in _STANDARD
         inputs = node.input
+        if op == "Constant" and standard and not inputs:  # ids and syms of a constant: made where it is used
+            continue
+        ins = [sym(i) for i in inputs]
+        if op in symbolic.OPS:  # shape arithmetic: outputs are values, their ids stay frozen
+            outs = symbolic.evaluate(node, ins, size, attr)
+            if outs is not None:
+                for o, s in zip(node.output, outs, strict=False):
+                    syms[o] = s
+                    ctx.set_fresh_frozen(o, node, "auxiliary output")
+                continue
         if any(ins):  # some input is shape arithmetic
             slots = SHAPE_SLOTS.get(op, ())
             for k, (i, s) in enumerate(zip(inputs, ins, strict=True)):

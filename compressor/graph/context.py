@@ -29,21 +29,6 @@ SHAPE_SLOTS: dict[str, set[int]] = {
 }
 
 
-class Node:
-    """A node's fields, read once from its NodeProto: every protobuf field read builds new objects (strings
-    that then hash again in each dict lookup), and the rules read inputs and outputs many times."""
-
-    __slots__ = ("op_type", "input", "output", "name", "domain", "attribute")
-
-    def __init__(self, proto):
-        self.op_type: str = proto.op_type
-        self.input: list[str] = proto.input[:]
-        self.output: list[str] = proto.output[:]
-        self.name: str = proto.name
-        self.domain: str = proto.domain
-        self.attribute = proto.attribute
-
-
 @dataclasses.dataclass
 class Role:
     """How an initializer is used by a parameterised op (drives importance and the torch bridge)."""
