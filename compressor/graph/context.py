@@ -69,9 +69,9 @@ class Ctx:
                         return list(a.ints)
                     if t == _FLOAT:
                         return a.f
-                if t == _TENSOR:
-                    return numpy_helper.to_array(a.t)
-                v = helper.get_attribute_value(a)
+                    if t == _TENSOR:
+                        return numpy_helper.to_array(a.t)
+                v = helper.get_attribute_value(a)  # other types; raises for a reference attribute
                 return v.decode() if isinstance(v, bytes) else v
         return default
 

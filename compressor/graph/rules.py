@@ -641,7 +641,7 @@ def _refine(a: list[int], b: list[int]) -> list[int] | None:
 def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> list | None:
     """Map one run of static axes (sizes sin) onto output sizes sout: a split makes each input id composite
     of piece ids, a merge makes fresh composite ids. Size-1 axes carry nothing and are frozen."""
-    if sin == sout and 1 not in sin:  # nothing regrouped (the general path below would give the same)
+    if sin == sout and all(s > 1 for s in sin):  # nothing regrouped (the general path gives the same)
         return list(xin)
     keep_in = [k for k, s in enumerate(sin) if s > 1]
     keep_out = [k for k, s in enumerate(sout) if s > 1]

@@ -47,12 +47,6 @@ class Sym:
         return any(e[0] == "c" for e in self.leaves())
 
 
-def _derived(value, op: str, *args: Sym) -> Sym:
-    """A Sym computed from others: its dims are theirs."""
-    dims = args[0].dims if len(args) == 1 else args[0].dims + args[1].dims
-    return Sym(value, (op, *args), dims)
-
-
 _KEEP = ("k",)  # shared expression of untouchable literals
 
 
@@ -75,12 +69,11 @@ class SymTensor:
     def ints(self) -> list[int] | None:
         """The values as flat Python ints (None if any is unknown); like values(), without the array."""
         vals = [e.value for e in self.elems]
-        for v in vals:
-            if type(v) is not int:
-                if any(v is None for v in vals):
-                    return None
-                return [int(x) for x in np.array(vals).reshape(-1)]  # floats (and mixes) as numpy casts them
-        return vals
+        if all(type(v) is int for v in vals):
+            return vals
+        if any(v is None for v in vals):
+            return None
+        return [int(x) for x in np.array(vals).reshape(-1)]  # floats (and mixes with ints) as numpy casts them
 
 
 def from_const(name: str, arr: np.ndarray) -> SymTensor | None:
@@ -157,7 +150,7 @@ def _arith(node, ins, shape_of, attr):
 
 
 def _neg(node, ins, shape_of, attr):
-    return SymTensor(ins[0].shape, [_derived(None if x.value is None else -x.value, "neg", x) for x in ins[0].elems])
+    return SymTensor(ins[0].shape, [Sym(None if x.value is None else -x.value, ("neg", x), x.dims) for x in ins[0].elems])
 
 
 def _equal(node, ins, shape_of, attr):
