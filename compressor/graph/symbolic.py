@@ -79,6 +79,8 @@ class SymTensor:
 def from_const(name: str, arr: np.ndarray) -> SymTensor | None:
     if arr.ndim > 2 or arr.size > MAX_ELEMS or arr.dtype.kind not in "iu":  # integers only (not bool)
         return None
+    if arr.size == 1:  # most shape literals: one axis index or size
+        return SymTensor(arr.shape, [Sym(arr.item(), ("c", name, 0))])
     return SymTensor(arr.shape, [Sym(v, ("c", name, i)) for i, v in enumerate(arr.reshape(-1).tolist())])
 
 
@@ -204,7 +206,8 @@ def _unsqueeze(node, ins, shape_of, attr):
         return None
     x = ins[0]
     shape = list(x.shape)
-    for ax in sorted(a % (len(x.shape) + len(axes)) for a in axes):
+    rank = len(shape) + len(axes)
+    for ax in sorted(a % rank for a in axes):
         if ax > len(shape):  # numpy refuses it: let it say so
             return _numpy_layout(node, ins, attr)
         shape.insert(ax, 1)
