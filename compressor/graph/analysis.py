@@ -155,45 +155,67 @@ class Analysis:
         return json.dumps(self.to_json(), indent=1)
 
 
+_STANDARD = ("", "ai.onnx")  # the ONNX operator set; ops of other domains get the default (freezing) rule
+
+
 def run_rules(ir: GraphIR) -> Ctx:
     ctx = Ctx(ir)
     for name in ir.inputs:
         axes = ctx.fresh_axes(ir.shape(name))
         ctx.freeze_axes(axes, f"graph input '{name}'")
         ctx.set(name, axes)
+    sym, syms, size, attr, rules = ctx.sym, ctx.syms, ctx.size, ctx.attr, R.RULES  # hoisted: ~500 nodes
     for node in ir.nodes:
-        ins = [ctx.sym(i) for i in node.input]
-        outs = symbolic.evaluate(node, ins, ctx.size, ctx.attr) if node.op_type != "Constant" else None
-        if outs is not None:
-            for o, s in zip(node.output, outs, strict=False):
-                ctx.syms[o] = s
-                R.default_rule_out(ctx, node, o)
+        op = node.op_type
+        standard = node.domain in _STANDARD
+        inputs = node.input
+        if op == "Constant" and standard and not inputs:  # ids and syms of a constant: made where it is used
             continue
-        slots = SHAPE_SLOTS.get(node.op_type, set())
-        for k, (i, s) in enumerate(zip(node.input, ins, strict=True)):
-            if s is not None and k not in slots:  # a dimension's value used as data: its size must not change
-                why = ctx.why(node, f"uses the size of this axis as a value (input '{i}')")
-                for t, axis in {d for e in s.elems for d in e.dims()}:
-                    a = ctx.ax(t)
-                    if a is not None and a[axis] is not None:
-                        ctx.freeze(a[axis], why)
-        fn = R.RULES.get(node.op_type)
-        if fn is None or node.domain not in ("", "ai.onnx"):
+        ins = [sym(i) for i in inputs]
+        if op in symbolic.OPS:  # shape arithmetic: outputs are values, their ids stay frozen
+            outs = symbolic.evaluate(node, ins, size, attr)
+            if outs is not None:
+                for o, s in zip(node.output, outs, strict=False):
+                    syms[o] = s
+                    ctx.set_fresh_frozen(o, node, "auxiliary output")
+                continue
+        if any(ins):  # some input is shape arithmetic
+            slots = SHAPE_SLOTS.get(op, ())
+            for k, (i, s) in enumerate(zip(inputs, ins, strict=True)):
+                if s is not None and k not in slots:  # a dimension's value used as data: its size must not change
+                    why = ctx.why(node, f"uses the size of this axis as a value (input '{i}')")
+                    for t, axis in dict.fromkeys(d for e in s.elems for d in e.dims):
+                        a = ctx.ax(t)
+                        if a is not None and a[axis] is not None:
+                            ctx.freeze(a[axis], why)
+        fn = rules.get(op)
+        if fn is None or not standard:
             R.default_rule(ctx, node)
         else:
             fn(ctx, node)
     for name in ir.outputs:
         ctx.freeze_axes(ctx.ax(name), f"graph output '{name}'")
     look = ctx.ids.atom_lookup() if ctx.size_refs else None  # the ids are final from here on
+    ctx.atom_lookup = look  # still valid after the walk (freezing does not touch ids): build() may reuse it
     for out, refs, why in ctx.size_refs:  # sizes read through Shape must move with the axis they size
-        have = {a for ats in look.many(out) for a in ats}
-        if any(not {a for ats in look.many(r) for a in ats} <= have for r in refs) or not len(out):
+        if not len(out) or not _atoms_cover(look, out, refs):
             ctx.freeze(out, why)
             for r in refs:
                 ctx.freeze(r, why)
     for a, b in ctx.ids.conflicts:
         ctx.freeze(np.array([a, b]), "incompatible factorisations of one axis (reshape)")
     return ctx
+
+
+def _atoms_cover(look, out: np.ndarray, refs: list[np.ndarray]) -> bool:
+    """Whether the atoms of `out` include those of every array in `refs`. Equal roots have equal atoms, so
+    roots of refs within the roots of out settle it without expanding composites (the common case)."""
+    roots = look.roots
+    have = set(roots[out].tolist())
+    if all(have.issuperset(roots[r].tolist()) for r in refs):
+        return True
+    have = {a for ats in look.many(out) for a in ats}
+    return all({a for ats in look.many(r) for a in ats} <= have for r in refs)
 
 
 def _run_starts(x: np.ndarray) -> np.ndarray:

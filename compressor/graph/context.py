@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from onnx import helper
+from onnx import AttributeProto, helper, numpy_helper
 
 from compressor.graph import symbolic
 from compressor.graph.ids import ChannelIds
 from compressor.graph.ir import GraphIR
+
+_INT, _INTS, _FLOAT, _TENSOR = AttributeProto.INT, AttributeProto.INTS, AttributeProto.FLOAT, AttributeProto.TENSOR
 
 Axes = list  # list[np.ndarray | None]; None = dynamic axis (never pruned)
 
@@ -45,22 +47,31 @@ class Ctx:
         self.ids = ChannelIds()
         self.axes: dict[str, Axes | None] = {}
         self.syms: dict[str, symbolic.SymTensor] = {}
+        self._not_sym: set[str] = set()  # tensors with no constant that is shape arithmetic
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.approx: list[tuple[np.ndarray, str]] = []
         self.roles: list[Role] = []
         self.size_refs: list[tuple[np.ndarray, list[np.ndarray], str]] = []  # see refs_sizes()
         self.info: dict[str, dict] = {}  # node name -> facts a prune-time rewrite needs (e.g. GroupNorm groups)
+        self.atom_lookup = None  # ids.AtomLookup, once the ids are final (run_rules makes one if it needs it)
 
     # ---- reading ------------------------------------------------------------------------------------------
     @staticmethod
     def attr(node, name: str, default=None):
+        """An attribute's value (ints / floats as Python lists, a string decoded, a tensor as an array)."""
         for a in node.attribute:
             if a.name == name:
-                v = helper.get_attribute_value(a)
-                if a.type == a.TENSOR:
-                    from onnx import numpy_helper
-
-                    return numpy_helper.to_array(v)
+                t = a.type
+                if not a.ref_attr_name:  # the common types without onnx.helper's dispatch (same values)
+                    if t == _INT:
+                        return a.i
+                    if t == _INTS:
+                        return list(a.ints)
+                    if t == _FLOAT:
+                        return a.f
+                    if t == _TENSOR:
+                        return numpy_helper.to_array(a.t)
+                v = helper.get_attribute_value(a)  # other types; raises for a reference attribute
                 return v.decode() if isinstance(v, bytes) else v
         return default
 
@@ -88,16 +99,14 @@ class Ctx:
         return self.ir.shape(name)
 
     def sym(self, name: str) -> symbolic.SymTensor | None:
-        if not name:
-            return None
-        if name in self.syms:
-            return self.syms[name]
-        val = self.ir.value(name)
-        if val is None:
-            return None
-        key = self.ir.init_of(name) or name
-        s = symbolic.from_const(key, val)
-        if s is not None:
+        s = self.syms.get(name)
+        if s is not None or name in self._not_sym:
+            return s
+        val = self.ir.value(name) if name else None
+        s = None if val is None else symbolic.from_const(self.ir.init_of(name) or name, val)
+        if s is None:  # not a constant, or one that is data: remembered, as every use asks again
+            self._not_sym.add(name)  # (syms is read first: a value computed later still wins)
+        else:
             self.syms[name] = s
         return s
 
@@ -130,6 +139,26 @@ class Ctx:
             return None
         return [None if s is None else self.ids.fresh(int(s)) for s in shape]
 
+    def set_fresh_frozen(self, name: str, node, text: str) -> None:
+        """set(name, axes) with fresh ids sized by shape inference, all frozen (an output no rule can follow).
+        The ids take the inferred sizes, so there is nothing for set()'s cross-check to catch."""
+        shape = self.ir.shape(name)
+        axes = None
+        if shape is not None:
+            fresh, why = self.ids.fresh, None
+            axes = []
+            for s in shape:
+                if s is None:
+                    axes.append(None)
+                    continue
+                a = fresh(int(s))
+                axes.append(a)
+                if s:
+                    why = why or self.why(node, text)
+                    self.frozen.append((a, why))
+        if name:
+            self.axes[name] = axes
+
     def set(self, name: str, axes: Axes | None, node=None) -> None:
         """Record an output's axes; a disagreement with shape inference freezes instead of guessing."""
         if not name:
@@ -146,19 +175,22 @@ class Ctx:
                         self.freeze(a, why)
                 axes = self.fresh_axes(inferred)
                 self.freeze_axes(axes, why)
-            else:  # a size only shape inference knows (e.g. a sequence length fixed at export): fresh, frozen
-                for k, (a, s) in enumerate(zip(axes, inferred, strict=True)):
+            elif any(a is None for a in axes):  # a size only shape inference knows (e.g. a sequence length
+                for k, (a, s) in enumerate(zip(axes, inferred, strict=True)):  # fixed at export): fresh, frozen
                     if a is None and s is not None:
                         axes[k] = self.ids.fresh(s)
                         self.freeze(axes[k], f"axis {k} of '{name}' has a size known only from shape inference")
         self.axes[name] = axes
 
-    def unify(self, a: np.ndarray | None, b: np.ndarray | None, why: str = "") -> None:
+    def unify(self, a: np.ndarray | None, b: np.ndarray | None, why: str = "", node=None) -> None:
+        """Ids a[i] and b[i] must be pruned together; arrays of different sizes freeze instead, for `why`
+        (stated as the node's, when given: the message is only formatted then)."""
         if a is None or b is None or a is b:
             return
         if len(a) != len(b):
-            self.freeze(a, why or "size mismatch")
-            self.freeze(b, why or "size mismatch")
+            why = self.why(node, why) if node is not None else why or "size mismatch"
+            self.freeze(a, why)
+            self.freeze(b, why)
             return
         self.ids.union_arrays(a, b)
 
@@ -183,7 +215,7 @@ class Ctx:
         off = len(out_axes) - len(s.elems)
         for k, e in enumerate(s.elems):
             refs = []
-            for t, j in e.dims():
+            for t, j in e.dims:
                 a = self.ax(t)
                 if a is not None and j < len(a) and a[j] is not None:
                     refs.append(a[j])

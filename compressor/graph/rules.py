@@ -34,9 +34,7 @@ def default_rule(ctx: Ctx, node, reason: str = "no rule for this op") -> None:
     for i in node.input:
         ctx.freeze_axes(ctx.ax(i), why)
     for o in node.output:
-        axes = ctx.fresh_axes(ctx.ir.shape(o))
-        ctx.freeze_axes(axes, why)
-        ctx.set(o, axes)
+        ctx.set_fresh_frozen(o, node, reason)
 
 
 # ------------------------------------------------------------------------------------------ elementwise
@@ -74,7 +72,7 @@ def broadcast(ctx: Ctx, node, names: list[str]) -> list | None:
             for c in static:
                 ctx.freeze(c, ctx.why(node, "broadcast against an axis of unknown size"))
         for c in static[1:]:
-            ctx.unify(static[0], c, ctx.why(node, "broadcast sizes differ"))
+            ctx.unify(static[0], c, "broadcast sizes differ", node)
         out.append(static[0] if static else cols[0])
     return out
 
@@ -89,9 +87,10 @@ def elementwise(ctx: Ctx, node) -> None:
     if out is None:
         return default_rule(ctx, node, "unknown input shape")
     for n in node.input:  # a constant operand with a channel axis is a free parameter (scale, shift, pos. emb.)
-        if ctx.ir.init_of(n) and ctx.ir.value(n).ndim and ctx.ir.value(n).size > 1 and \
-                np.issubdtype(ctx.ir.value(n).dtype, np.floating):
-            ctx.role(n, "free", node)
+        if ctx.ir.init_of(n):
+            v = ctx.ir.value(n)
+            if v.ndim and v.size > 1 and np.issubdtype(v.dtype, np.floating):
+                ctx.role(n, "free", node)
     ctx.set(node.output[0], out, node)
 
 
@@ -180,7 +179,7 @@ def gemm(ctx: Ctx, node) -> None:
     ta, tb = ctx.attr(node, "transA", 0), ctx.attr(node, "transB", 0)
     m, ka = (a[1], a[0]) if ta else (a[0], a[1])
     kb, n = (b[1], b[0]) if tb else (b[0], b[1])
-    ctx.unify(ka, kb, ctx.why(node, "contracted sizes differ"))
+    ctx.unify(ka, kb, "contracted sizes differ", node)
     out = [m, n]
     if len(node.input) > 2 and node.input[2]:
         c = ctx.ax(node.input[2])
@@ -203,7 +202,7 @@ def matmul(ctx: Ctx, node) -> None:
         return default_rule(ctx, node, "unknown input shape")
     a2 = a if len(a) > 1 else [None, a[0]]
     b2 = b if len(b) > 1 else [b[0], None]
-    ctx.unify(a2[-1], b2[-2], ctx.why(node, "contracted sizes differ"))
+    ctx.unify(a2[-1], b2[-2], "contracted sizes differ", node)
     batch_a, batch_b = a2[:-2], b2[:-2]
     rank = max(len(batch_a), len(batch_b))
     batch = []
@@ -242,9 +241,7 @@ def batchnorm(ctx: Ctx, node) -> None:
 
 
 def default_rule_out(ctx: Ctx, node, name: str) -> None:
-    axes = ctx.fresh_axes(ctx.ir.shape(name))
-    ctx.freeze_axes(axes, ctx.why(node, "auxiliary output"))
-    ctx.set(name, axes)
+    ctx.set_fresh_frozen(name, node, "auxiliary output")
 
 
 @rule("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
@@ -424,7 +421,7 @@ def split(ctx: Ctx, node) -> None:
         step = math.ceil(len(a) / n)
         sizes = [min(step, len(a) - i * step) for i in range(n)]
     s_sym = ctx.sym(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    if s_sym is not None and any((node.input[0], axis) in el.dims() for el in s_sym.elems):
+    if s_sym is not None and any((node.input[0], axis) in el.dims for el in s_sym.elems):
         if len(set(sizes)) != 1:
             ctx.freeze(a, ctx.why(node, "split sizes computed from the axis size"))
         else:
@@ -468,10 +465,10 @@ def slice_(ctx: Ctx, node) -> None:
         lo, hi, step = slice(int(s), int(e), int(st)).indices(len(a))
         if step != 1:  # kept positions would stop being evenly spaced after pruning
             ctx.freeze(a, ctx.why(node, f"slice with step {step}"))
-        elif any((node.input[0], k) in el.dims() for b in bound_syms if b for el in b.elems):
+        elif any((node.input[0], k) in el.dims for b in bound_syms if b for el in b.elems):
             _couple_chunks(ctx, node, a, hi - lo)
         for b in bound_syms:  # bounds read from another tensor's size: both must keep their size
-            for t, j in {d for el in (b.elems if b else []) for d in el.dims() if d != (node.input[0], k)}:
+            for t, j in {d for el in (b.elems if b else []) for d in el.dims if d != (node.input[0], k)}:
                 ref = ctx.ax(t)
                 if ref is not None and j < len(ref) and ref[j] is not None:
                     ctx.size_refs.append((np.array([], dtype=np.int64), [ref[j], a],
@@ -644,33 +641,32 @@ def _refine(a: list[int], b: list[int]) -> list[int] | None:
 def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> list | None:
     """Map one run of static axes (sizes sin) onto output sizes sout: a split makes each input id composite
     of piece ids, a merge makes fresh composite ids. Size-1 axes carry nothing and are frozen."""
+    if sin == sout and all(s > 1 for s in sin):  # nothing regrouped (the general path gives the same)
+        return list(xin)
     keep_in = [k for k, s in enumerate(sin) if s > 1]
     keep_out = [k for k, s in enumerate(sout) if s > 1]
     pieces = _refine([sin[k] for k in keep_in], [sout[k] for k in keep_out])
     if pieces is None:
         return None
-    why = ctx.why(node, "size-1 axis")
+    why = ctx.why(node, "size-1 axis") if 1 in sin or 1 in sout else None
     for k, s in enumerate(sin):
         if s == 1:
             ctx.freeze(xin[k], why)
     arrays: list = [None] * len(pieces)
     pos = 0
+    set_composite = ctx.ids.set_composite
     for k in keep_in:
         n, start = 1, pos
         while n < sin[k]:
             n *= pieces[pos]
             pos += 1
-        span = list(range(start, pos))
-        if len(span) == 1:
+        if pos - start == 1:
             arrays[start] = xin[k]
             continue
-        parts = [ctx.ids.fresh(pieces[i]) for i in span]
-        for i, p in enumerate(span):
-            arrays[p] = parts[i]
-        idx = np.indices([pieces[i] for i in span]).reshape(len(span), -1)
-        cols = [parts[j][idx[j]].tolist() for j in range(len(span))]
-        set_composite = ctx.ids.set_composite
-        for e, tup in zip(xin[k].tolist(), zip(*cols, strict=True), strict=True):
+        parts = [ctx.ids.fresh(pieces[i]) for i in range(start, pos)]
+        arrays[start:pos] = parts
+        # position p of the input axis is (part ids at p's row-major multi-index), as numpy lays it out
+        for e, tup in zip(xin[k].tolist(), itertools.product(*(p.tolist() for p in parts)), strict=True):
             set_composite(e, tup)
     out: list = [None] * len(sout)
     pos = 0
@@ -683,14 +679,11 @@ def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> l
         while n < sout[k]:
             n *= pieces[pos]
             pos += 1
-        span = list(range(start, pos))
-        if len(span) == 1:
+        if pos - start == 1:
             out[k] = arrays[start]
             continue
         fresh = ctx.ids.fresh(sout[k])
-        idx = np.indices([pieces[i] for i in span]).reshape(len(span), -1)
-        cols = [arrays[span[j]][idx[j]].tolist() for j in range(len(span))]
-        ctx.ids.set_composite_fresh(fresh, zip(*cols, strict=True))
+        ctx.ids.set_composite_fresh(fresh, itertools.product(*(arrays[i].tolist() for i in range(start, pos))))
         out[k] = fresh
     return out
 
@@ -710,6 +703,8 @@ def reshape_axes(ctx: Ctx, node, x: list, sizes_in: list, sizes_out: list) -> li
             out[k] = ctx.ids.fresh(sizes_out[k])
             ctx.freeze(out[k], why)
     for ri, ro in zip(rin, rout, strict=True):
+        if not ri and not ro:  # two dynamic axes side by side: nothing between them
+            continue
         got = reshape_run(ctx, node, [x[k] for k in ri], [sizes_in[k] for k in ri], [sizes_out[k] for k in ro])
         if got is None:  # e.g. [B, S, 64] -> [B*S, 64]: align the longest common trailing product
             ci = list(itertools.accumulate([sizes_in[k] for k in reversed(ri)], operator.mul))
