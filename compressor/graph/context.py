@@ -7,6 +7,7 @@ particular op types except which inputs of an op are *shape* inputs (read as int
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from onnx import AttributeProto, helper, numpy_helper
@@ -85,10 +86,10 @@ class Ctx:
         key = init or name
         if key in self.axes:
             return self.axes[key]
-        val = self.ir.value(name)
-        if val is None:
+        shape = self.ir.const_shape(name)  # from dims: a weight is not decoded to be given ids
+        if shape is None:
             return None
-        axes = [self.ids.fresh(int(s)) for s in val.shape]  # each constant gets its own ids, once
+        axes = [self.ids.fresh(int(s)) for s in shape]  # each constant gets its own ids, once
         self.axes[key] = axes
         return axes
 
@@ -102,7 +103,9 @@ class Ctx:
         s = self.syms.get(name)
         if s is not None or name in self._not_sym:
             return s
-        val = self.ir.value(name) if name else None
+        shape = self.ir.const_shape(name) if name else None
+        small = shape is not None and len(shape) <= 2 and math.prod(shape) <= symbolic.MAX_ELEMS
+        val = self.ir.value(name) if small else None  # larger constants are data: never decoded here
         s = None if val is None else symbolic.from_const(self.ir.init_of(name) or name, val)
         if s is None:  # not a constant, or one that is data: remembered, as every use asks again
             self._not_sym.add(name)  # (syms is read first: a value computed later still wins)
@@ -124,7 +127,7 @@ class Ctx:
         """(initializer, permutation) when `name` is an initializer, possibly through Identity/Transpose."""
         init = self.ir.init_of(name)
         if init:
-            return init, tuple(range(self.ir.initializers[init].ndim))
+            return init, tuple(range(len(self.ir.init_dims[init])))
         prod = self.ir.producer.get(name)
         if prod is not None and prod.op_type == "Transpose":
             inner = self.init_through(prod.input[0])

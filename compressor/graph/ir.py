@@ -9,6 +9,7 @@ dynamic dims can be recognised as the same one (batch, sequence).
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def _load_path(path: Path):
     import onnx
 
     m = onnx.ModelProto()
-    m.ParseFromString(path.read_bytes())
+    if path.stat().st_size > (1 << 20):  # parse straight from the page cache: no 100 MB bytes copy first
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+            m.ParseFromString(view)  # the message copies what it keeps (checked: nothing aliases the map)
+    else:
+        m.ParseFromString(path.read_bytes())
     if _has_external_data(m):
         from onnx.external_data_helper import load_external_data_for_model
 
