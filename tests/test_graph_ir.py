@@ -121,3 +121,28 @@ def test_shared_small_constant_gets_one_copy_per_consumer():
     assert ir.shape("a") == [2, 6] and ir.shape("b") == [2, 4]
     onnx.checker.check_model(ir.model)
     assert len(m.graph.node) == 2  # the caller's model is untouched
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(512, 600)  # 1.2 MB of weights: the file is memory-mapped when loaded
+        self.fc2 = nn.Linear(600, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_large_file_parses_from_a_memory_map_and_weights_stay_encoded(tmp_path):
+    torch.manual_seed(0)
+    p = tmp_path / "wide.onnx"
+    export_onnx(Wide().eval(), (torch.randn(2, 512),), p)
+    assert p.stat().st_size > (1 << 20)
+    from_file = load_model(p)
+    ref = onnx.load(str(p))
+    assert from_file.SerializeToString() == ref.SerializeToString()
+    a = analyze(p)
+    assert a.to_json() == analyze(ref).to_json()
+    assert "fc1.weight" not in a.ir.initializers._arrays  # the analysis read dims only, never the values
+    assert np.array_equal(a.ir.initializers["fc1.weight"], numpy_helper.to_array(
+        next(i for i in ref.graph.initializer if i.name == "fc1.weight")))
