@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 from compressor.graph.analysis import Analysis, Group, Member, build
 from compressor.graph.ir import GraphIR, load_model
 from compressor.graph.prune import PruneError, prune_onnx
@@ -20,10 +23,25 @@ def analyze(model_or_path, *, validate: bool = True) -> Analysis:
     freeze the groups whose size constants cannot be rewritten."""
     from compressor.graph.prune import validate_groups
 
-    a = build(GraphIR(load_model(model_or_path)))
-    if validate:
-        validate_groups(a)
+    with _no_gc_pauses():
+        a = build(GraphIR(load_model(model_or_path)))
+        if validate:
+            validate_groups(a)
     return a
+
+
+@contextlib.contextmanager
+def _no_gc_pauses():
+    """The analysis allocates many small acyclic objects; in a process that already holds a large heap (a
+    torch model, a training loop) each cyclic-GC pass walks all of that heap, which made analysis time grow
+    faster than the graph. Collection is paused for the call and runs normally after it."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def analyze_model(model, *, arch: str | None = None, trust_pickle: bool = False, data=None) -> Analysis:
