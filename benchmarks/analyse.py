@@ -93,6 +93,43 @@ def bench_model(name: str, model, inputs, onnx_path: Path, analyze, repeats: int
     return row
 
 
+def phases(onnx_path: Path, repeats: int) -> dict:
+    """Best-of-`repeats` time of each phase of analyze(): load, GraphIR, the per-op walk, grouping, validation."""
+    from compressor.graph import analysis
+    from compressor.graph.ir import GraphIR, load_model
+    from compressor.graph.prune import validate_groups
+
+    best: dict[str, float] = {}
+    walk = [0.0]
+    real_walk = analysis.run_rules
+
+    def timed_walk(ir):  # build() calls the walk first: its own time, so grouping = build - walk, same run
+        t0 = time.perf_counter()
+        try:
+            return real_walk(ir)
+        finally:
+            walk[0] = time.perf_counter() - t0
+
+    analysis.run_rules = timed_walk
+    try:
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            m = load_model(onnx_path)
+            t1 = time.perf_counter()
+            ir = GraphIR(m)
+            t2 = time.perf_counter()
+            a = analysis.build(ir)
+            t3 = time.perf_counter()
+            validate_groups(a)
+            t4 = time.perf_counter()
+            for k, v in (("load", t1 - t0), ("graph_ir", t2 - t1), ("walk", walk[0]), ("grouping", t3 - t2 - walk[0]),
+                         ("validation", t4 - t3)):
+                best[k] = min(best.get(k, float("inf")), v)
+    finally:
+        analysis.run_rules = real_walk
+    return {k: v * 1e3 for k, v in best.items()}
+
+
 def _export(model, inputs, input_names, path: Path) -> dict:
     from compressor.export import export_onnx
 
@@ -120,6 +157,8 @@ def zoo_section(names: list[str], tmp: Path, analyze, repeats: int, timeout: flo
             print(f"{name:12s} build/export failed: {e}")
             continue
         row = bench_model(name, model, inputs, path, analyze, repeats, timeout, entry.ignored) | info
+        if analyze is not None:
+            row["ours_phases_ms"] = phases(path, max(repeats, 10))
         rows.append(row)
         ours = f"{row['ours']['s'] * 1e3:8.1f} ms" if row.get("ours", {}).get("ok") else f"{'failed':>11s}"
         tpb = f"{row['tp_build']['s'] * 1e3:8.1f} ms" if row["tp_build"].get("ok") else f"{'failed':>11s}"
@@ -128,6 +167,10 @@ def zoo_section(names: list[str], tmp: Path, analyze, repeats: int, timeout: flo
         ratio = row.get("ratio_tp_build_over_ours")
         print(f"{name:12s} nodes {info['onnx_nodes']:5d}  ours {ours}  tp build {tpb}  tp groups {tpg}  "
               f"tp build / ours {ratio:6.2f}x" if ratio else f"{name:12s} ours {ours}  tp build {tpb}  tp groups {tpg}")
+    for row in rows:
+        ph = row.get("ours_phases_ms")
+        if ph:
+            print(f"{row['name']:12s} phases (best of 10, ms): " + "  ".join(f"{k} {v:.2f}" for k, v in ph.items()))
     return rows
 
 
