@@ -210,20 +210,16 @@ class GraphIR:
     """Nodes in topological order, tensor shapes and element types, constant values, initializer aliases."""
 
     def __init__(self, model):
-        import onnx
-
-        unshare_small_ints(model)
-        self.model = model  # our copy, with shared shape literals duplicated (see unshare_small_ints)
         g = model.graph
-        nodes = list(g.node)
-        self.nodes = _toposort(nodes, {i.name for i in g.initializer} | {i.name for i in g.input})
-        if self.nodes is not nodes:  # shape inference (and any file we write) needs the sorted order too
-            sorted_nodes = [onnx.NodeProto() for _ in self.nodes]
-            for dst, src in zip(sorted_nodes, self.nodes, strict=True):
-                dst.CopyFrom(src)
-            del g.node[:]
-            g.node.extend(sorted_nodes)
-            self.nodes = list(g.node)
+        # Every pass below reads node fields; protobuf builds new strings on each read, so read them once.
+        recs = [[n, n.op_type, list(n.input), list(n.output)] for n in g.node]
+        unshare_small_ints(model, recs)
+        self.model = model  # our copy, with shared shape literals duplicated (see unshare_small_ints)
+        order = _toposort(recs, {i.name for i in g.initializer} | {i.name for i in g.input})
+        if order is not recs:  # shape inference (and any file we write) needs the sorted order too
+            _set_nodes(g, [r[0] for r in order], order)
+            recs = order
+        self.nodes = [r[0] for r in recs]
         inferred = _infer(model)
         init_protos = {i.name: i for i in g.initializer}
         self.initializers = LazyArrays(init_protos)  # name -> ndarray
@@ -252,11 +248,9 @@ class GraphIR:
         self.producer = producer = {}
         self.consumers: dict[str, list] = {}
         consumers = self.consumers
-        for n in self.nodes:
-            outs = n.output
+        for n, op, ins, outs in recs:
             for o in outs:
                 producer[o] = n
-            ins = n.input
             for i in ins:
                 if i:
                     c = consumers.get(i)
@@ -264,7 +258,6 @@ class GraphIR:
                         consumers[i] = [n]
                     else:
                         c.append(n)
-            op = n.op_type
             if op == "Constant":
                 if n.attribute:
                     val = _constant_value(n)
@@ -334,32 +327,33 @@ def _constant_value(node) -> np.ndarray | None:
     return None
 
 
-def _toposort(nodes: list, available: set[str]) -> list:
-    """Kahn's order (ONNX requires it already; exporters occasionally don't honour it)."""
+def _toposort(recs: list, available: set[str]) -> list:
+    """Kahn's order of node records [node, op, inputs, outputs] (ONNX requires it already; exporters
+    occasionally don't honour it). Returns `recs` itself when it is already in order."""
     have = set(available)
     have.add("")
     done = 0  # fast path: one pass when the file is already in order (the norm)
-    for n in nodes:
+    for r in recs:
         missing = False
-        for i in n.input:
+        for i in r[2]:
             if i not in have:
                 missing = True
                 break
         if missing:
             break
-        have.update(n.output)
+        have.update(r[3])
         done += 1
-    if done == len(nodes):
-        return nodes
-    out, pending = nodes[:done], nodes[done:]
+    if done == len(recs):
+        return recs
+    out, pending = recs[:done], recs[done:]
     while pending:
         rest = []
-        for n in pending:
-            if all(i in have for i in n.input):
-                out.append(n)
-                have.update(n.output)
+        for r in pending:
+            if all(i in have for i in r[2]):
+                out.append(r)
+                have.update(r[3])
             else:
-                rest.append(n)
+                rest.append(r)
         if len(rest) == len(pending):  # inputs never produced (subgraph captures, bad model): keep order
             out.extend(rest)
             break
@@ -367,44 +361,52 @@ def _toposort(nodes: list, available: set[str]) -> list:
     return out
 
 
-def unshare_small_ints(model, max_elems: int = 64) -> int:
+def _set_nodes(g, nodes: list, recs: list) -> None:
+    """Replace g.node by `nodes` (in that order; the container copies them) and point the records at the
+    messages now in the graph."""
+    del g.node[:]
+    g.node.extend(nodes)
+    for r, n in zip(recs, g.node, strict=True):
+        r[0] = n
+
+
+def unshare_small_ints(model, recs: list | None = None, max_elems: int = 64) -> int:
     """Give every consumer its own copy of a small integer constant (Constant node or initializer).
 
     Exporters reuse one literal for unrelated sizes (LLaMA's head_dim 16 feeds the K and the V reshape);
-    pruning K's head dim and V's head dim differently must rewrite them separately. Returns the copies made.
+    pruning K's head dim and V's head dim differently must rewrite them separately. `recs`: node records
+    [node, op, inputs, outputs] in graph order (GraphIR's), kept in step. Returns the copies made.
     """
     from onnx import NodeProto, helper
 
     g = model.graph
+    if recs is None:
+        recs = [[n, n.op_type, list(n.input), list(n.output)] for n in g.node]
     small: dict[str, object] = {}  # name -> TensorProto (read only for the ones that are shared)
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+    for n, op, _, outs in recs:
+        if op == "Constant" and n.attribute and n.attribute[0].name == "value":
             t = n.attribute[0].t
             if t.data_type in (6, 7) and math.prod(t.dims) <= max_elems:
-                small[n.output[0]] = t
+                small[outs[0]] = t
     for init in g.initializer:
         if init.data_type in (6, 7) and math.prod(init.dims) <= max_elems:
             small[init.name] = init
     if not small:
         return 0
     users: dict[str, list] = {}
-    for n in g.node:
-        ins = n.input
-        if len(ins) == 1:
-            if ins[0] in small:
-                users.setdefault(ins[0], []).append(n)
-            continue
-        for i in set(ins):
+    for r in recs:
+        ins = r[2]
+        for i in (ins if len(ins) < 2 else dict.fromkeys(ins)):
             if i in small:
-                users.setdefault(i, []).append(n)
+                users.setdefault(i, []).append(r)
     out_names = {o.name for o in g.output}
     made = 0
-    new_nodes = []
-    for name, nodes in users.items():
-        if len(nodes) < 2 or name in out_names:
+    new_nodes, new_recs = [], []
+    for name, rs in users.items():
+        if len(rs) < 2 or name in out_names:
             continue
         tensor = small[name]
-        for k, n in enumerate(nodes[1:], 1):
+        for k, r in enumerate(rs[1:], 1):
             copy = f"{name}__u{k}"
             node = NodeProto()
             node.op_type, node.name = "Constant", f"{copy}__const"
@@ -415,13 +417,14 @@ def unshare_small_ints(model, max_elems: int = 64) -> int:
             attr.t.name = copy
             attr.t.ClearField("doc_string")
             new_nodes.append(node)
-            ins = n.input
+            new_recs.append([node, "Constant", [], [copy]])
+            n, ins = r[0], r[2]
             for j in range(len(ins)):
                 if ins[j] == name:
                     ins[j] = copy
+                    n.input[j] = copy
             made += 1
     if new_nodes:  # constants first keeps the graph topologically sorted
-        nodes = list(g.node)
-        del g.node[:]
-        g.node.extend(new_nodes + nodes)
+        recs[:0] = new_recs
+        _set_nodes(g, new_nodes + [r[0] for r in recs[len(new_recs):]], recs)
     return made
