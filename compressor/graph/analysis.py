@@ -177,7 +177,7 @@ def run_rules(ir: GraphIR) -> Ctx:
             if outs is not None:
                 for o, s in zip(node.output, outs, strict=False):
                     syms[o] = s
-                    ctx.set_fresh_frozen(o, node, "auxiliary output")
+                    R.default_rule_out(ctx, node, o)
                 continue
         if any(ins):  # some input is shape arithmetic
             slots = SHAPE_SLOTS.get(op, ())
@@ -195,8 +195,7 @@ def run_rules(ir: GraphIR) -> Ctx:
             fn(ctx, node)
     for name in ir.outputs:
         ctx.freeze_axes(ctx.ax(name), f"graph output '{name}'")
-    look = ctx.ids.atom_lookup() if ctx.size_refs else None  # the ids are final from here on
-    ctx.atom_lookup = look  # still valid after the walk (freezing does not touch ids): build() may reuse it
+    look = ctx.ids.atom_lookup() if ctx.size_refs else None  # the ids are final from here on (build() reuses it)
     for out, refs, why in ctx.size_refs:  # sizes read through Shape must move with the axis they size
         if not len(out) or not _atoms_cover(look, out, refs):
             ctx.freeze(out, why)

@@ -54,7 +54,7 @@ class Ctx:
         self.roles: list[Role] = []
         self.size_refs: list[tuple[np.ndarray, list[np.ndarray], str]] = []  # see refs_sizes()
         self.info: dict[str, dict] = {}  # node name -> facts a prune-time rewrite needs (e.g. GroupNorm groups)
-        self.atom_lookup = None  # ids.AtomLookup, once the ids are final (run_rules makes one if it needs it)
+        self.atom_lookup = None  # ids.AtomLookup, set by build() once the ids are final
 
     # ---- reading ------------------------------------------------------------------------------------------
     @staticmethod

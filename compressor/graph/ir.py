@@ -165,9 +165,9 @@ class LazyArrays(Mapping):
     """name -> ndarray of TensorProtos, decoded on first access: the analysis itself needs only the dims of
     the weights (and the values of small shape constants), so a large model is not copied into numpy."""
 
-    def __init__(self, tensors: dict[str, object], eager: dict[str, np.ndarray] | None = None):
+    def __init__(self, tensors: dict[str, object]):
         self._tensors = tensors
-        self._arrays: dict[str, np.ndarray] = dict(eager or {})
+        self._arrays: dict[str, np.ndarray] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
         arr = self._arrays.get(name)
@@ -298,11 +298,6 @@ class GraphIR:
             d = self.init_dims.get(a) if a else None
         return d
 
-    def init_dtype(self, name: str) -> int | None:
-        """ONNX element type of an initializer (or of what an Identity alias names)."""
-        t = self.initializers._tensors.get(name) or self.initializers._tensors.get(self.alias.get(name, ""))
-        return None if t is None else t.data_type
-
     def value(self, name: str) -> np.ndarray | None:
         """Constant value of an initializer / Constant / Identity-of-initializer, else None."""
         v = self.const_values.get(name)
@@ -332,28 +327,19 @@ def _toposort(recs: list, available: set[str]) -> list:
     occasionally don't honour it). Returns `recs` itself when it is already in order."""
     have = set(available)
     have.add("")
-    done = 0  # fast path: one pass when the file is already in order (the norm)
-    for r in recs:
-        missing = False
-        for i in r[2]:
-            if i not in have:
-                missing = True
-                break
-        if missing:
-            break
-        have.update(r[3])
-        done += 1
-    if done == len(recs):
-        return recs
-    out, pending = recs[:done], recs[done:]
+    out, pending = [], recs
     while pending:
         rest = []
         for r in pending:
-            if all(i in have for i in r[2]):
+            for i in r[2]:
+                if i not in have:
+                    rest.append(r)
+                    break
+            else:
                 out.append(r)
                 have.update(r[3])
-            else:
-                rest.append(r)
+        if not rest and pending is recs:  # one pass, nothing deferred: the file was in order (the norm)
+            return recs
         if len(rest) == len(pending):  # inputs never produced (subgraph captures, bad model): keep order
             out.extend(rest)
             break
@@ -370,7 +356,7 @@ def _set_nodes(g, nodes: list, recs: list) -> None:
         r[0] = n
 
 
-def unshare_small_ints(model, recs: list | None = None, max_elems: int = 64) -> int:
+def unshare_small_ints(model, recs: list, max_elems: int = 64) -> int:
     """Give every consumer its own copy of a small integer constant (Constant node or initializer).
 
     Exporters reuse one literal for unrelated sizes (LLaMA's head_dim 16 feeds the K and the V reshape);
@@ -380,8 +366,6 @@ def unshare_small_ints(model, recs: list | None = None, max_elems: int = 64) -> 
     from onnx import NodeProto, helper
 
     g = model.graph
-    if recs is None:
-        recs = [[n, n.op_type, list(n.input), list(n.output)] for n in g.node]
     small: dict[str, object] = {}  # name -> TensorProto (read only for the ones that are shared)
     for n, op, _, outs in recs:
         if op == "Constant" and n.attribute and n.attribute[0].name == "value":

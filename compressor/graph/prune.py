@@ -37,18 +37,14 @@ class Plan:
             return None
         k = self._keep.get(id(arr))
         if k is None:
-            look = getattr(self.a.ctx, "atom_lookup", None)  # set by build(): the ids are final
-            if look is not None:
-                if self._alive is None:
-                    n = len(look.roots)
-                    removed = np.zeros(n, dtype=bool)
-                    removed[[a for a in self.removed if 0 <= a < n]] = True  # an atom is an id below n
-                    self._alive = look.survivors(removed)
-                look.check(arr)
-                k = self._alive[arr]
-            else:
-                ids = self.a.ctx.ids
-                k = np.array([not (set(ids.atoms(e)) & self.removed) for e in arr.tolist()], dtype=bool)
+            look = self.a.ctx.atom_lookup  # set by build(): the ids are final
+            if self._alive is None:
+                n = len(look.roots)
+                removed = np.zeros(n, dtype=bool)
+                removed[[a for a in self.removed if 0 <= a < n]] = True  # an atom is an id below n
+                self._alive = look.survivors(removed)
+            look.check(arr)
+            k = self._alive[arr]
             self._keep[id(arr)] = k
         return k
 
