@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,3 +45,31 @@ def tiny_bert_folder(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+class SmallConvNet(nn.Module):
+    """conv → BN → conv → max-pool → flatten → linear: the analyser tests' basic graph (a flatten into a Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.c1(x)))
+        x = torch.relu(self.c2(x))
+        return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
+
+
+@pytest.fixture(scope="module")
+def net_onnx(tmp_path_factory):
+    """(SmallConvNet, its ONNX file), seeded; one per test module."""
+    from compressor.export import export_onnx
+
+    torch.manual_seed(0)
+    m = SmallConvNet().eval()
+    p = tmp_path_factory.mktemp("net") / "net.onnx"
+    export_onnx(m, (torch.randn(2, 3, 8, 8),), p)
+    return m, p

@@ -19,29 +19,6 @@ from compressor.graph.oracle import max_diff, zero_channels
 from compressor.onnx_utils import example_feeds, run
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16 * 4 * 4, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.c1(x)))
-        x = torch.relu(self.c2(x))
-        return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
-
-
-@pytest.fixture(scope="module")
-def net_onnx(tmp_path_factory):
-    torch.manual_seed(0)
-    m = Net().eval()
-    p = tmp_path_factory.mktemp("net") / "net.onnx"
-    export_onnx(m, (torch.randn(2, 3, 8, 8),), p)
-    return m, p
-
-
 def _ones_like_feeds(model):
     return example_feeds(model, batch=2)
 

@@ -16,26 +16,9 @@ from compressor.graph import analyze
 from compressor.graph.ir import GraphIR, load_model, tensor_to_array
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16 * 4 * 4, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.c1(x)))
-        x = torch.relu(self.c2(x))
-        return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
-
-
 @pytest.fixture(scope="module")
-def net_path(tmp_path_factory):
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("ir") / "net.onnx"
-    export_onnx(Net().eval(), (torch.randn(2, 3, 8, 8),), p)
-    return p
+def net_path(net_onnx):
+    return net_onnx[1]
 
 
 def test_lazy_initializers_decode_like_numpy_helper(net_path):
