@@ -230,24 +230,17 @@ class ResNet18(torch.nn.Module):
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-class _Embedder(torch.nn.Module):
-    def __init__(self, bert):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask):
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def real_section(tmp: Path, analyze, repeats: int, timeout: float) -> list[dict]:
     builders = {"resnet18": lambda: (ResNet18().eval(), (torch.randn(1, 3, 224, 224),), ("input",), ("fc",))}
     try:
+        from compressor.export import TensorOutputs
         from compressor.hf import load_minilm
 
         def minilm():
             model, _ = load_minilm()
             ids = torch.randint(1000, 20000, (1, 128))
-            return _Embedder(model).eval(), (ids, torch.ones_like(ids)), ("input_ids", "attention_mask"), ()
+            names = ("input_ids", "attention_mask")
+            return TensorOutputs(model, list(names)).eval(), (ids, torch.ones_like(ids)), names, ()
 
         builders["minilm_l6_real"] = minilm
     except ImportError:
