@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         "scaling": scaling,
         "wall_s": time.perf_counter() - t0,
     }
-    from compressor.atomic import write_text_atomic
+    from compressor.utils.atomic import write_text_atomic
 
     write_text_atomic(args.out, json.dumps(result, indent=1, default=str))
     print(f"median tp build / ours: {result['summary']['median_ratio_tp_build_over_ours']}; wrote {args.out}")

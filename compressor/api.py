@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from compressor import evaluate as ev
-from compressor.atomic import write_text_atomic
 from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, load_data
 from compressor.io.models import LoadedModel, load_model, save_torch
 from compressor.recipe import Recipe, StageContext, check_kinds, load_recipe, run_recipe
+from compressor.utils.atomic import write_text_atomic
 
 
 @dataclass

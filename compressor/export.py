@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.atomic import atomic_path
 from compressor.errors import VerificationError
+from compressor.utils.atomic import atomic_path
 
 OPSET = 17
 

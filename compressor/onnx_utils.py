@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.atomic import atomic_path
 from compressor.errors import VerificationError
+from compressor.utils.atomic import atomic_path
 
 _NP = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64, 9: np.bool_}
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.atomic import atomic_path, write_text_atomic
 from compressor.errors import InputError
+from compressor.utils.atomic import atomic_path, write_text_atomic
 
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 10) for i in range(10))  # 0.0 .. 0.9
 NM_FAMILIES: dict[int, tuple[int, ...]] = {4: (1, 2, 3), 8: (2, 4, 6)}  # RECIPES §2.2 [CHOICE]

@@ -134,6 +134,8 @@ def test_default_table_choices():
 def test_auto_uses_cached_measurement_and_json(tmp_path):
     w = pruned_linear(64, 64, s=0.95).weight.detach()
     path = tmp_path / "kernels.json"
+    neighbour = tmp_path / "kernels.tmp"  # a user's file with the name a fixed temp name would take
+    neighbour.write_text("keep me")
     cache = DecisionCache(path)
     st = KF.weight_stats(w)
     key = KC.cache_key("cpu", w.shape, st.sparsity, st.is_24, 8, w.dtype)
@@ -143,6 +145,9 @@ def test_auto_uses_cached_measurement_and_json(tmp_path):
     assert KC.choose_format(w, "cpu", rows=8, mode="auto", cache=DecisionCache()).format == "csr"
     reloaded = DecisionCache(path)
     assert reloaded.get(key).format == "dense"
+    # written through a unique temp file: the neighbour is untouched and no temp file is left
+    assert neighbour.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.json", "kernels.tmp"]
 
 
 def test_calibrate_measures_and_caches():
@@ -320,9 +325,12 @@ def test_cli_bench_kernels_small(tmp_path):
     from compressor.cli import app
 
     out = tmp_path / "k.json"
+    (tmp_path / "k.tmp").write_text("keep me")  # the name a fixed temp name would clobber
     r = CliRunner().invoke(app, ["bench-kernels", "--shapes", "64x128", "--sparsities", "0.9", "--rows", "4",
                                  "--repeats", "2", "-o", str(out)])
     assert r.exit_code == 0, r.output
+    assert (tmp_path / "k.tmp").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json", "k.tmp"]
     run = json.loads(out.read_text())["runs"]["cpu-threads1-custom"]
     assert run["torch"] == torch.__version__ and run["threads"] == 1
     pats = {row["pattern"] for row in run["linear"]}

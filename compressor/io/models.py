@@ -183,7 +183,7 @@ def load_model(model, *, arch: str | None = None, trust_pickle: bool = False) ->
 def save_torch(module: nn.Module, path: Path, example_inputs: tuple | None = None) -> dict:
     """Save a torch model: a `.pt2` torch.export program (loads without the source code) when it exports,
     and always a `.safetensors` state dict next to it. Written atomically."""
-    from compressor.atomic import atomic_path
+    from compressor.utils.atomic import atomic_path
 
     path = Path(path)
     written = {}

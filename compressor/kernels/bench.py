@@ -28,6 +28,7 @@ import torch
 from compressor.kernels import formats as KF
 from compressor.kernels.calibrate import time_interleaved
 from compressor.kernels.sparse_linear import SparseConv2d
+from compressor.utils.atomic import write_text_atomic
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (4096, 4096)]  # (out, in) = nn.Linear weight shape
 QUICK_SHAPES = [(768, 768), (4096, 4096)]
@@ -250,10 +251,7 @@ def main(argv=None) -> dict:
             results["runs"]["cuda" + ("-quick" if a.quick else "") + ("-custom" if (a.shapes or a.sparsities) else "")] = meta | {
                 "device": "cuda", "device_name": name, "capability": list(cap),
                 "cusparselt": bool(getattr(torch._C, "_has_cusparselt", False)), "linear": rows, "goals": goals(rows, "cuda")}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(out_path)
+    write_text_atomic(out_path, json.dumps(results, indent=1))
     for k, run in results["runs"].items():
         if run.get("goals"):
             print(k, json.dumps(run["goals"]))

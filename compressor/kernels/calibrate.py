@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from compressor.kernels import formats as KF
+from compressor.utils.atomic import write_text_atomic
 
 SPARSITY_BUCKETS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
@@ -95,10 +96,7 @@ class DecisionCache:
     def put(self, key: str, d: Decision) -> None:
         self.entries[key] = {"format": d.format, "reason": d.reason, "timings_ms": d.timings_ms}
         if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-            tmp.replace(self.path)
+            write_text_atomic(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
 
     def clear(self) -> None:
         self.entries.clear()

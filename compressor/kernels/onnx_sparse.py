@@ -179,7 +179,7 @@ def compact_onnx(src: str | Path, dst: str | Path, *, min_sparsity: float = 0.5,
     """
     import onnx
 
-    from compressor.atomic import atomic_path
+    from compressor.utils.atomic import atomic_path
 
     src, dst = Path(src), Path(dst)
     if not src.exists():

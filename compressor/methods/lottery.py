@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compressor import masks as M
-from compressor.atomic import atomic_path, write_text_atomic
 from compressor.errors import RecipeError
 from compressor.recipe import StageContext, register_method
+from compressor.utils.atomic import atomic_path, write_text_atomic
 
 CHECKPOINT_FORMAT = 1
 

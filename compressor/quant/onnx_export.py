@@ -29,9 +29,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from compressor.atomic import atomic_path
 from compressor.errors import VerificationError
 from compressor.quant.quantizer import QuantizedTensor
+from compressor.utils.atomic import atomic_path
 
 
 def _find_init(graph, name: str):

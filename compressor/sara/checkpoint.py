@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compressor.errors import InputError
+from compressor.utils.atomic import atomic_path
 
 FORMAT = "compressor.sara/1"
 
@@ -48,15 +47,8 @@ def save_adaptation(adapter, path: str | Path) -> dict:
         "counts": {n: int(d.initial_idx.numel()) for n, d in adapter.deltas.items()},
         "full": list(adapter.selection.full),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"sara": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"sara": json.dumps(meta)})
     return {"path": str(path), "bytes": path.stat().st_size, "values": sum(int(c) for c in meta["counts"].values())}
 
 
