@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from compressor.errors import InputError
+from compressor.utils.names import find_module, set_module
 
 # MLP output projections (relative to a block), most specific first.
 OUT_PROJ_NAMES = (
@@ -51,23 +52,6 @@ class BlockInputs:
     args: tuple
     kwargs: dict
     hidden_in_kwargs: bool = False
-
-
-def _get(root: nn.Module, path: str) -> nn.Module | None:
-    mod = root
-    for part in path.split("."):
-        if not part:
-            continue
-        if isinstance(mod, nn.ModuleList | nn.Sequential) and part.isdigit():
-            idx = int(part)
-            if idx >= len(mod):
-                return None
-            mod = mod[idx]
-        else:
-            mod = getattr(mod, part, None)
-            if not isinstance(mod, nn.Module):
-                return None
-    return mod
 
 
 def _is_proj(mod: nn.Module) -> bool:
@@ -110,7 +94,7 @@ class BlockAdapter:
             raise InputError(f"{type(model).__name__} is an encoder-decoder model: it has two block stacks",
                              "ReplaceMe prunes one stack; pass blocks='encoder.layers' (or a BlockAdapter) to choose it")
         path = blocks if blocks is not None else _find_block_list(model)
-        stack = _get(model, path) if path is not None else None
+        stack = find_module(model, path) if path is not None else None
         if path is None or not isinstance(stack, nn.ModuleList) or len(stack) < 2:
             raise InputError(
                 f"{type(model).__name__} has no recognisable stack of residual blocks"
@@ -118,34 +102,34 @@ class BlockAdapter:
                 "ReplaceMe needs a transformer-like stack; pass blocks='path.to.ModuleList' or a BlockAdapter subclass")
         block = stack[0]
         if out_proj is None:
-            out_proj = next((n for n in OUT_PROJ_NAMES if _is_proj(_get(block, n) or nn.Identity())), None)
+            out_proj = next((n for n in OUT_PROJ_NAMES if _is_proj(find_module(block, n) or nn.Identity())), None)
         if out_proj is None:  # fallback: the last linear layer registered in the block
             names = [n for n, m in block.named_modules() if n and _is_proj(m)]
             out_proj = names[-1] if names else None
-        if out_proj is None or not _is_proj(_get(block, out_proj) or nn.Identity()):
+        if out_proj is None or not _is_proj(find_module(block, out_proj) or nn.Identity()):
             raise InputError(f"cannot find the MLP output projection of {type(block).__name__} blocks"
                              + (f" ('{out_proj}' is not a Linear)" if out_proj else ""),
                              "pass out_proj='name.inside.block' (an nn.Linear whose output is added to the residual)")
         if post_norm is None:
-            post_norm = next((n for n in POST_NORM_NAMES if _get(block, n) is not None), None)
+            post_norm = next((n for n in POST_NORM_NAMES if find_module(block, n) is not None), None)
         return cls(model, path, out_proj, post_norm)
 
     # ------------------------------------------------------------------ access
     def blocks(self) -> nn.ModuleList:
-        return _get(self.model, self.blocks_path)
+        return find_module(self.model, self.blocks_path)
 
     def __len__(self) -> int:
         return len(self.blocks())
 
     def out_proj(self, block: nn.Module | int) -> nn.Module:
         block = self.blocks()[block] if isinstance(block, int) else block
-        return _get(block, self.out_proj_name)
+        return find_module(block, self.out_proj_name)
 
     def post_norm(self, block: nn.Module | int) -> nn.Module | None:
         if self.post_norm_name is None:
             return None
         block = self.blocks()[block] if isinstance(block, int) else block
-        return _get(block, self.post_norm_name)
+        return find_module(block, self.post_norm_name)
 
     def is_hf(self) -> bool:
         cfg = getattr(self.model, "config", None)
@@ -235,9 +219,7 @@ class BlockAdapter:
         drop = sorted(set(int(i) for i in indices))
         keep = [i for i in range(old_n) if i not in drop]
         new = nn.ModuleList([stack[i] for i in keep])
-        parent_path, _, attr = self.blocks_path.rpartition(".")
-        parent = _get(self.model, parent_path) if parent_path else self.model
-        setattr(parent, attr, new)
+        set_module(self.model, self.blocks_path, new)
         renumbered = 0
         for j, block in enumerate(new):
             for mod in block.modules():

@@ -22,7 +22,6 @@ Parametrized modules keep their state under ``<module>.parametrizations.weight.o
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from collections.abc import Iterable
 
@@ -31,6 +30,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from compressor.errors import RecipeError
+from compressor.utils.names import join_name, module_name_of, owner
+from compressor.utils.selectors import selected
 
 try:  # GPT-2 style Conv1D (weight stored as [in, out])
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -50,10 +51,6 @@ __all__ = [
 # which tensors
 
 
-def _matches(name: str, module_name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in patterns)
-
-
 def _weight_param(module: nn.Module) -> nn.Parameter | None:
     """The trainable storage of `module.weight` (the parametrization's `original` when masked)."""
     if parametrize.is_parametrized(module, "weight"):
@@ -67,7 +64,7 @@ def prunable_weights(model: nn.Module, include: list[str] | None = None, exclude
     """``{"fc1.weight": param}`` for every module of `types` (Conv2d, Linear, HF Conv1D by default).
 
     `include` / `exclude` are glob patterns (fnmatch, case-sensitive) matched against the weight name
-    ("fc1.weight") or the module name ("fc1"); e.g. ``exclude=["fc"]`` keeps the output layer dense,
+    ("fc1.weight") or the module name ("fc1"), see :mod:`compressor.utils.selectors`; e.g. ``exclude=["fc"]`` keeps the output layer dense,
     ``include=["encoder.layer.*"]``. A weight shared by several such modules (tied) is listed once; one tied to a
     module of another type (an embedding) is left out.
     For an already-masked module the returned parameter is its unmasked storage (the parametrization's
@@ -87,11 +84,9 @@ def prunable_weights(model: nn.Module, include: list[str] | None = None, exclude
         if p is None or id(p) in seen or id(p) in foreign:
             continue
         seen.add(id(p))
-        name = f"{mname}.weight" if mname else "weight"
+        name = join_name(mname, "weight")
         candidates.append(name)
-        if include and not _matches(name, mname, include):
-            continue
-        if exclude and _matches(name, mname, exclude):
+        if not selected(name, include, exclude):
             continue
         out[name] = p
     if not out:
@@ -111,7 +106,7 @@ def transposed_names(model: nn.Module, names: Iterable[str]) -> set[str]:
     if _HFConv1D is None:
         return set()
     mods = dict(model.named_modules())
-    return {n for n in names if isinstance(mods.get(n.rsplit(".", 1)[0] if "." in n else ""), _HFConv1D)}
+    return {n for n in names if isinstance(mods.get(module_name_of(n)), _HFConv1D)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,15 +324,11 @@ def _own_class(module: nn.Module) -> None:
 
 
 def _module_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    if "." in name:
-        mname, attr = name.rsplit(".", 1)
-        try:
-            module = model.get_submodule(mname)
-        except AttributeError as e:
-            raise RecipeError(f"mask names {name!r} but the model has no module {mname!r}", "the masks belong to a different model") from e
-    else:
-        module, attr = model, name
-    return module, attr
+    try:
+        return owner(model, name)
+    except AttributeError as e:
+        raise RecipeError(f"mask names {name!r} but the model has no module {module_name_of(name)!r}",
+                          "the masks belong to a different model") from e
 
 
 def _mask_param(module: nn.Module, attr: str) -> WeightMask | None:
@@ -412,7 +403,7 @@ def current_masks(model: nn.Module) -> dict[str, Tensor]:
         for attr in module.parametrizations.keys():
             mp = _mask_param(module, attr)
             if mp is not None:
-                out[f"{mname}.{attr}" if mname else attr] = mp.mask.clone()
+                out[join_name(mname, attr)] = mp.mask.clone()
     return out
 
 

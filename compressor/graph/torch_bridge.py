@@ -14,6 +14,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.graph.analysis import Analysis
+from compressor.utils.names import owner
 
 
 def cut_plan(analysis: Analysis, selection) -> dict[str, dict[int, list[int]]]:
@@ -36,8 +37,7 @@ def _slice_tensor(t: torch.Tensor, cuts: dict[int, list[int]]) -> torch.Tensor:
 
 
 def _set(model: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
-    mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
+    mod, attr = owner(model, name)
     if is_param:
         setattr(mod, attr, nn.Parameter(value.contiguous(), requires_grad=getattr(mod, attr).requires_grad))
     else:
@@ -120,8 +120,8 @@ def prune_torch(model: nn.Module, analysis: Analysis, selection) -> dict:
             if len(names) > 1 and changed:
                 for n in names:
                     if n not in changed:
-                        mod_name, _, attr = n.rpartition(".")
-                        setattr(model.get_submodule(mod_name) if mod_name else model, attr, now[changed[0]])
+                        mod, attr = owner(model, n)
+                        setattr(mod, attr, now[changed[0]])
         for mod in model.modules():
             for child in mod.children():  # HF GPT-2 Conv1D keeps its width in `nf`
                 if hasattr(child, "nf") and hasattr(child, "weight"):

@@ -22,6 +22,8 @@ from compressor.errors import InputError, VerificationError
 from compressor.kernels import calibrate as KC
 from compressor.kernels import formats as KF
 from compressor.kernels.sparse_linear import SparseLinear
+from compressor.utils.names import join_name, set_module
+from compressor.utils.selectors import selected
 
 
 @dataclass
@@ -92,12 +94,6 @@ def _run(model: nn.Module, inputs, device: torch.device):
     return model(*[a.to(device) if isinstance(a, Tensor) else a for a in args])
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _compare(before: list[Tensor], after: list[Tensor], atol: float, rtol: float) -> tuple[bool, float]:
     if len(before) != len(after):
         return False, float("inf")
@@ -118,7 +114,7 @@ def unswap_sparse_kernels(model: nn.Module) -> int:
     """Turn every SparseLinear back into an ``nn.Linear`` (e.g. before ONNX export); returns how many."""
     names = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
     for n in names:
-        _set_module(model, n, model.get_submodule(n).to_linear())
+        set_module(model, n, model.get_submodule(n).to_linear())
     return len(names)
 
 
@@ -133,10 +129,9 @@ def swap_sparse_kernels(model: nn.Module, example_inputs, min_sparsity: float = 
     ``device``: where the kernels will run (default: the model's device; the model is moved there).
     ``mode``: "auto" (cached measurement, else the conservative default table), "calibrate" (measure every
     layer now and cache it), "default", or a format name to force. ``half``: dtype 2:4 layers compute in when
-    the model is fp32 (``None`` keeps fp32 and so rules 2:4 out).
+    the model is fp32 (``None`` keeps fp32 and so rules 2:4 out). ``include`` / ``exclude``: globs on the
+    Linear's weight name or module name (the recipes' meaning, :mod:`compressor.utils.selectors`).
     """
-    import fnmatch
-
     if not 0.0 <= min_sparsity <= 1.0:
         raise InputError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     try:
@@ -152,11 +147,8 @@ def swap_sparse_kernels(model: nn.Module, example_inputs, min_sparsity: float = 
     was_training = model.training
     model.eval()
 
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if include:
-        linears = {n: m for n, m in linears.items() if any(fnmatch.fnmatchcase(n, p) for p in include)}
-    if exclude:
-        linears = {n: m for n, m in linears.items() if not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and selected(join_name(n, "weight"), include, exclude)}
     rows: dict[str, int] = {}
 
     def hook(name):
@@ -213,7 +205,7 @@ def swap_sparse_kernels(model: nn.Module, example_inputs, min_sparsity: float = 
                 any_half |= dt != w.dtype
                 new = SparseLinear(w, lin.bias, d.format, device=device, dtype=dt, decision=d)
                 originals[name] = lin
-                _set_module(model, name, new)
+                set_module(model, name, new)
             report.layers.append(lr)
 
         if atol is None:
@@ -231,7 +223,7 @@ def swap_sparse_kernels(model: nn.Module, example_inputs, min_sparsity: float = 
                 fix="check the layers' dtypes or raise the tolerance; pass half=None to keep fp32 (no 2:4)")
     except BaseException:
         for name, orig in originals.items():
-            _set_module(model, name, orig)
+            set_module(model, name, orig)
         model.train(was_training)
         raise
     if time_model:

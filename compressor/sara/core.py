@@ -18,7 +18,6 @@ Pieces:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 
@@ -27,14 +26,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressor.errors import InputError
+from compressor.utils.names import owner
+from compressor.utils.selectors import matches, selected
 
 
 def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 - 1 else torch.int64
-
-
-def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 # ----------------------------------------------------------------------------------------- selection
@@ -69,15 +66,9 @@ class Selection:
 
 
 def candidate_params(model: nn.Module, include=None, exclude=(), full=()) -> list[tuple[str, torch.Tensor]]:
-    """Every parameter tensor (no type filter, §4.1), optionally limited by name globs."""
-    out = []
-    for name, p in model.named_parameters():
-        if _matches(name, full) or _matches(name, exclude):
-            continue
-        if include and not _matches(name, include):
-            continue
-        out.append((name, p))
-    return out
+    """Every parameter tensor (no type filter, §4.1) that `include`/`exclude` select and `full` does not name;
+    the globs match a parameter's name or its module's (:mod:`compressor.utils.selectors`)."""
+    return [(name, p) for name, p in model.named_parameters() if not matches(name, full) and selected(name, include, exclude)]
 
 
 def threshold_for_fraction(tensors: list[torch.Tensor], fraction: float) -> float:
@@ -120,7 +111,8 @@ def select(
     """Masks M_p = |w_p| < θ (strict) on the current weights, over every parameter tensor (§4.1).
 
     Give `threshold` (θ, the reference uses 2e-3) or `fraction` (θ = that quantile of |w| over all candidate
-    entries). `include` / `exclude` / `full` are name globs: `full` parameters (e.g. a freshly initialised
+    entries). `include` / `exclude` / `full` are name globs (a parameter's or its module's name, see
+    :mod:`compressor.utils.selectors`): `full` parameters (e.g. a freshly initialised
     head) are trained densely instead and are not candidates.
     """
     if (threshold is None) == (fraction is None):
@@ -139,7 +131,7 @@ def select(
         m = p.detach().abs() < threshold
         if bool(m.any()):
             masks[name] = m
-    sel = Selection(threshold, masks, total, [n for n, _ in model.named_parameters() if _matches(n, full)])
+    sel = Selection(threshold, masks, total, [n for n, _ in model.named_parameters() if matches(n, full)])
     if sel.selected == 0:
         smallest = min(float(p.detach().abs().min()) for _, p in cands)
         raise InputError(
@@ -196,11 +188,6 @@ class SparseDelta(nn.Module):
             base.data.view(-1)[self.idx] = self.values.detach().to(base.dtype)
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    mod_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(mod_name) if mod_name else model), attr
-
-
 class SaRAAdapter:
     """Attaches SaRA to `model` in place: every parameter is frozen; selected weights get a SparseDelta."""
 
@@ -220,7 +207,7 @@ class SaRAAdapter:
             p.requires_grad_(name in selection.full)
         self.deltas: dict[str, SparseDelta] = {}
         for name, mask in selection.masks.items():
-            module, attr = _owner(model, name)
+            module, attr = owner(model, name)
             base = getattr(module, attr)
             delta = SparseDelta(base, mask.to(base.device))
             parametrize.register_parametrization(module, attr, delta, unsafe=True)
@@ -239,7 +226,7 @@ class SaRAAdapter:
         return sum(d.values.numel() for d in self.deltas.values()) + sum(p.numel() for p in self.full_params())
 
     def base(self, name: str) -> torch.Tensor:
-        module, attr = _owner(self.model, name)
+        module, attr = owner(self.model, name)
         return module.parametrizations[attr].original
 
     def sync(self) -> None:
@@ -258,7 +245,7 @@ class SaRAAdapter:
             return self.model
         self.sync()
         for name in self.deltas:
-            module, attr = _owner(self.model, name)
+            module, attr = owner(self.model, name)
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
