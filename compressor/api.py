@@ -143,7 +143,7 @@ def _state_bytes(model: torch.nn.Module) -> int:
     from safetensors.torch import save
 
     from compressor.io.models import _dedupe_shared
-    from compressor.methods.export import plain_copy
+    from compressor.masks import plain_copy
 
     state = {k: v.detach().contiguous() for k, v in plain_copy(model).state_dict().items()}
     return len(save(_dedupe_shared(state)))
@@ -222,7 +222,7 @@ def _reference(kind, module, onnx_model, data, example, tokenizer) -> dict:
 
 def _save_final(ctx: StageContext, output: Path) -> dict:
     """The compressed model in its natural format, unless a stage already wrote it."""
-    from compressor.methods.export import plain_copy
+    from compressor.masks import plain_copy
     from compressor.onnx_utils import save_onnx_verified
 
     files = dict(ctx.artifacts)
@@ -305,7 +305,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
 
         kernels_report = swap_sparse_kernels(ctx.model, example).to_dict()
     if measure_latency:  # timed alternately in one loop: a ratio that machine noise cannot fake
-        from compressor.methods.export import plain_copy
+        from compressor.masks import plain_copy
 
         run_before = ev.runner(loaded.kind, loaded.onnx.SerializeToString() if loaded.kind == "onnx" else loaded.module, example)
         # masks baked into plain weights: the model as deployed, without the parametrization's multiply

@@ -209,7 +209,7 @@ def export_cmd(
     from compressor.export import export_onnx
     from compressor.io.data import load_data
     from compressor.io.models import load_model
-    from compressor.methods.export import plain_copy
+    from compressor.masks import plain_copy
 
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
     if loaded.kind == "onnx":

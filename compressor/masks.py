@@ -16,7 +16,7 @@ the stored original at pruned positions. The forward therefore always sees exact
 positions are exactly zero, and (because the stored value and its gradient are both zero) SGD momentum,
 weight decay, Adam and AdamW all leave them at zero — so the stored weights stay zero too.
 Parametrized modules keep their state under ``<module>.parametrizations.weight.original``; use
-:func:`baked_copy` / :func:`plain_state_dict` before exporting or saving to get the plain names back.
+:func:`plain_copy` / :func:`plain_state_dict` before exporting or saving to get the plain names back.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ except Exception:  # noqa: BLE001 - transformers is optional
 DEFAULT_TYPES: tuple[type, ...] = (nn.Conv2d, nn.Linear) + ((_HFConv1D,) if _HFConv1D is not None else ())
 
 __all__ = [
-    "DEFAULT_TYPES", "WeightMask", "apply_masks", "bake_masks", "baked_copy", "check_sparsity", "current_masks",
+    "DEFAULT_TYPES", "WeightMask", "apply_masks", "bake_masks", "check_sparsity", "current_masks", "plain_copy",
     "has_masks", "magnitude_masks", "mask_density", "mask_optimizer_state", "remask_", "nm_masks", "plain_state_dict", "prunable_weights",
     "random_masks", "sparsity_report", "transposed_names",
 ]
@@ -419,18 +419,24 @@ def bake_masks(model: nn.Module) -> None:
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
 
 
-def baked_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with masks baked in (plain parameter names, zeros in place); `model` is untouched."""
-    if not has_masks(model):
-        return model
-    clone = copy.deepcopy(model)
-    bake_masks(clone)
+def plain_copy(model: nn.Module) -> nn.Module:
+    """What every export and save writes: a deep copy in eval mode with every parametrization (masks, an
+    un-merged SaRA adapter) baked into plain parameters, so names are plain ("fc1.weight") and pruned entries are
+    exact zeros. `model` is untouched, and stays usable: each parametrized module of the copy gets a class of its
+    own before its parametrizations are removed (see :func:`_own_class`)."""
+    clone = copy.deepcopy(model).eval()
+    for module in list(clone.modules()):
+        if parametrize.is_parametrized(module):
+            _own_class(module)
+            for attr in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
     return clone
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """state_dict with plain names ("fc1.weight") and pruned entries exactly zero, whether or not masks are applied."""
-    return {k: v.detach().clone() for k, v in baked_copy(model).state_dict().items()}
+    source = plain_copy(model) if any(parametrize.is_parametrized(m) for m in model.modules()) else model
+    return {k: v.detach().clone() for k, v in source.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from compressor import masks as M
 from compressor.errors import RecipeError
@@ -261,7 +262,7 @@ def test_sparsity_report_both_denominators():
     assert rep["sparsity_all_params"] == pytest.approx((masked // 2) / total)
     assert set(rep["per_tensor"]) == {"fc1.weight", "fc2.weight"}
     # baked model: zeros counted from the plain weights instead
-    baked = M.baked_copy(model)
+    baked = M.plain_copy(model)
     rep2 = M.sparsity_report(baked)
     assert rep2["pruned"] == masked // 2
     assert rep2["per_tensor"]["fc.weight"] == 0.0
@@ -320,7 +321,7 @@ def test_onnx_export_of_masked_model_has_zeros_and_matches_onnxruntime(tmp_path)
             p[~masks[k]] = 5.0
     path = tmp_path / "m.onnx"
     x = torch.randn(6, 1, 8, 8)
-    export_onnx(M.baked_copy(model), (x,), path)
+    export_onnx(M.plain_copy(model), (x,), path)
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
     for k, mk in masks.items():
         assert k in inits, k  # plain names
@@ -334,3 +335,38 @@ def test_onnx_export_of_masked_model_has_zeros_and_matches_onnxruntime(tmp_path)
     raw = tmp_path / "raw.onnx"
     export_onnx(model, (x,), raw)
     np.testing.assert_allclose(run_onnx(str(raw), {"input": x.numpy()})[0], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_plain_copy_bakes_every_parametrization_and_leaves_the_model_working():
+    """One copy for every export/save: masks and an un-merged SaRA adapter become plain weights in an eval-mode
+    copy; the source keeps its parametrizations, training flag and forward."""
+    from compressor.sara import SaRAOptimizer
+
+    torch.manual_seed(0)
+    model = digits_mlp(hidden=32).train()
+    M.apply_masks(model, M.magnitude_masks(M.prunable_weights(model, include=["fc1"]), 0.5))
+    opt = SaRAOptimizer(model, fraction=0.2, include=["fc2"], lambda_rank=0.0)  # parametrizes fc2.weight
+    with torch.no_grad():
+        for v in opt.adapter.values():
+            v.add_(0.5)  # the adapted values differ from the base: only a real bake carries them
+    x = torch.randn(5, 64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    model.train()
+    plain = M.plain_copy(model)
+    assert plain is not model and not plain.training and model.training
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+    sd = plain.state_dict()
+    assert {"fc1.weight", "fc2.weight"} <= set(sd) and not any("parametrizations" in k for k in sd)
+    assert M.plain_state_dict(model).keys() == sd.keys()
+    fresh = digits_mlp(hidden=32).eval()
+    fresh.load_state_dict(sd)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), expected) and torch.equal(fresh(x), expected)
+        assert torch.equal(model(x), expected)  # the source still runs its parametrized forward
+    assert parametrize.is_parametrized(model.fc1) and parametrize.is_parametrized(model.fc2)
+    # an unparametrized model is copied too (callers may change the copy)
+    dense = digits_mlp(hidden=32)
+    assert M.plain_copy(dense) is not dense

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compressor.masks import plain_copy
 from compressor.recipe import StageContext, register_method
 
 
@@ -16,18 +16,6 @@ class ExportParams(BaseModel):
     atol: float = Field(1e-4, gt=0, description="absolute tolerance of the torch vs onnxruntime check")
     rtol: float = Field(1e-3, ge=0, description="relative tolerance (times max |output|)")
     filename: str = Field("model", description="file stem inside the output folder")
-
-
-def plain_copy(model):
-    """A deep copy with parametrizations (masks) baked into plain weights: what every export writes."""
-    from torch.nn.utils import parametrize
-
-    m = copy.deepcopy(model).eval()
-    for mod in list(m.modules()):
-        if parametrize.is_parametrized(mod):
-            for name in list(mod.parametrizations.keys()):
-                parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
-    return m
 
 
 @register_method("export", ExportParams, help="write verified ONNX and/or torch files of the current model")
