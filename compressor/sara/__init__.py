@@ -7,13 +7,14 @@
     opt.adapter.merge()                                 # ordinary weights again, ready for export
 """
 
-from compressor.sara.checkpoint import fingerprint, load_adaptation, read_adaptation, save_adaptation
+from compressor.sara.checkpoint import load_adaptation, read_adaptation, save_adaptation
 from compressor.sara.core import (
     SaRAAdapter,
     SaRAOptimizer,
     Selection,
     SparseDelta,
     default_lr,
+    fingerprint,
     select,
     state_bytes,
     threshold_for_fraction,

@@ -9,7 +9,6 @@ exact same base weights, hence the fingerprints: any difference (shape, values, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,21 +16,13 @@ import torch
 from torch import nn
 
 from compressor.errors import InputError
+from compressor.sara.core import SaRAAdapter, Selection, fingerprint
 from compressor.utils.atomic import atomic_path
 
 FORMAT = "compressor.sara/1"
 
 
-def fingerprint(t: torch.Tensor) -> str:
-    """SHA-256 (first 16 hex digits) of a tensor's dtype, shape and bytes."""
-    a = t.detach().to("cpu").contiguous()
-    h = hashlib.sha256(f"{a.dtype}|{tuple(a.shape)}|".encode())
-    if a.numel():
-        h.update(a.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
-    return h.hexdigest()[:16]
-
-
-def save_adaptation(adapter, path: str | Path) -> dict:
+def save_adaptation(adapter: SaRAAdapter, path: str | Path) -> dict:
     """Write the adaptation of `adapter` (a SaRAAdapter, before or after training) to `path` atomically."""
     from safetensors.torch import save_file
 
@@ -103,8 +94,6 @@ def load_adaptation(model: nn.Module, path: str | Path, *, attach: bool = False)
     attach=False: merge in place (ordinary parameters hold the adapted weights); returns the model.
     attach=True: return a SaRAAdapter on the model with the saved values (to continue training).
     """
-    from compressor.sara.core import SaRAAdapter, Selection
-
     meta, tensors = read_adaptation(path)
     check_base(model, meta, path)
     threshold = float(meta["threshold"])

@@ -18,6 +18,7 @@ Pieces:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -28,6 +29,16 @@ from torch.nn.utils import parametrize
 from compressor.errors import InputError
 from compressor.utils.names import owner
 from compressor.utils.selectors import matches, selected
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """The identity of a base weight (an adaptation file is only applied to the exact base it was trained
+    from): SHA-256 (first 16 hex digits) of the tensor's dtype, shape and bytes."""
+    a = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{a.dtype}|{tuple(a.shape)}|".encode())
+    if a.numel():
+        h.update(a.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
+    return h.hexdigest()[:16]
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -196,8 +207,6 @@ class SaRAAdapter:
         self.selection = selection
         self.threshold = selection.threshold
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        from compressor.sara.checkpoint import fingerprint
-
         # fingerprints of the base weights (everything not trained densely), so an adaptation file is only
         # ever applied to the exact base it was trained from
         self.base_fingerprints = {
