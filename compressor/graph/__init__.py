@@ -53,10 +53,10 @@ def analyze_model(model, *, arch: str | None = None, trust_pickle: bool = False,
     import onnx
     from torch import nn
 
-    from compressor.api import example_inputs_for
     from compressor.export import export_onnx
     from compressor.graph.torch_bridge import distinct_copy
     from compressor.io.data import load_data
+    from compressor.io.inputs import example_inputs_for
     from compressor.io.models import LoadedModel
     from compressor.io.models import load_model as load_any
 
