@@ -70,3 +70,30 @@ def test_kind_check():
     r = load_recipe({"name": "x", "stages": [{"method": "finetune"}]})
     with pytest.raises(RecipeError, match="does not work on onnx"):
         check_kinds(r, "onnx")
+
+
+TRAINING_METHODS = ["finetune", "gradual", "imp_rewind", "sara", "qdistill"]
+
+
+@pytest.mark.parametrize("method", TRAINING_METHODS)
+@pytest.mark.parametrize("field,bad", [("batch_size", 0), ("lr", 0), ("weight_decay", -1e-3), ("epochs", -1)])
+def test_training_stages_share_one_declaration_of_train_params(method, field, bad):
+    """Every training stage extends TrainParams, so a shared field is checked the same way everywhere."""
+    from compressor.methods._params import TrainParams
+    from compressor.recipe import REGISTRY, ensure_methods_loaded
+
+    ensure_methods_loaded()
+    assert issubclass(REGISTRY[method].params, TrainParams)
+    with pytest.raises(RecipeError, match=rf"stage 1 \({method}\): field '{field}'"):
+        load_recipe({"name": "x", "stages": [{"method": method, field: bad}]})
+
+
+def test_include_exclude_have_one_documented_meaning():
+    from compressor.recipe import REGISTRY, ensure_methods_loaded
+    from compressor.utils.selectors import PATTERN_HELP
+
+    ensure_methods_loaded()
+    documented = {(m, f) for m, spec in REGISTRY.items() for f, info in spec.params.model_fields.items()
+                  if f in ("include", "exclude", "full") and PATTERN_HELP in (info.description or "")}
+    fields = {(m, f) for m, spec in REGISTRY.items() for f in spec.params.model_fields if f in ("include", "exclude", "full")}
+    assert fields and documented == fields

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compressor.errors import CompressorError, RecipeError
+from compressor.methods._params import globs
 from compressor.recipe import StageContext, register_method
 
 
@@ -26,8 +27,8 @@ class EssentialParams(BaseModel):
     eps: float = Field(1.0, ge=0.0, description="tolerated drop for the tolerance point (metric points, or % with relative)")
     relative: bool = Field(False, description="eps in percent of the dense metric instead of absolute points")
     apply: Literal["knee", "tolerance"] | None = Field(None, description="leave the model pruned at this level (null: measure only)")
-    include: list[str] | None = Field(None, description="glob patterns of weights to prune (default: RECIPES §2.1 rule)")
-    exclude: list[str] | None = Field(None, description="glob patterns of weights to keep dense")
+    include: list[str] | None = globs("to prune (default: the RECIPES §2.1 rule)")
+    exclude: list[str] | None = globs("to keep dense")
     n_texts: int = Field(256, ge=2, description="held-out sentences for text models")
 
     @field_validator("grid")

@@ -6,28 +6,13 @@ pruned models simply train at their new width.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-
 from compressor.errors import RecipeError
+from compressor.methods._params import CosineOrConstant, SGDParams
 from compressor.recipe import StageContext, register_method
 
 
-class TrainingParams(BaseModel):
-    """Optimizer fields shared by every stage that trains with compressor.train.train."""
-
-    model_config = ConfigDict(extra="forbid")
-    lr: float = Field(0.01, gt=0)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(64, ge=1)
-    schedule: Literal["constant", "cosine"] = "cosine"
-
-
-class FinetuneParams(TrainingParams):
-    epochs: float = Field(3.0, gt=0, description="passes over the training split")
+class FinetuneParams(SGDParams):
+    schedule: CosineOrConstant = "cosine"
 
 
 @register_method("finetune", FinetuneParams, help="fine-tune the current model on the labelled training data", kinds=("torch",))

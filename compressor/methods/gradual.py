@@ -17,7 +17,7 @@ from torch import nn
 
 from compressor import masks as M
 from compressor.errors import RecipeError
-from compressor.methods.finetune import TrainingParams
+from compressor.methods._params import CosineOrConstant, Epochs, SGDParams, globs
 from compressor.recipe import StageContext, register_method
 
 
@@ -113,16 +113,17 @@ def gradual_prune(model: nn.Module, dataset, final_sparsity: float, *, initial_s
             **{k: rep[k] for k in ("sparsity_masked", "sparsity_all_params", "per_tensor")}}
 
 
-class GradualParams(TrainingParams):
+class GradualParams(SGDParams):
+    schedule: CosineOrConstant = "cosine"
     final_sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="s_f, reached at end_fraction of training")
     initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="s_i, applied at begin_fraction")
-    epochs: float = Field(20.0, gt=0, description="total training length (pruning + recovery)")
+    epochs: Epochs = Field(20.0, description="total training length (pruning + recovery)")
     begin_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="t₀ as a fraction of training")
     end_fraction: float = Field(0.7, gt=0.0, le=1.0, description="t₀ + nΔt as a fraction of training")
     frequency: int = Field(10, ge=1, description="Δt: steps between mask updates")
     scope: Literal["layerwise", "global"] = "layerwise"
-    include: list[str] | None = None
-    exclude: list[str] | None = None
+    include: list[str] | None = globs("to prune (default: every Conv2d/Linear)")
+    exclude: list[str] | None = globs("to keep dense")
 
     @model_validator(mode="after")
     def _order(self):

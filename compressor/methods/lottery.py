@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from compressor import masks as M
 from compressor.errors import RecipeError
+from compressor.methods._params import Epochs, LearningRate, SGDParams, WeightDecay, globs
 from compressor.recipe import StageContext, register_method
 from compressor.utils.atomic import atomic_path, write_text_atomic
 
@@ -281,28 +282,24 @@ def imp_rewind(model: nn.Module, data, *, levels: int = 8, fraction: float = 0.2
 # ---------------------------------------------------------------------------------------------- recipe stage
 
 
-class IMPParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class IMPParams(SGDParams):
     levels: int = Field(8, ge=1, le=100, description="pruning rounds after the dense level 0")
     fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the remaining weights pruned per round")
     target_sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="if set, levels = rounds needed to reach it")
     variant: Literal["weight", "lr", "finetune"] = Field("weight", description="weight rewinding, LR rewinding or fine-tuning")
     rewind_epochs: float = Field(1.0, ge=0.0, description="rewind point k in epochs (0 = original LTH reset to init)")
     rewind_steps: int | None = Field(None, ge=0, description="rewind point k in iterations (overrides rewind_epochs)")
-    epochs: float = Field(20.0, gt=0, description="training length T of every level")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.05, gt=0)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    epochs: Epochs = Field(20.0, description="training length T of every level")
+    lr: LearningRate = 0.05
+    weight_decay: WeightDecay = 1e-4
     schedule: Literal["step", "cosine", "constant"] = Field("step", description="step: ×gamma at the milestones")
     milestones: list[float] = Field([0.5, 0.75], description="step-schedule milestones as fractions of T")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     warmup_epochs: float = Field(0.0, ge=0.0)
     scope: Literal["global", "layerwise"] = "global"
     convention: Literal["exact_k", "strict_above"] = "exact_k"
-    include: list[str] | None = None
-    exclude: list[str] | None = None
+    include: list[str] | None = globs("to prune (default: every Conv2d/Linear)")
+    exclude: list[str] | None = globs("to keep dense, e.g. ['fc'] for the output layer")
     init: Literal["reset", "given"] = Field("reset", description="reset: fresh seeded θ₀; given: the model's weights are θ₀")
     random_reinit_control: bool = Field(False, description="also train the same mask from a fresh init per level")
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from compressor import masks as M
 from compressor.errors import RecipeError
+from compressor.methods._params import globs
 from compressor.recipe import StageContext, register_method
 
 
@@ -38,8 +39,8 @@ class MagnitudeParams(BaseModel):
     scope: Literal["global", "layerwise"] = Field("global", description="rank |w| across all layers or inside each")
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N smallest removed per M consecutive inputs)")
     convention: Literal["exact_k", "strict_above"] = Field("exact_k", description="threshold convention (RECIPES §0.3)")
-    include: list[str] | None = Field(None, description="glob patterns of weights/modules to prune (default: all Conv2d/Linear)")
-    exclude: list[str] | None = Field(None, description="glob patterns to keep dense, e.g. ['fc'] for the output layer")
+    include: list[str] | None = globs("to prune (default: every Conv2d/Linear)")
+    exclude: list[str] | None = globs("to keep dense, e.g. ['fc'] for the output layer")
     on_indivisible: Literal["error", "skip"] = Field(
         "error", description="N:M only: a layer whose input dim is not a multiple of M raises, or stays dense (skip)")
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compressor.errors import InputError, RecipeError
+from compressor.methods._params import LearningRate, Momentum, TrainParams, WeightDecay
 from compressor.recipe import StageContext, register_method
 
 
-class QDistillParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class QDistillParams(TrainParams):
     bits: int = Field(4, ge=2, le=8, description="bits per quantized weight (2-8)")
     bucket_size: int | None = Field(256, ge=1, description="values sharing one scale/offset; null = whole tensor (flat) / whole row")
     layout: Literal["row", "flat"] = Field("row", description="row: buckets stay inside an output channel (exact ONNX/MatMulNBits blocks); flat: paper")
@@ -29,10 +29,9 @@ class QDistillParams(BaseModel):
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term")
     kl_reduction: Literal["batchmean", "elementwise_mean"] = "batchmean"
     epochs: float = Field(10.0, ge=0, description="0 = post-training quantization, no training")
-    lr: float = Field(0.01, gt=0, description="quantized distillation ~1e-2; differentiable quantization ~1e-4..1e-5")
-    batch_size: int = Field(64, ge=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(2.2e-4, ge=0)
+    lr: LearningRate = Field(0.01, description="quantized distillation ~1e-2; differentiable quantization ~1e-4..1e-5")
+    momentum: Momentum = 0.9
+    weight_decay: WeightDecay = 2.2e-4
     student: str | None = Field(None, description="package.module:factory for a different (smaller) student, trained from scratch")
     quantize_first_last: bool = True
     export: list[Literal["qdq", "nbits"]] = Field(default_factory=lambda: ["qdq"], description="quantized ONNX files to write")

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from compressor.errors import RecipeError
+from compressor.methods._params import TrainParams, WeightDecay, globs
 from compressor.recipe import StageContext, register_method
 from compressor.sara import SaRAOptimizer, save_adaptation, select, state_bytes
 
 
-class SaRAParams(BaseModel, extra="forbid"):
+class SaRAParams(TrainParams):
     threshold: float | None = Field(None, gt=0, description="train entries with |w| < threshold (reference: 2e-3)")
     fraction: float | None = Field(None, gt=0, lt=1, description="or: train this fraction of smallest-|w| entries")
     lambda_rank: float = Field(5e-4, ge=0, description="nuclear-norm penalty weight (0 = off)")
@@ -26,16 +27,15 @@ class SaRAParams(BaseModel, extra="forbid"):
     progressive: float | None = Field(0.5, gt=0, lt=1, description="re-select at this fraction of the run; null = never")
     reset_state: bool = True
     skip_step: bool = False
-    epochs: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0, description="passes over the training split (or give steps)")
     steps: int | None = Field(None, gt=0)
-    batch_size: int = Field(64, ge=1)
     lr: float | None = Field(None, gt=0, description="default 1e-3·exp(-350·threshold), the reference's")
-    weight_decay: float = Field(1e-2, ge=0)
+    weight_decay: WeightDecay = 1e-2
     max_grad_norm: float | None = Field(1.0, gt=0)
     cosine: bool = True
-    include: list[str] | None = None
-    exclude: list[str] = Field(default_factory=list)
-    full: list[str] = Field(default_factory=list, description="name globs trained densely (e.g. a new head)")
+    include: list[str] | None = globs("to consider (default: every parameter)")
+    exclude: list[str] = globs("never to train", empty_list=True)
+    full: list[str] = globs("trained densely instead (e.g. a new head)", empty_list=True)
     full_lr: float | None = Field(None, gt=0)
     save: str | None = Field("sara_adapter.safetensors", description="adaptation file in the work dir; null = don't save")
 
