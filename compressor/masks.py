@@ -33,16 +33,27 @@ from compressor.errors import RecipeError
 from compressor.utils.names import join_name, module_name_of, owner
 from compressor.utils.selectors import selected
 
-try:  # GPT-2 style Conv1D (weight stored as [in, out])
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-except Exception:  # noqa: BLE001 - transformers is optional
-    _HFConv1D = None
+
+def hf_conv1d() -> type | None:
+    """transformers' GPT-2 style Conv1D (weight stored as [in, out]), or None when transformers is not
+    installed. Any other failure to import it is a real error and propagates: treating it as "no Conv1D"
+    would silently leave every GPT-2 projection out of pruning."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ModuleNotFoundError as e:
+        if e.name != "transformers":
+            raise
+        return None
+    return Conv1D
+
+
+_HFConv1D = hf_conv1d()
 
 DEFAULT_TYPES: tuple[type, ...] = (nn.Conv2d, nn.Linear) + ((_HFConv1D,) if _HFConv1D is not None else ())
 
 __all__ = [
     "DEFAULT_TYPES", "WeightMask", "apply_masks", "bake_masks", "check_sparsity", "current_masks", "plain_copy",
-    "has_masks", "magnitude_masks", "mask_density", "mask_optimizer_state", "remask_", "nm_masks", "plain_state_dict", "prunable_weights",
+    "has_masks", "hf_conv1d", "magnitude_masks", "mask_density", "mask_optimizer_state", "remask_", "nm_masks", "plain_state_dict", "prunable_weights",
     "random_masks", "sparsity_report", "transposed_names",
 ]
 

@@ -370,3 +370,30 @@ def test_plain_copy_bakes_every_parametrization_and_leaves_the_model_working():
     # an unparametrized model is copied too (callers may change the copy)
     dense = digits_mlp(hidden=32)
     assert M.plain_copy(dense) is not dense
+
+
+def test_hf_conv1d_absent_only_when_transformers_is_not_installed(monkeypatch):
+    """No transformers -> no Conv1D; any other import failure is a real error, not a silent 'no Conv1D'
+    (which would leave GPT-2 projections out of pruning)."""
+    import sys
+    import types
+
+    real = M.hf_conv1d()
+    assert real is not None and real.__name__ == "Conv1D"  # transformers is installed here
+    monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", types.ModuleType("transformers.pytorch_utils"))
+    with pytest.raises(ImportError, match="Conv1D"):  # installed but broken: surfaces
+        M.hf_conv1d()
+    monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", None)
+    with pytest.raises(ModuleNotFoundError):
+        M.hf_conv1d()
+
+    class NotInstalled:  # an import system without transformers
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name.split(".")[0] == "transformers":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    for name in [n for n in sys.modules if n.split(".")[0] == "transformers"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [NotInstalled, *sys.meta_path])
+    assert M.hf_conv1d() is None

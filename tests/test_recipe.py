@@ -97,3 +97,41 @@ def test_include_exclude_have_one_documented_meaning():
                   if f in ("include", "exclude", "full") and PATTERN_HELP in (info.description or "")}
     fields = {(m, f) for m, spec in REGISTRY.items() for f in spec.params.model_fields if f in ("include", "exclude", "full")}
     assert fields and documented == fields
+
+
+def _fake_methods(tmp_path, modules: dict[str, str], name: str):
+    pkg = tmp_path / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for mod, src in modules.items():
+        (pkg / f"{mod}.py").write_text(src)
+    return [str(pkg)]
+
+
+def test_broken_method_module_raises_its_real_error(tmp_path, monkeypatch):
+    """A method module with a bug (here: it imports a compressor module that does not exist) is not hidden as
+    an 'unknown method': importing the methods raises the real error."""
+    from compressor.methods import import_method_modules
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _fake_methods(tmp_path, {"good": "X = 1\n", "broken": "from compressor.no_such_module import thing\n"},
+                         "fake_methods_broken")
+    with pytest.raises(ModuleNotFoundError, match="compressor.no_such_module"):
+        import_method_modules("fake_methods_broken", path)
+    path = _fake_methods(tmp_path, {"typo": "from compressor.masks import no_such_name\n"}, "fake_methods_typo")
+    with pytest.raises(ImportError, match="no_such_name"):
+        import_method_modules("fake_methods_typo", path)
+
+
+def test_method_module_missing_an_optional_package_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    from compressor.methods import import_method_modules
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _fake_methods(tmp_path, {"good": "X = 1\n", "needs_pkg": "import no_such_optional_package_xyz\n"},
+                         "fake_methods_optional")
+    with pytest.warns(UserWarning, match="needs_pkg"):
+        skipped = import_method_modules("fake_methods_optional", path)
+    assert set(skipped) == {"needs_pkg"} and "no_such_optional_package_xyz" in skipped["needs_pkg"]
+    import sys
+
+    assert "fake_methods_optional.good" in sys.modules
