@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from compressor.device import module_device
 from compressor.errors import InputError, VerificationError
 from compressor.kernels import calibrate as KC
 from compressor.kernels import formats as KF
@@ -134,11 +135,7 @@ def swap_sparse_kernels(model: nn.Module, example_inputs, min_sparsity: float = 
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise InputError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
-    try:
-        p0 = next(model.parameters())
-        model_device = p0.device
-    except StopIteration:
-        model_device = torch.device("cpu")
+    model_device = module_device(model)
     device = torch.device(device) if device is not None else model_device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but CUDA is not available", fix="use --device cpu or run on a GPU machine")
