@@ -150,3 +150,10 @@ def test_every_cli_command_and_option_is_documented():
         body = text[start:end]
         missing += [f"compress {name}: option {o} not in its section" for o in opts if f"`{o}`" not in body]
     assert not missing, "docs/cli.md is missing:\n" + "\n".join(missing)
+
+
+def test_index_links_every_page():
+    text = (DOCS / "index.md").read_text(encoding="utf-8")
+    linked = {t.partition("#")[0] for t in LINK.findall(text)}
+    pages = {p.name for p in DOCS.glob("*.md")} - {"index.md"}
+    assert pages and not pages - linked, f"docs/index.md does not link {sorted(pages - linked)}"
