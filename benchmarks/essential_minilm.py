@@ -1,7 +1,7 @@
-"""Essential sparsity of the real pretrained MiniLM-L6 (all-MiniLM-L6-v2), no retraining (RECIPES §2).
+"""Essential sparsity of the real pretrained MiniLM-L6 (all-MiniLM-L6-v2), no retraining (docs/essential.md).
 
 One-shot pruning of the 36 encoder weight matrices (Q, K, V, attention-out, intermediate, output dense of
-each of the 6 layers; RECIPES §2.1) at every sparsity of a grid, each level from the dense checkpoint again.
+each of the 6 layers, as the paper does) at every sparsity of a grid, each level from the dense checkpoint again.
 Quality: mean cosine (×100) between the pruned and the dense sentence embeddings on held-out sentences of the
 shipped corpus (odd lines), plus nearest-neighbour (retrieval top-1) agreement with the dense model.
 Curves: OMP global (the paper's), OMP layer-wise, global random, 2:4 and 4:8. Knee: tolerance (≤ eps points)
@@ -25,7 +25,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# RECIPES §2.5 [PAPER-ABS, secondary summary]: 30–50 % of the weights of large pre-trained transformers removable
+# Jaiswal et al. (NeurIPS 2023), abstract: 30–50 % of the weights of large pre-trained transformers removable
 # by one-shot global magnitude pruning with ≈ ≤ 1 % downstream drop (after fine-tuning on the task).
 PAPER_RANGE = (0.30, 0.50)
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["summary"] = {
         "table": rows,
         "omp_vs_random": ratio_at,
-        "paper_claim": "30-50% removable with <= ~1% downstream drop after task fine-tuning (RECIPES 2.5)",
+        "paper_claim": "30-50% removable with <= ~1% downstream drop after task fine-tuning (Jaiswal et al. 2023)",
         "paper_range": PAPER_RANGE,
         "measured_tolerance": tol,
         "measured_knee": an.get(main_c, {}).get("knee"),

@@ -1,4 +1,4 @@
-"""Lottery tickets on digits (RECIPES §1): IMP with weight rewinding vs learning-rate rewinding vs the random
+"""Lottery tickets on digits (docs/lottery.md): IMP with weight rewinding vs learning-rate rewinding vs the random
 re-initialisation control (same mask, fresh init), per pruning round, averaged over seeds.
 
 DigitsCNN (94k parameters; all conv/linear weights prunable, 94.2k of them), scikit-learn digits (1,347 train /
@@ -69,7 +69,7 @@ def main() -> None:
         }
         if lvl > 0:
             row["random_reinit_acc"] = ms([s["weight_rewinding"][lvl]["random_reinit_accuracy"] for s in per_seed])
-        # LMC "matching": accuracy ≥ mean dense − one std of dense (RECIPES §1.6); plus the 0.5-pt criterion
+        # LMC "matching": accuracy ≥ mean dense − one std of dense (Frankle et al. 2020); plus the 0.5-pt criterion
         row["weight_rewind_matching"] = row["weight_rewind_acc"]["mean"] >= dense["mean"] - dense["std"]
         row["weight_rewind_within_0.5pt"] = row["weight_rewind_acc"]["mean"] >= dense["mean"] - 0.005
         rows.append(row)

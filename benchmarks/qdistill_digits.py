@@ -1,7 +1,7 @@
-"""Quantized distillation on digits (RECIPES §5): a wide pretrained DigitsCNN teacher, a narrow DigitsCNN
+"""Quantized distillation on digits (Polino et al. 2018): a wide pretrained DigitsCNN teacher, a narrow DigitsCNN
 student trained from scratch at 4 and 2 bits, with and without distillation, over several seeds; baselines:
-the same quantizer applied post-training to the float student ("post-mortem", §5.5), differentiable
-quantization (§5.4) of the float distilled student, and onnxruntime post-training quantization (dynamic and
+the same quantizer applied post-training to the float student (the paper's "post-mortem" baseline), differentiable
+quantization of the float distilled student, and onnxruntime post-training quantization (dynamic and
 static int8). One seed's students are exported (QDQ with the learned scales, MatMulNBits) and timed in ORT.
 
     .venv/bin/python benchmarks/qdistill_digits.py            # -> benchmarks/results/qdistill_digits.json

@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    """Markdown table (the README's ReplaceMe section)."""
+    """Markdown table (as in docs/replaceme.md)."""
     print(f"\nMiniLM-L6, {result['config']['calibration_sentences']} calibration / "
           f"{result['config']['held_out_sentences']} held-out sentences, embedding fidelity (cosine to dense)\n")
     print("| blocks removed | cut | params | ReplaceMe-LS | ReplaceMe-cosine | same cut, no T | naive drop (last n) "

@@ -1,4 +1,4 @@
-"""SaRA vs LoRA vs full fine-tuning (and a random-sparse control), side by side in one run (RECIPES §4).
+"""SaRA vs LoRA vs full fine-tuning (and a random-sparse control), side by side in one run (SaRA: docs/sara.md).
 
 Task (b), digits: a DigitsCNN pre-trained on classes 0–4 of scikit-learn digits is adapted to classes 5–9.
   task      = accuracy on the held-out 5–9 test images (5-way: logits 5–9)

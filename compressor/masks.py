@@ -1,6 +1,6 @@
 """Weight masks: choosing them (magnitude, N:M, random/ERK) and enforcing them (torch parametrizations).
 
-Conventions (spec/RECIPES.md §0.2, §0.3):
+Conventions (docs/sparsity.md):
 
 * A mask set is ``{"fc1.weight": BoolTensor}``; True = kept, False = pruned. Only the tensors named in it are
   prunable; everything else is dense.
@@ -162,7 +162,7 @@ def _n_prune(n_total: int, n_alive: int, sparsity: float, fraction_of_remaining:
 
 def magnitude_masks(weights: dict[str, Tensor], sparsity: float, scope: str = "global", convention: str = "exact_k",
                     current: dict[str, Tensor] | None = None, fraction_of_remaining: bool = False) -> dict[str, Tensor]:
-    """Magnitude masks (True = keep) for `weights` (RECIPES §0.3, §1.2).
+    """Magnitude masks (True = keep) for `weights` (ranking conventions below).
 
     scope: ``global`` ranks |w| jointly over all tensors; ``layerwise`` prunes each tensor separately.
     current: existing masks; entries already pruned stay pruned and only alive entries are ranked.
@@ -207,7 +207,7 @@ def magnitude_masks(weights: dict[str, Tensor], sparsity: float, scope: str = "g
 
 
 def nm_masks(weights: dict[str, Tensor], n: int, m: int, transposed: Iterable[str] = ()) -> dict[str, Tensor]:
-    """N:M masks (RECIPES §2.2): in every group of M consecutive input weights of each output row, the N
+    """N:M masks: in every group of M consecutive input weights of each output row, the N
     smallest |w| are pruned (N is the number *removed*: 2:4 = 50 %).
 
     Linear [out, in]: groups along `in`. Conv [out, in, kh, kw]: groups along the flattened input dim
@@ -258,7 +258,7 @@ def _erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[s
 
 
 def random_masks(weights: dict[str, Tensor], sparsity: float, scope: str = "global", seed: int = 0) -> dict[str, Tensor]:
-    """Random baselines (RECIPES §2.2): ``global`` prunes exactly round(s·N) uniformly chosen entries over all
+    """Random baselines (for sweeps): ``global`` prunes exactly round(s·N) uniformly chosen entries over all
     tensors; ``erk`` draws per-layer densities from Erdős–Rényi-Kernel and prunes round((1−d_l)·n_l) uniformly
     inside each layer. ``layerwise`` prunes the same fraction from each tensor."""
     s = check_sparsity(sparsity)
@@ -460,7 +460,7 @@ def mask_density(masks: dict[str, Tensor]) -> float:
 
 
 def sparsity_report(model: nn.Module, masks: dict[str, Tensor] | None = None) -> dict:
-    """Sparsity with both denominators (RECIPES §0.2).
+    """Sparsity with both denominators (masked tensors only, and every parameter).
 
     masks: defaults to the masks applied to `model`; if none are applied, the exact zeros of the prunable
     weights (Conv2d/Linear/Conv1D) are counted instead (e.g. a baked or loaded model).

@@ -112,7 +112,7 @@ def test_magnitude_stage_then_export_has_zeros_and_runs_in_onnxruntime(tmp_path,
 
 
 def _zhu_gupta(t, s_i, s_f, t0, dt, n):
-    """RECIPES §6.1 written out independently: value at the last update point at or before t."""
+    """Zhu & Gupta's schedule written out independently: value at the last update point at or before t."""
     if t < t0:
         return s_i
     last = min(t0 + ((t - t0) // dt) * dt, t0 + n * dt)

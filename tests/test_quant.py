@@ -1,4 +1,4 @@
-"""Quantizer properties (RECIPES §5.1) and quantized ONNX export agreeing with the torch fake-quant forward."""
+"""Quantizer properties (Polino et al. 2018) and quantized ONNX export agreeing with the torch fake-quant forward."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_stochastic_rounding_is_unbiased():
 def test_compression_ratio_matches_recipes_numbers():
     assert compression_ratio(4, 256) == pytest.approx(7.53, abs=0.01)
     assert compression_ratio(2, 256) == pytest.approx(14.2, abs=0.05)
-    # RECIPES §5.1 prints 3.82 for 8 bit, but its own formula gives 256·32 / (256·8 + 64) = 3.879
+    # a commonly quoted 3.82 for 8 bit is off: the formula gives 256·32 / (256·8 + 64) = 3.879
     assert compression_ratio(8, 256) == pytest.approx(3.879, abs=0.001)
 
 

@@ -1,4 +1,4 @@
-"""ReplaceMe (RECIPES §3): block selection, T estimation, folding, config surgery, errors.
+"""ReplaceMe (Shopkhoev et al. 2025): block selection, T estimation, folding, config surgery, errors.
 
 Oracles: a second, naive computation of the distances and of T from every hidden state (HF output_hidden_states
 + numpy lstsq); folded == unfolded (explicit T after the out projection) on whole models; save/reload/generate

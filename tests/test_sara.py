@@ -1,6 +1,6 @@
-"""SaRA (spec/RECIPES.md §4): selection, memory-efficient training, low-rank penalty, re-selection, files.
+"""SaRA (Hu et al., ICLR 2025): selection, memory-efficient training, low-rank penalty, re-selection, files.
 
-Oracles: the dense reference optimizer (plain AdamW on full tensors + restoring frozen entries, §4.5) gives
+Oracles: the dense reference optimizer (plain AdamW on full tensors + restoring frozen entries) gives
 the same selected-entry trajectory as the sparse form; bit-identity of unselected entries; the merged model
 equals the adapted one; a hand-built dense weight (base with values scattered at |w| < θ) equals the loaded
 adaptation; an SVD of the learned update with and without the nuclear-norm term.
@@ -122,7 +122,7 @@ def test_no_dense_gradient_or_optimizer_state_for_base_weights():
 
 
 def test_sparse_form_matches_dense_reference_optimizer():
-    """§4.5: the sparse op is equivalent to AdamW on full tensors with frozen entries restored every step."""
+    """The sparse op is equivalent to AdamW on full tensors with frozen entries restored every step."""
     data = toy_data(128)
     m_sparse, m_dense = small_mlp(), small_mlp()
     sel = select(m_dense, fraction=0.2)

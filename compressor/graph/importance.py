@@ -1,4 +1,4 @@
-"""Group importance (RECIPES §7.4, torch-pruning defaults): per member a local channel score, reduced across
+"""Group importance (torch-pruning's defaults; docs/structured.md): per member a local channel score, reduced across
 members onto the group's atoms, then normalised.
 
     magnitude  Σ |w|^p over the member's slice (p=2 "l2", p=1 "l1"); out- and in-channel members of Conv /

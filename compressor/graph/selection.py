@@ -1,4 +1,4 @@
-"""Choose which atoms to remove (RECIPES §7.5): local (each group its own scope) or global (one threshold over
+"""Choose which atoms to remove (docs/structured.md): local (each group its own scope) or global (one threshold over
 normalised scores), `round_to`, a per-group cap, and a target by ratio of channels or of MACs.
 
 Protected by default: channels that feed the output layer (its input features) and the embedding width of

@@ -1,5 +1,5 @@
 """Sparse kernels and their dispatch: formats, break-even calibration, SparseLinear, the in-place swap,
-compact sparse ONNX storage and GPU-ready evaluation helpers. See the README, "Sparse kernels".
+compact sparse ONNX storage and GPU-ready evaluation helpers. See docs/kernels.md.
 
 (The measuring function is ``compressor.kernels.calibrate.calibrate``; it is not re-exported here so that
 ``compressor.kernels.calibrate`` stays the module.)"""

@@ -7,7 +7,7 @@ Two sources, in this order:
    and caches the decision per ``(device, shape, sparsity bucket, pattern, rows bucket)`` in memory and,
    when asked, in a JSON file under the user cache dir (``$XDG_CACHE_HOME/compressor/kernels.json``).
 2. **Default table** — :data:`DEFAULT_TABLE`, conservative rules taken from ``benchmarks/kernels.py``
-   runs (see the README, "Sparse kernels"): with no measurement we only leave dense where it clearly pays.
+   runs (see docs/kernels.md): with no measurement we only leave dense where it clearly pays.
 """
 
 from __future__ import annotations

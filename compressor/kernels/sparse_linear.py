@@ -7,7 +7,7 @@ zeros (magnitude or N:M pruning, masks baked or still parametrized) into a modul
 
 ``SparseConv2d`` does a groups=1 convolution as im2col (``F.unfold``) followed by a CSR matmul. The unfold
 copies the input k*k times, so it pays only for large kernels at very high sparsity; it is never chosen by
-the default table, only when calibration measures a win (see the README, "Sparse kernels" for the figures).
+the default table, only when calibration measures a win (see docs/kernels.md for the figures).
 """
 
 from __future__ import annotations

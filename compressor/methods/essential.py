@@ -1,10 +1,10 @@
 """`essential_sparsity` stage: one-shot magnitude sweep of the (pre-trained) model without retraining, knee
 detection, and optionally leave the model pruned at the chosen level (Jaiswal et al., NeurIPS 2023;
-RECIPES §2). The sweep itself lives in :mod:`compressor.sweep` (shared with `compress sweep`).
+docs/essential.md). The sweep itself lives in :mod:`compressor.sweep` (shared with `compress sweep`).
 
 Writes `sweep.json` and `sweep.png` into the stage's output folder. With ``apply: knee`` (or ``tolerance``)
 the model keeps a fixed mask (OMP with the chosen `scope`, from the dense weights) at that sparsity, enforced
-by :func:`compressor.masks.apply_masks`, so a later fine-tuning stage keeps pruned weights at zero (§2.3).
+by :func:`compressor.masks.apply_masks`, so a later fine-tuning stage keeps pruned weights at zero (as the paper does).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class EssentialParams(BaseModel):
     eps: float = Field(1.0, ge=0.0, description="tolerated drop for the tolerance point (metric points, or % with relative)")
     relative: bool = Field(False, description="eps in percent of the dense metric instead of absolute points")
     apply: Literal["knee", "tolerance"] | None = Field(None, description="leave the model pruned at this level (null: measure only)")
-    include: list[str] | None = globs("to prune (default: the RECIPES §2.1 rule)")
+    include: list[str] | None = globs("to prune (default: Linear weights inside the transformer blocks)")
     exclude: list[str] | None = globs("to keep dense")
     n_texts: int = Field(256, ge=2, description="held-out sentences for text models")
 

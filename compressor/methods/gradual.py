@@ -1,4 +1,4 @@
-"""`gradual` stage: gradual magnitude pruning during training (Zhu & Gupta 2017; RECIPES §6).
+"""`gradual` stage: gradual magnitude pruning during training (Zhu & Gupta 2017; docs/gradual.md).
 
 Sparsity follows the cubic schedule s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(nΔt))³, updated every Δt steps
 from t₀ to t₀ + nΔt (n + 1 mask updates), then training continues at s_f to recover. Masks are monotone (once

@@ -1,6 +1,6 @@
-"""`imp_rewind` stage: iterative magnitude pruning with rewinding (lottery tickets; RECIPES §1.4, §1.5).
+"""`imp_rewind` stage: iterative magnitude pruning with rewinding (lottery tickets; docs/lottery.md).
 
-Algorithm (open_lth's, re-described in RECIPES §1.4):
+Algorithm (as in open_lth, the lottery-ticket authors' code; docs/lottery.md):
 1. θ₀ (a fresh seeded init, or the given weights with ``init: given``); pre-train k steps → θ_k (saved).
 2. Level 0: load θ_k, train steps k → T (fresh optimizer; LR schedule and data order positioned at k).
 3. Level ℓ = 1..L: prune a fraction f of the *remaining* weights globally by |w| of the level's trained

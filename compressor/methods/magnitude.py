@@ -38,7 +38,7 @@ class MagnitudeParams(BaseModel):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of the selected weights to remove (unstructured)")
     scope: Literal["global", "layerwise"] = Field("global", description="rank |w| across all layers or inside each")
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N smallest removed per M consecutive inputs)")
-    convention: Literal["exact_k", "strict_above"] = Field("exact_k", description="threshold convention (RECIPES §0.3)")
+    convention: Literal["exact_k", "strict_above"] = Field("exact_k", description="exact_k removes round(s·N); strict_above is open_lth's rule")
     include: list[str] | None = globs("to prune (default: every Conv2d/Linear)")
     exclude: list[str] | None = globs("to keep dense, e.g. ['fc'] for the output layer")
     on_indivisible: Literal["error", "skip"] = Field(

@@ -1,4 +1,4 @@
-"""`qdistill` stage: quantized distillation / differentiable quantization (Polino et al. 2018, RECIPES §5)
+"""`qdistill` stage: quantized distillation / differentiable quantization (Polino et al. 2018, docs/quantization.md)
 and deployable quantized ONNX export (QDQ with the learned scales, MatMulNBits for Linear layers).
 
 epochs: 0 is post-training quantization with the same quantizer (no training, works on HF models too).

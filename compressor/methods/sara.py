@@ -1,4 +1,4 @@
-"""Recipe method `sara`: fine-tune only the smallest-magnitude weights (SaRA, spec/RECIPES.md §4).
+"""Recipe method `sara`: fine-tune only the smallest-magnitude weights (SaRA, Hu et al. ICLR 2025; docs/sara.md).
 
 The stage trains the selected entries through the shared loop (`compressor.train.train`) with the SaRA
 optimizer (memory-efficient form, nuclear-norm penalty, progressive re-selection), saves the compact

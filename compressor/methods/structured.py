@@ -1,5 +1,5 @@
 """`structured` stage: group-level structured channel pruning over the ONNX dependency graph (DepGraph / SPA,
-RECIPES §7). ONNX input is pruned directly; torch / HF input is exported, analysed, and the same cut is applied
+docs/structured.md). ONNX input is pruned directly; torch / HF input is exported, analysed, and the same cut is applied
 to the torch model (compressor.graph.torch_bridge) so later stages can fine-tune it."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from compressor.recipe import StageContext, register_method
 class StructuredParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ratio: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of channels (or of MACs, target=macs) to remove")
-    importance: Literal["l2", "l1", "bn", "taylor", "random"] = Field("l2", description="group importance (RECIPES §7.4)")
+    importance: Literal["l2", "l1", "bn", "taylor", "random"] = Field("l2", description="group importance (docs/structured.md)")
     scope: Literal["local", "global"] = Field("local", description="rank inside each group, or one global threshold")
     round_to: int = Field(1, ge=1, description="kept width of every group is a multiple of this")
     max_layer_ratio: float = Field(1.0, gt=0.0, le=1.0, description="cap on the fraction removed from one group")

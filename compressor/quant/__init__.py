@@ -1,5 +1,5 @@
-"""Quantization: the bucketed uniform quantizer (RECIPES §5.1), quantized distillation with shadow weights
-(§5.2-5.3), differentiable quantization (§5.4) and deployable quantized ONNX export (QDQ and MatMulNBits).
+"""Quantization: the bucketed uniform quantizer, quantized distillation with shadow weights
+and differentiable quantization (Polino et al. 2018) and deployable quantized ONNX export (QDQ and MatMulNBits).
 """
 
 from compressor.quant.qat import (

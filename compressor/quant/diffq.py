@@ -1,7 +1,7 @@
-"""Differentiable quantization (RECIPES §5.4): learn non-uniform quantization points per tensor; the
+"""Differentiable quantization (Polino et al. 2018): learn non-uniform quantization points per tensor; the
 weights themselves stay frozen.
 
-Per quantized tensor: bucket-scaled weights u ∈ [0, 1] (min-max per bucket, as §5.1) and s = 2^b points
+Per quantized tensor: bucket-scaled weights u ∈ [0, 1] (min-max per bucket, as in quantizer.py) and s = 2^b points
 p ∈ R^s, initialised at the quantiles of u (or uniformly). Forward maps each u to its nearest point
 (exact ties go to the upper point) and de-scales per bucket, so Q(w)_i = p[j(i)]·α_b(i) + β_b(i) and
 autograd gives ∂L/∂p_j = Σ_{i→j} α_b(i)·∂L/∂Q(w)_i (step 5). After each optimizer step the points are
@@ -114,7 +114,7 @@ def differentiable_quantization(model: nn.Module, dataset, *, cfg: QuantConfig, 
                                 ) -> tuple[dict[str, QuantizedTensor], dict]:
     """Learn quantization points of `model` in place (its weights become Q(w)); returns codebooks + info.
 
-    teacher defaults to a frozen copy of the unquantised model itself (§5.4.6).
+    teacher defaults to a frozen copy of the unquantised model itself (as in the paper).
     """
     from compressor.train import default_device, train
 

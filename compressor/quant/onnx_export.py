@@ -361,7 +361,7 @@ def export_quantized(model: nn.Module, qtensors: dict[str, QuantizedTensor], exa
 def _unoptimized_diff(data: bytes, model: nn.Module, example_inputs) -> float:
     """Max |ORT - torch| with ORT graph optimizations off: what the file itself computes. (With them on,
     onnxruntime may fuse a weight-only int8 DequantizeLinear -> MatMul into MatMulNBits with
-    accuracy_level 4, i.e. int8 activations: ~1e-3 relative, see the README, "Quantized distillation".)"""
+    accuracy_level 4, i.e. int8 activations: ~1e-3 relative, see docs/quantization.md.)"""
     import onnxruntime as ort
 
     from compressor.export import _as_named, _to_numpy

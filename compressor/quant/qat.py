@@ -1,4 +1,4 @@
-"""Quantized distillation (RECIPES §5.2–5.3): train a student whose forward/backward runs on Q(w) while the
+"""Quantized distillation (Polino et al. 2018): train a student whose forward/backward runs on Q(w) while the
 optimizer updates full-precision shadow weights w (straight-through), with a distillation loss from a
 teacher. Runs through the shared loop `compressor.train.train` via its hooks:
 
@@ -87,7 +87,7 @@ def plan_quantization(model: nn.Module, quantize_first_last: bool = True, embedd
 
 
 class ShadowQuantizer:
-    """Full-precision shadow weights + quantized forward (RECIPES §5.2). Use `hooks()` with train()."""
+    """Full-precision shadow weights + quantized forward. Use `hooks()` with train()."""
 
     def __init__(self, model: nn.Module, cfg: QuantConfig, seed: int = 0):
         self.model, self.cfg = model, cfg
@@ -141,7 +141,7 @@ def _cpu(q: QuantizedTensor) -> QuantizedTensor:
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
                       temperature: float = 2.0, alpha: float = 0.7, kl_reduction: str = "batchmean") -> torch.Tensor:
-    """α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α)·CE(z_s, y) (RECIPES §5.3).
+    """α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α)·CE(z_s, y) (Hinton et al.'s distillation loss).
 
     kl_reduction "batchmean" (modern) or "elementwise_mean" (the reference's PyTorch-0.3 KLDivLoss, which
     divides by batch × classes). Without labels the CE term is dropped (pure distillation).
@@ -234,6 +234,6 @@ def quantized_distillation(student: nn.Module, dataset, *, teacher: nn.Module | 
 
 
 def post_training_quantize(model: nn.Module, cfg: QuantConfig) -> tuple[dict[str, QuantizedTensor], dict]:
-    """Round-to-nearest with the same quantizer, no training ("post-mortem" quantization, §5.5 baseline)."""
+    """Round-to-nearest with the same quantizer, no training (the paper's "post-mortem" quantization baseline)."""
     sq = ShadowQuantizer(model, cfg)
     return sq.finalize_(), {"plan": sq.plan.report()}

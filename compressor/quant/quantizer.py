@@ -1,4 +1,4 @@
-"""Uniform bucketed quantizer (Polino et al. 2018, RECIPES §5.1) and its exact integer form.
+"""Uniform bucketed quantizer (Polino et al. 2018) and its exact integer form.
 
 `quantize_tensor(v, bits, bucket_size)` returns a `QuantizedTensor`: integer codes per bucket plus the
 per-bucket scale (and offset), i.e. exactly what an export writes. `quantize(...)` is the fake-quant value
@@ -52,7 +52,7 @@ def num_levels(bits: int, scaling: str = "linear") -> int:
 
 
 def compression_ratio(bits: float, bucket_size: int | None, numel: int | None = None) -> float:
-    """fp32 bits / stored bits: k·32 / (k·b + 64) (two fp32 scalars per bucket), RECIPES §5.1."""
+    """fp32 bits / stored bits: k·32 / (k·b + 64) (two fp32 scalars per bucket), the paper's formula."""
     if bucket_size is None:
         if numel is None:
             return 32.0 / bits
@@ -144,7 +144,7 @@ def _round(x: torch.Tensor, stochastic: bool, generator: torch.Generator | None)
 @torch.no_grad()
 def quantize_tensor(v: torch.Tensor, bits: int, bucket_size: int | None = 256, *, scaling: str = "linear",
                     layout: str = "flat", stochastic: bool = False, generator: torch.Generator | None = None) -> QuantizedTensor:
-    """Quantize `v` to `bits` bits per value, one scale (and offset) per bucket (RECIPES §5.1)."""
+    """Quantize `v` to `bits` bits per value, one scale (and offset) per bucket."""
     check_bits(bits)
     if scaling not in ("linear", "absmax", "affine"):
         raise InputError(f"unknown scaling {scaling!r}", "use 'linear' (paper, min-max), 'absmax' (symmetric) or 'affine' (integer zero point)")

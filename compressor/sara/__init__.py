@@ -1,4 +1,4 @@
-"""SaRA: sparse low-rank fine-tuning of the smallest-magnitude weights (spec/RECIPES.md §4).
+"""SaRA: sparse low-rank fine-tuning of the smallest-magnitude weights (Hu et al., ICLR 2025; docs/sara.md).
 
     from compressor.sara import SaRAOptimizer, save_adaptation, load_adaptation
     opt = SaRAOptimizer(model, fraction=0.1, lambda_rank=5e-4, progressive_step=500)

@@ -1,6 +1,6 @@
 """Compact SaRA adaptation files (safetensors) and loading them onto a base model.
 
-Format (§4.6, plus a fingerprint): tensor `values/<param>` holds the adapted weights at the *initial* mask
+Format (the paper's file, plus a fingerprint): tensor `values/<param>` holds the adapted weights at the *initial* mask
 positions (boolean-mask gather order), `full/<param>` holds densely trained parameters (e.g. a new head);
 metadata `sara` is JSON with the threshold θ and, per base parameter, its shape and a SHA-256 of its base
 bytes. No indices are stored: loading recomputes M = |w_base| < θ from the base, which is only valid on the

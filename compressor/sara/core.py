@@ -1,17 +1,17 @@
-"""SaRA: fine-tune only the smallest-magnitude ("temporarily ineffective") weights (spec/RECIPES.md §4).
+"""SaRA: fine-tune only the smallest-magnitude ("temporarily ineffective") weights (Hu et al., ICLR 2025; docs/sara.md).
 
 Pieces:
 - `select(model, threshold=..., fraction=...)` → `Selection`: the element-wise masks M_p = |w_p| < θ
-  (strict) over every parameter tensor (§4.1), θ given or taken as a quantile of |w| over all candidates.
-- `SaRAAdapter`: the memory-efficient form (§4.5). Each selected weight becomes a torch parametrization
+  (strict) over every parameter tensor, θ given or taken as a quantile of |w| over all candidates.
+- `SaRAAdapter`: the memory-efficient form (the paper's "unstructural backprop"). Each selected weight becomes a torch parametrization
   whose only trainable tensor is a 1-D `values` vector (the boolean-mask gather w[M]) plus an index
   buffer; the base weight is a frozen (requires_grad=False) tensor. A custom autograd op writes the values
   into the base storage and hands the module the base tensor itself (a view, no copy); its backward returns
   only g[M], so `.grad` and optimizer moments exist for |M| entries and no dense gradient is ever stored.
 - `SaRAOptimizer`: AdamW on the values (β=(0.9, 0.999), ε=1e-8, decoupled wd 1e-2, default
-  lr = 1e-3·exp(−350θ), §4.2) that also clips the task gradient, adds the nuclear-norm low-rank penalty's
-  gradient (§4.3) and does the one-time progressive re-selection (§4.4). It is a torch Optimizer, so the
-  shared loop `compressor.train.train(model, data, optimizer=opt)` runs it unchanged ("one line" API, §4.6).
+  lr = 1e-3·exp(−350θ), the authors' code) that also clips the task gradient, adds the nuclear-norm low-rank penalty's
+  gradient and does the one-time progressive re-selection (§4.4). It is a torch Optimizer, so the
+  shared loop `compressor.train.train(model, data, optimizer=opt)` runs it unchanged (the paper's "one line" API).
 - `adapter.merge()` writes nothing new: the base tensors already hold the adapted values; it removes the
   parametrizations and returns ordinary parameters (bit-identical forward).
 """
@@ -77,7 +77,7 @@ class Selection:
 
 
 def candidate_params(model: nn.Module, include=None, exclude=(), full=()) -> list[tuple[str, torch.Tensor]]:
-    """Every parameter tensor (no type filter, §4.1) that `include`/`exclude` select and `full` does not name;
+    """Every parameter tensor (no type filter, as in the paper) that `include`/`exclude` select and `full` does not name;
     the globs match a parameter's name or its module's (:mod:`compressor.utils.selectors`)."""
     return [(name, p) for name, p in model.named_parameters() if not matches(name, full) and selected(name, include, exclude)]
 
@@ -119,7 +119,7 @@ def select(
     exclude=(),
     full=(),
 ) -> Selection:
-    """Masks M_p = |w_p| < θ (strict) on the current weights, over every parameter tensor (§4.1).
+    """Masks M_p = |w_p| < θ (strict) on the current weights, over every parameter tensor.
 
     Give `threshold` (θ, the reference uses 2e-3) or `fraction` (θ = that quantile of |w| over all candidate
     entries). `include` / `exclude` / `full` are name globs (a parameter's or its module's name, see
@@ -266,20 +266,20 @@ class SaRAAdapter:
 
 
 def default_lr(threshold: float) -> float:
-    """The reference's effective LR when none is given: 1e-3 · exp(−350 θ) (§4.2)."""
+    """The reference's effective LR when none is given: 1e-3 · exp(−350 θ)."""
     return 1e-3 * math.exp(-350.0 * threshold)
 
 
 class SaRAOptimizer(torch.optim.AdamW):
-    """AdamW over the SaRA values of `model` (built from the model, §4.6), plus:
+    """AdamW over the SaRA values of `model` (built from the model), plus:
 
-    - task-gradient clipping of the trainable vectors to `max_grad_norm` (§4.3 [CHOICE]);
+    - task-gradient clipping of the trainable vectors to `max_grad_norm` (our choice);
     - nuclear-norm penalty λ_rank·‖S‖_* on one random eligible 2-D weight per step, S = current values at the
       trainable positions (zeros elsewhere), `penalize="values"` (the reference) or S = W[M] − W₀[M]
-      (`penalize="update"`); its gradient U·Vᵀ gathered at M is added after clipping (§4.3);
+      (`penalize="update"`); its gradient U·Vᵀ gathered at M is added after clipping;
     - progressive re-selection after `progressive_step` updates: M' = M ∧ (|w| < θ); entries that grew past θ
       are frozen at their fine-tuned values; `reset_state` resets the Adam moments/step for the new set
-      (default) or slices them; `skip_step` skips the update right after re-selection (the UB reference) (§4.4).
+      (default) or slices them; `skip_step` skips the update right after re-selection (the authors' UB code).
 
     Construction attaches a `SaRAAdapter` to the model in place (`opt.adapter`).
     """
@@ -377,7 +377,7 @@ class SaRAOptimizer(torch.optim.AdamW):
             d.values.grad.add_(grad)
 
     def reselect(self) -> dict:
-        """Progressive adjustment (§4.4): keep training only the entries still below θ."""
+        """Progressive adjustment: keep training only the entries still below θ."""
         self.adapter.sync()
         before, after = 0, 0
         for name, d in self.adapter.deltas.items():
