@@ -69,7 +69,13 @@ class StageContext:
     recipe_hash: str = ""
     stage_index: int = 0
     artifacts: dict = field(default_factory=dict)  # files written by stages: {"onnx": path, ...}
-    original: object | None = None  # the LoadedModel as given (never modified)
+    original: object | None = None  # the input model's wrapper (compressor.wrappers.Model), never modified
+
+    def current_model(self):
+        """The model as it stands now (after the stages so far), in its wrapper (compressor.wrappers)."""
+        from compressor.wrappers import from_parts
+
+        return from_parts(self.model_kind, module=self.model, onnx=self.onnx_model, tokenizer=self.tokenizer, owned=True)
 
 
 @dataclass
