@@ -109,6 +109,8 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     data: a data spec ("digits", "npz:PATH", "text:PATH", "random") or a DataBundle.
     output: a folder for the model files and report.json; None keeps everything in memory (stages that need
     to write, like checkpoints, use a temporary folder).
+    device: auto | cpu | cuda | cuda:N (compressor.device): where stages train and where the model is measured
+    and timed (labelled so in the report); the compressed model is returned on the input model's device.
     """
     t0 = time.time()
     torch.manual_seed(seed)
