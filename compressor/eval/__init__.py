@@ -48,11 +48,9 @@ from compressor.eval.runtime import (
 def outputs(model, x, batch_size: int = 256) -> torch.Tensor:
     """Batched outputs of `model` over `x`, fp32 on CPU: a wrapper runs where it is placed (ONNX in
     onnxruntime); a bare torch module runs on its own device."""
-    from compressor.wrappers import Model
-
-    if isinstance(model, Model):
-        return model.outputs(x, batch_size)
-    return predict(model, x, batch_size)
+    if isinstance(model, torch.nn.Module):
+        return predict(model, x, batch_size)
+    return model.outputs(x, batch_size)  # a compressor.wrappers.Model
 
 
 __all__ = [
