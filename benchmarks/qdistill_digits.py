@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor.evaluate import accuracy, accuracy_onnx, count_params, latency_onnx
+from compressor.eval import accuracy, accuracy_onnx, count_params, latency_onnx
 from compressor.export import export_onnx
 from compressor.io.data import load_data
 from compressor.models import digits_cnn, pretrained_digits_cnn

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from compressor.evaluate import latency_onnx
+from compressor.eval import latency_onnx
 from compressor.export import export_onnx
 from compressor.hf import corpus_sentences, embed, load_minilm, tokenize
 from compressor.quant import QuantConfig, post_training_quantize

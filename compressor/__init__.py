@@ -21,11 +21,11 @@ def evaluate_model(*args, **kwargs):
 
 
 def analyze(*args, **kwargs):
-    from compressor.graph import analyze_model as _analyze_model
+    from compressor.api import analyze as _analyze
 
-    return _analyze_model(*args, **kwargs)
+    return _analyze(*args, **kwargs)
 
 
 compress.__doc__ = "Compress a model with a recipe; see compressor.api.compress."
 evaluate_model.__doc__ = "Measure a model; see compressor.api.evaluate_model."
-analyze.__doc__ = "Coupled channel groups of any supported model (ONNX directly, others exported first); see compressor.graph.analyze_model."
+analyze.__doc__ = "Coupled channel groups of any supported model (ONNX directly, others exported first); see compressor.api.analyze."

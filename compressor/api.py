@@ -1,4 +1,5 @@
-"""Public entry points: compress() and evaluate_model(). The CLI is a thin layer over these.
+"""Public entry points: compress(), evaluate_model(), export() and bench_kernels(). The CLI is a thin layer
+over these.
 
 compress(): load → validate everything (recipe, data, output path) → measure before → run the recipe on a
 copy (the input is never modified) → measure after → write the model and report.json atomically.
@@ -16,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor import evaluate as ev
+import compressor.methods  # noqa: F401  (registers every recipe method)
+from compressor import device as devices
+from compressor import eval as ev
+from compressor.utils.atomic import write_text_atomic
 from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, load_data
-from compressor.io.inputs import example_inputs_for
-from compressor.io.models import LoadedModel, load_model, save_torch
+from compressor.io.models import load_model
 from compressor.recipe import Recipe, StageContext, check_kinds, load_recipe, run_recipe
-from compressor.utils.atomic import write_text_atomic
+from compressor.wrappers import Model
 
 
 @dataclass
@@ -47,42 +50,60 @@ class Result:
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def _model_input_shape(loaded: LoadedModel, example) -> tuple[int, ...] | None:
-    if loaded.kind == "onnx":
-        from compressor.onnx_utils import input_shape
-
-        return input_shape(loaded.onnx)
-    if isinstance(example, tuple) and len(example) == 1:
-        return tuple(example[0].shape[1:])
-    return None
+def example_inputs_for(loaded: Model, data: DataBundle | None, input_shape: tuple[int, ...] | None = None, batch: int = 8):
+    """Inputs to trace, time and verify with: from the data, the model file, or the given shape (the wrapper's answer)."""
+    return loaded.make_example(data, input_shape, batch)
 
 
-def probe(loaded: LoadedModel, example) -> None:
-    """Run the model once on the example inputs: a data/model mismatch fails here, before anything is written."""
-    if loaded.module is None:
-        return
-    try:
-        with torch.no_grad():
-            ev._call(loaded.module.eval(), example)
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        shapes = [list(v.shape) for v in (example.values() if isinstance(example, dict) else example)]
-        raise InputError(f"the model does not run on inputs of shape {shapes}: {str(e).splitlines()[0][:160]}",
-                         "give data shaped like the model input (or --input-shape)") from e
+def analyze(model, *, arch: str | None = None, trust_pickle: bool = False, data=None):
+    """Coupled channel groups of any model the CLI accepts (ONNX, torch checkpoint, HF folder, nn.Module): ONNX is
+    analysed directly, the rest is exported with compressor.export first (initializer names = torch parameter names)."""
+    import tempfile
+
+    import onnx
+    from torch import nn
+
+    from compressor.export import export_onnx
+    from compressor.graph import analyze as analyze_onnx
+    from compressor.graph.torch_bridge import distinct_copy
+    from compressor.wrappers import wrap
+
+    if isinstance(model, onnx.ModelProto | bytes) or (isinstance(model, str | Path) and str(model).endswith(".onnx")):
+        return analyze_onnx(model)
+    loaded = wrap(model) if isinstance(model, nn.Module) else load_model(model, arch=arch, trust_pickle=trust_pickle)
+    if loaded.onnx is not None:
+        return analyze_onnx(loaded.onnx)
+    bundle = load_data(data) if isinstance(data, str) else data
+    example = loaded.make_example(bundle)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(distinct_copy(loaded.module), example, path)
+        return analyze_onnx(path)
 
 
-def _known_input_shape(loaded: LoadedModel, input_shape):
-    if input_shape is not None:
-        return tuple(input_shape)
-    if loaded.kind == "onnx":
-        from compressor.onnx_utils import input_shape as onnx_input_shape
-
-        return onnx_input_shape(loaded.onnx)
-    if loaded.example_inputs is not None and len(loaded.example_inputs) == 1:
-        return tuple(loaded.example_inputs[0].shape[1:])
-    return None
+def load_for_device(model, device: str | None = "auto", *, arch: str | None = None, trust_pickle: bool = False) -> Model:
+    """A model loaded (or wrapped) and placed on `device`; a caller's in-memory module is copied, never moved."""
+    dev = devices.resolve(device)
+    return load_model(model, arch=arch, trust_pickle=trust_pickle).on(dev)
 
 
-def _check_output(output: Path, loaded: LoadedModel, overwrite: bool, resume: bool) -> None:
+def probe(loaded: Model, example) -> None:
+    """Run the model once on the example inputs: a data/model mismatch (shape, dtype, number of inputs) is a
+    one-line InputError here, before anything is written; any other failure is a bug and keeps its traceback."""
+    loaded.probe(example)
+
+
+def _inputs(loaded: Model, data, input_shape, seed: int):
+    """(data bundle, example inputs) for a loaded model, checked to fit it."""
+    known = tuple(input_shape) if input_shape is not None else loaded.input_shape()
+    bundle = data if isinstance(data, DataBundle) or data is None else load_data(data, input_shape=known, seed=seed)
+    example = loaded.make_example(bundle, input_shape)
+    check_compatible(bundle, loaded.input_shape(example))
+    loaded.probe(example)
+    return bundle, example
+
+
+def _check_output(output: Path, loaded: Model, overwrite: bool, resume: bool) -> None:
     if loaded.path is not None:
         src = loaded.path.resolve()
         out = output.resolve()
@@ -94,126 +115,14 @@ def _check_output(output: Path, loaded: LoadedModel, overwrite: bool, resume: bo
         raise InputError(f"output folder {output} already holds a result (report.json)", "choose another -o, or pass --overwrite (or --resume)")
 
 
-# --------------------------------------------------------------------------------------------- measuring
-
-
-def _onnx_param_count(model) -> tuple[int, int]:
-    from onnx import numpy_helper
-
-    # BatchNormalization running mean / variance are buffers, not parameters (as in torch's count)
-    stats = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4) if len(n.input) > i}
-    total = nz = 0
-    for init in model.graph.initializer:
-        if init.name in stats:
-            continue
-        a = numpy_helper.to_array(init)
-        if a.dtype.kind == "f":
-            total += a.size
-            nz += int(np.count_nonzero(a))
-    return total, nz
-
-
-def _state_bytes(model: torch.nn.Module) -> int:
-    from safetensors.torch import save
-
-    from compressor.io.models import _dedupe_shared
-    from compressor.masks import plain_copy
-
-    state = {k: v.detach().contiguous() for k, v in plain_copy(model).state_dict().items()}
-    return len(save(_dedupe_shared(state)))
-
-
-def measure(kind: str, module, onnx_model, data: DataBundle | None, example, reference: dict, tokenizer=None,
-            latency: bool = True) -> dict:
-    """Size, cost and quality of one model. `reference` holds the original model's outputs for fidelity."""
-    m: dict = {}
-    if kind == "onnx":
-        m["params"], m["nonzero_params"] = _onnx_param_count(onnx_model)
-        m["macs"] = ev.onnx_macs(onnx_model)
-        blob = onnx_model.SerializeToString()
-        m["size_bytes"] = len(blob)
-        if latency:
-            m["latency_ms"] = ev.latency_onnx(blob, example, runs=20, warmup=3)
-            m["latency_runtime"] = "onnxruntime"
-        if data is not None and data.task == "classification":
-            m["accuracy"] = ev.accuracy_onnx(blob, data.test)
-        elif "onnx_outputs" in reference:
-            from compressor.onnx_utils import run
-
-            out = torch.from_numpy(run(blob, reference["feeds"])[0])
-            m.update(ev.output_agreement(out, reference["onnx_outputs"]))
-        return m
-    m["params"] = ev.count_params(module)
-    m["nonzero_params"] = ev.count_nonzero_params(module)
-    m["macs"] = ev.count_macs(module, example)
-    m["size_bytes"] = _state_bytes(module)
-    if latency:
-        m["latency_ms"] = ev.latency_torch(module, example, runs=20, warmup=3)
-        m["latency_runtime"] = f"torch-{ev.device_name()}"
-    if data is not None and data.task == "classification" and data.test is not None:
-        m["accuracy"] = ev.accuracy(module, data.test)
-    elif kind == "hf" and tokenizer is not None and "embeddings" in reference:
-        from compressor.hf import embed
-
-        if hasattr(module, "generate") and hasattr(module, "lm_head"):
-            m["perplexity"] = ev.perplexity(module, tokenizer, reference["texts"])
-        else:
-            e = embed(module, tokenizer, reference["texts"])
-            m["embedding_fidelity"] = float((e * reference["embeddings"]).sum(1).mean())
-    elif "outputs" in reference:
-        out = ev.predict(module, reference["inputs"])
-        m.update(ev.output_agreement(out, reference["outputs"]))
-    return m
-
-
-def _reference(kind, module, onnx_model, data, example, tokenizer) -> dict:
-    ref: dict = {}
-    if kind == "onnx":
-        from compressor.onnx_utils import run
-
-        ref["feeds"] = example
-        ref["onnx_outputs"] = torch.from_numpy(run(onnx_model, example)[0])
-    elif kind == "hf" and tokenizer is not None:
-        from compressor.hf import corpus_sentences, embed
-
-        texts = (data.test_texts if data is not None and data.test_texts else corpus_sentences()[1::2])[:128]
-        ref["texts"] = texts
-        if not (hasattr(module, "generate") and hasattr(module, "lm_head")):
-            ref["embeddings"] = embed(module, tokenizer, texts)
-        else:
-            ref["embeddings"] = None
-    elif data is not None and data.task == "calibration" and data.test is not None:
-        ref["inputs"] = data.test.tensors[0][:256]
-        ref["outputs"] = ev.predict(module, ref["inputs"])
-    elif isinstance(example, tuple):
-        ref["inputs"] = example[0]
-        ref["outputs"] = ev.predict(module, example[0])
-    return ref
-
-
 # --------------------------------------------------------------------------------------------- compress
 
 
-def _save_final(ctx: StageContext, output: Path) -> dict:
+def _save_final(result: Model, artifacts: dict, output: Path, example) -> dict:
     """The compressed model in its natural format, unless a stage already wrote it."""
-    from compressor.masks import plain_copy
-    from compressor.onnx_utils import save_onnx_verified
-
-    files = dict(ctx.artifacts)
-    if ctx.model_kind == "onnx":
-        if "onnx" not in files:
-            files["onnx"] = save_onnx_verified(ctx.onnx_model, output / "model.onnx", ctx.example_inputs)["path"]
-    elif ctx.model_kind == "hf":
-        if "hf_folder" not in files:
-            folder = output / "model"
-            plain_copy(ctx.model).save_pretrained(folder)
-            if ctx.tokenizer is not None:
-                ctx.tokenizer.save_pretrained(folder)
-            files["hf_folder"] = str(folder)
-    elif "state_dict" not in files:
-        args = ctx.example_inputs if isinstance(ctx.example_inputs, tuple) else None
-        saved = save_torch(plain_copy(ctx.model), output / "model.pt2", args)
-        files.update(saved)
+    files = dict(artifacts)
+    if result.saved_as not in files:
+        files.update(result.save(output, "model", example))
     return files
 
 
@@ -226,28 +135,28 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     data: a data spec ("digits", "npz:PATH", "text:PATH", "random") or a DataBundle.
     output: a folder for the model files and report.json; None keeps everything in memory (stages that need
     to write, like checkpoints, use a temporary folder).
+    device: auto | cpu | cuda | cuda:N (compressor.device): where stages train and where the model is measured
+    and timed (labelled so in the report); the compressed model is returned on the input model's device.
     """
     t0 = time.time()
     torch.manual_seed(seed)
     rec: Recipe = load_recipe(recipe)  # validate the recipe first: cheapest failure
+    dev = devices.resolve(device)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
     check_kinds(rec, loaded.kind)
     out_dir = Path(output).expanduser() if output is not None else None
     if out_dir is not None:
         _check_output(out_dir, loaded, overwrite, resume)
-    bundle = data if isinstance(data, DataBundle) or data is None else load_data(data, input_shape=_known_input_shape(loaded, input_shape), seed=seed)
-    example = example_inputs_for(loaded, bundle, input_shape)
-    check_compatible(bundle, _model_input_shape(loaded, example))
-    probe(loaded, example)
+    bundle, example = _inputs(loaded, data, input_shape, seed)
     teacher_model = None
     if teacher is not None:
         teacher_model = load_model(teacher, arch=arch, trust_pickle=trust_pickle).module
         if teacher_model is None:
             raise InputError("the teacher must be a torch model", "pass a torch checkpoint as --teacher")
-    module = copy.deepcopy(loaded.module) if loaded.module is not None else None
-    onnx_model = copy.deepcopy(loaded.onnx) if loaded.onnx is not None else None
-    if module is not None:
-        module.eval()
+    caller_device = loaded.device  # the compressed model goes back where the input model was
+    work = loaded.copy()  # the recipe runs on a copy: the input is never modified
+    if work.module is not None:
+        work.module.eval()
     if out_dir is None:
         import tempfile
 
@@ -255,21 +164,23 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     else:
         workdir = out_dir
         workdir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     ctx = StageContext(
-        model=module, onnx_model=onnx_model, model_kind=loaded.kind, data=bundle, example_inputs=example,
+        model=work.module, onnx_model=work.onnx, model_kind=loaded.kind, data=bundle, example_inputs=example,
         tokenizer=loaded.tokenizer, teacher=teacher_model if teacher_model is not None else (copy.deepcopy(loaded.module) if loaded.module is not None else None),
         workdir=workdir, seed=seed, device=dev, resume=resume, recipe_hash=rec.hash, original=loaded,
     )
-    reference = _reference(loaded.kind, loaded.module, loaded.onnx, bundle, example, loaded.tokenizer)
-    before = measure(loaded.kind, loaded.module, loaded.onnx, bundle, example, reference, loaded.tokenizer, latency=False)
+    original = loaded.on(dev)  # measured where the compressed model will be measured
+    reference = ev.make_reference(original, bundle, example)
+    before = ev.measure(original, bundle, reference, example)
     if loaded.path is not None:
         before["file_bytes"] = ev.file_size(loaded.path)
     stages = run_recipe(rec, ctx, on_stage)
-    if ctx.model is not None:
-        ctx.model.cpu().eval()
-    after = measure(ctx.model_kind, ctx.model, ctx.onnx_model, bundle, _example_after(ctx, example), reference, ctx.tokenizer, latency=False)
-    files = _save_final(ctx, out_dir) if out_dir is not None else dict(ctx.artifacts)
+    result = loaded.with_state(module=ctx.model, onnx=ctx.onnx_model, tokenizer=ctx.tokenizer).to(dev)
+    if result.module is not None:
+        result.module.eval()
+    example_after = _example_after(ctx, example)
+    after = ev.measure(result, bundle, reference, example_after)
+    files = _save_final(result, ctx.artifacts, out_dir, ctx.example_inputs) if out_dir is not None else dict(ctx.artifacts)
     warnings_ = {k: files.pop(k) for k in [k for k in files if k.endswith("_error")]}
     kernels_report = None
     if sparse_kernels and ctx.model is not None:
@@ -277,16 +188,12 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
         # for torch inference on this device, verified output-identical by swap_sparse_kernels.
         from compressor.kernels.swap import swap_sparse_kernels
 
-        kernels_report = swap_sparse_kernels(ctx.model, example).to_dict()
-    if measure_latency:  # timed alternately in one loop: a ratio that machine noise cannot fake
-        from compressor.masks import plain_copy
-
-        run_before = ev.runner(loaded.kind, loaded.onnx.SerializeToString() if loaded.kind == "onnx" else loaded.module, example)
-        # masks baked into plain weights: the model as deployed, without the parametrization's multiply
-        run_after = ev.runner(ctx.model_kind, ctx.onnx_model.SerializeToString() if ctx.model_kind == "onnx" else plain_copy(ctx.model),
-                              _example_after(ctx, example))
-        before["latency_ms"], after["latency_ms"] = ev.paired_latency(run_before, run_after)
-        before["latency_runtime"] = after["latency_runtime"] = "onnxruntime" if loaded.kind == "onnx" else f"torch-{ev.device_name()}"
+        kernels_report = swap_sparse_kernels(ctx.model, example, device=dev).to_dict()
+    if measure_latency:  # timed alternately in one loop, on the device: a ratio that machine noise cannot fake
+        # the compressed model as deployed: masks baked into plain weights, without the parametrization's multiply
+        before["latency_ms"], after["latency_ms"] = ev.paired_latency(original.runner(example), result.runner(example_after))
+        before["latency_runtime"], after["latency_runtime"] = original.latency_runtime(), result.latency_runtime()
+    result.to(caller_device)  # the compressed model is returned where the caller's model was
     main_file = files.get("onnx") or files.get("program") or files.get("state_dict") or files.get("hf_folder")
     if main_file:
         after["file_bytes"] = ev.file_size(main_file)
@@ -305,7 +212,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
         "files": {k: str(v) for k, v in files.items()},
         "warnings": warnings_,
         "seconds": round(time.time() - t0, 2),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": ev.device_name()},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": devices.label(dev)},
     }
     report = _jsonable(report)
     if out_dir is not None:
@@ -335,19 +242,70 @@ def _jsonable(obj):
 
 
 def evaluate_model(model, data: str | DataBundle | None = None, *, arch: str | None = None, trust_pickle: bool = False,
-                   input_shape: tuple[int, ...] | None = None, seed: int = 0, latency: bool = True) -> dict:
-    """Size, cost and quality of one model (quality needs labelled data, text for HF models)."""
+                   input_shape: tuple[int, ...] | None = None, seed: int = 0, latency: bool = True, device: str | None = None) -> dict:
+    """Size, cost and quality of one model (quality needs labelled data, text for HF models), measured on
+    `device` (auto | cpu | cuda | cuda:N; a caller's module is copied there, never moved)."""
+    dev = devices.resolve(device)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    bundle = data if isinstance(data, DataBundle) or data is None else load_data(data, input_shape=_known_input_shape(loaded, input_shape), seed=seed)
-    example = example_inputs_for(loaded, bundle, input_shape)
-    check_compatible(bundle, _model_input_shape(loaded, example))
-    probe(loaded, example)
-    ref = {}
-    if loaded.kind == "hf" and loaded.tokenizer is not None and hasattr(loaded.module, "generate") and hasattr(loaded.module, "lm_head"):
-        from compressor.hf import corpus_sentences
-
-        ref = {"texts": (bundle.test_texts if bundle is not None and bundle.test_texts else corpus_sentences()[1::2])[:128], "embeddings": None}
-    m = measure(loaded.kind, loaded.module, loaded.onnx, bundle, example, ref, loaded.tokenizer, latency)
+    bundle, example = _inputs(loaded, data, input_shape, seed)
+    m = ev.measure(loaded.on(dev), bundle, None, example, latency=latency)
     if loaded.path is not None:
         m["file_bytes"] = ev.file_size(loaded.path)
     return _jsonable(m)
+
+
+def export(model, output: str | Path, *, data: str | DataBundle | None = None, input_shape: tuple[int, ...] | None = None,
+           arch: str | None = None, trust_pickle: bool = False, atol: float = 1e-4, rtol: float = 1e-3,
+           overwrite: bool = False, seed: int = 0) -> dict:
+    """Export a torch model or HF folder to one ONNX file, verified against the source in onnxruntime
+    (refuses on disagreement). The trace and the check run on the CPU in fp32: an ONNX file holds no device,
+    and fp32 on the CPU is the reference every device is compared with. Returns the export report."""
+    output = Path(output).expanduser()
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    if loaded.module is None:
+        raise InputError(f"{loaded.name} is already ONNX", "export takes a torch model or HF folder")
+    if output.exists() and not overwrite:
+        raise InputError(f"{output} exists", "choose another --output or pass --overwrite")
+    if loaded.path is not None and output.resolve() == loaded.path.resolve():
+        raise InputError("output path equals the input path", "choose another --output")
+    _, example = _inputs(loaded, data, input_shape, seed)
+    return loaded.export_onnx(output, example, atol=atol, rtol=rtol)
+
+
+def bench_kernels(*, device: str | None = "auto", threads: str = "1", shapes: str = "768x768,4096x4096",
+                  sparsities: str = "0.5,0.9,0.95", rows: str = "128,1", repeats: int = 5, conv: bool = False,
+                  output: str | Path = Path("benchmarks/results/kernels.json")) -> dict:
+    """Dense vs sparse Linear kernels timed side by side on `device` (CSR/BSR on CPU, 2:4 on CUDA); results
+    merged per device into the JSON file `output`, which is returned as a dict."""
+    from compressor.kernels.bench import run_bench
+
+    dev = devices.resolve(device)
+    return run_bench(device=dev, threads=_ints(threads, "--threads"), shapes=_shapes(shapes), sparsities=_floats(sparsities),
+                     rows=_ints(rows, "--rows"), repeats=repeats, conv=conv, out=Path(output))
+
+
+def _ints(spec: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in str(spec).split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{what} {spec!r} is not a list of integers", f"e.g. {what} 1,2") from None
+
+
+def _floats(spec: str) -> list[float]:
+    try:
+        values = [float(v) for v in str(spec).split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--sparsities {spec!r} is not a list of numbers", "e.g. --sparsities 0.5,0.9") from None
+    if not all(0.0 <= v < 1.0 for v in values):
+        raise InputError(f"--sparsities {spec!r}: each must be in [0, 1)", "e.g. --sparsities 0.5,0.9")
+    return values
+
+
+def _shapes(spec: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in str(spec).split(",") if s.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) <= 0 for s in shapes):
+        raise InputError(f"--shapes {spec!r} is not a list of OUTxIN weight shapes", "e.g. --shapes 768x768,4096x4096")
+    return shapes

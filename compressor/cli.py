@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from compressor.device import DEVICE_HELP
 from compressor.errors import CompressorError
 
 console = Console()
@@ -153,12 +154,13 @@ def run_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its last checkpoint in --output"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous result in --output"),
     input_shape: str = typer.Option(None, "--input-shape", help="input shape without batch, e.g. 1,8,8 (when no --data)"),
-    device: str = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     sparse_kernels: bool = typer.Option(False, "--sparse-kernels", help="swap masked Linear layers for sparse kernels where measured faster"),
     as_json: bool = typer.Option(False, "--json", help="print report.json instead of the table"),
 ):
     """Compress MODEL with a recipe; writes the compressed model and report.json to --output."""
     from compressor.api import compress
+    import compressor.methods  # noqa: F401  (registers every method)
     from compressor.recipe import load_recipe
 
     rec = load_recipe(recipe)
@@ -180,12 +182,13 @@ def eval_cmd(
     arch: str = typer.Option(None, "--arch"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
     input_shape: str = typer.Option(None, "--input-shape"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Measure a model: parameters, MACs, size, latency and quality on the data."""
+    """Measure a model: parameters, MACs, size, latency and quality on the data (on --device)."""
     from compressor.api import evaluate_model
 
-    m = evaluate_model(model, data, arch=arch, trust_pickle=trust_pickle, input_shape=_parse_shape(input_shape))
+    m = evaluate_model(model, data, arch=arch, trust_pickle=trust_pickle, input_shape=_parse_shape(input_shape), device=device)
     if as_json:
         print(json.dumps(m, indent=2))
     else:
@@ -204,29 +207,20 @@ def export_cmd(
     rtol: float = typer.Option(1e-3, "--rtol"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ):
-    """Export a torch model to ONNX, verified against the source in onnxruntime (refuses on disagreement)."""
-    from compressor.api import example_inputs_for
-    from compressor.export import export_onnx
-    from compressor.io.data import load_data
-    from compressor.io.models import load_model
-    from compressor.masks import plain_copy
+    """Export a torch model to ONNX, verified against the source in onnxruntime (refuses on disagreement).
 
-    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    if loaded.kind == "onnx":
-        raise CompressorError(f"{Path(model).name} is already ONNX", "export takes a torch model or HF folder")
-    if output.exists() and not overwrite:
-        raise CompressorError(f"{output} exists", "choose another --output or pass --overwrite")
-    if loaded.path is not None and output.resolve() == loaded.path.resolve():
-        raise CompressorError("output path equals the input path", "choose another --output")
-    bundle = load_data(data, input_shape=_parse_shape(input_shape)) if data else None
-    example = example_inputs_for(loaded, bundle, _parse_shape(input_shape))
-    rep = export_onnx(plain_copy(loaded.module), example, output, atol=atol, rtol=rtol)
+    The trace and the check run on the CPU in fp32 (an ONNX file holds no device), so there is no --device."""
+    from compressor.api import export
+
+    rep = export(model, output, data=data, input_shape=_parse_shape(input_shape), arch=arch, trust_pickle=trust_pickle,
+                 atol=atol, rtol=rtol, overwrite=overwrite)
     console.print(f"[green]wrote[/] {output} ({rep['bytes'] / 1e6:.2f} MB), max |torch − onnxruntime| = {rep['max_abs_diff']:.2e}")
 
 
 @recipes_app.command("list")
 def recipes_list():
     """Shipped recipes with their stages."""
+    import compressor.methods  # noqa: F401  (registers every method)
     from compressor.recipe import load_recipe, shipped_recipes
 
     t = Table(title="shipped recipes (recipes/)", title_justify="left")
@@ -245,6 +239,7 @@ def recipes_list():
 @recipes_app.command("show")
 def recipes_show(name: str = typer.Argument(..., help="shipped recipe name or YAML path")):
     """A recipe with every parameter (defaults filled in) and the methods' documentation."""
+    import compressor.methods  # noqa: F401  (registers every method)
     from compressor.recipe import REGISTRY, load_recipe, resolve_recipe_path
 
     r = load_recipe(name)
@@ -261,9 +256,9 @@ def recipes_show(name: str = typer.Argument(..., help="shipped recipe name or YA
 @app.command("methods")
 def methods_cmd():
     """Every recipe method with its parameters and defaults."""
-    from compressor.recipe import REGISTRY, ensure_methods_loaded
+    import compressor.methods  # noqa: F401  (registers every method)
+    from compressor.recipe import REGISTRY
 
-    ensure_methods_loaded()
     t = Table(title="recipe methods", title_justify="left")
     t.add_column("method")
     t.add_column("models")
@@ -279,16 +274,18 @@ def methods_cmd():
 def demo_cmd(
     output: Path = typer.Option(Path("compressed/demo"), "--output", "-o"),
     recipe: str = typer.Option("demo", "--recipe", "-r", help="shipped recipe to run on the embedded model"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Compress the embedded default model (a CNN trained on scikit-learn digits) with a shipped recipe."""
     from compressor.api import compress
     from compressor.models import pretrained_digits_cnn
+    import compressor.methods  # noqa: F401  (registers every method)
     from compressor.recipe import load_recipe
 
     rec = load_recipe(recipe)
     err_console.print("[bold]training the embedded DigitsCNN on scikit-learn digits (a few seconds)…[/]")
     model = pretrained_digits_cnn()
-    result = compress(model, rec, "digits", output, overwrite=True, on_stage=_stage_line(rec))
+    result = compress(model, rec, "digits", output, overwrite=True, device=device, on_stage=_stage_line(rec))
     print_result(result, f"demo: DigitsCNN on digits · recipe {rec.name}", output)
 
 
@@ -305,7 +302,7 @@ def analyze_cmd(
     all_groups: bool = typer.Option(False, "--all", help="also list groups that are entirely frozen"),
 ):
     """Coupled channel groups of a model: size, members, prunable or why not."""
-    from compressor.graph import analyze_model
+    from compressor.api import analyze as analyze_model
 
     a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data)
     if as_json:
@@ -335,7 +332,7 @@ def analyze_cmd(
 
 @app.command("bench-kernels")
 def bench_kernels_cmd(
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda (2:4 semi-structured vs dense bf16)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (CPU: CSR/BSR; CUDA: 2:4 vs dense bf16)"),
     threads: str = typer.Option("1", "--threads", help="CPU thread counts, e.g. 1 or 1,2"),
     shapes: str = typer.Option("768x768,4096x4096", "--shapes", help="Linear weight shapes out x in"),
     sparsities: str = typer.Option("0.5,0.9,0.95", "--sparsities", help="unstructured sparsities"),
@@ -344,11 +341,9 @@ def bench_kernels_cmd(
     output: Path = typer.Option(Path("benchmarks/results/kernels.json"), "--output", "-o", help="JSON (merged per device)"),
 ):
     """Dense vs sparse Linear kernels (CSR/BSR on CPU, 2:4 on CUDA), timed side by side; small defaults."""
-    from compressor.kernels.bench import main as bench_main
+    from compressor.api import bench_kernels
 
-    res = bench_main(["--device", device, "--threads", threads, "--shapes", shapes, "--sparsities", sparsities,
-                      "--rows", rows, "--repeats", str(repeats), "--no-conv", "--out", str(output)])
-    del res
+    bench_kernels(device=device, threads=threads, shapes=shapes, sparsities=sparsities, rows=rows, repeats=repeats, output=output)
 
 
 @app.command("sweep")
@@ -369,15 +364,18 @@ def sweep_cmd(
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
     seed: int = typer.Option(0, "--seed", help="seed of the random baselines"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace sweep.json / sweep.png in --output"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Essential sparsity: prune one-shot at every sparsity (from the dense weights each time), measure, find the knee."""
+    from compressor.api import load_for_device
     from compressor.io.data import load_data
     from compressor.sweep import check_outputs_free, parse_grid, parse_patterns, sweep, write_sweep
 
     grid_l, pats = parse_grid(grid), parse_patterns(pattern)  # validate before loading anything
     check_outputs_free(output, overwrite)
     bundle = load_data(data) if data else None
-    res = sweep(model, bundle, grid=grid_l, patterns=pats, eps=eps, relative=relative, refine=refine,
+    loaded = load_for_device(model, device, arch=arch, trust_pickle=trust_pickle)  # the sweep runs where it is placed
+    res = sweep(loaded, bundle, grid=grid_l, patterns=pats, eps=eps, relative=relative, refine=refine,
                 include=include or None, exclude=exclude or None, n_texts=texts, seed=seed, arch=arch, trust_pickle=trust_pickle)
     files = write_sweep(res, output, overwrite=overwrite)
     curves = res["curves"]

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from compressor.device import module_device
 from compressor.errors import InputError
+from compressor.task import hf_task
 
 
 def _require_transformers():
@@ -53,12 +55,9 @@ def load_hf_folder(path: str | Path, *, eager_attention: bool = True):
     if eager_attention:
         kwargs["attn_implementation"] = "eager"
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    archs = getattr(config, "architectures", None) or []
-    cls = transformers.AutoModel
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        cls = transformers.AutoModelForCausalLM
-    elif any(a.endswith("ForSequenceClassification") for a in archs):
-        cls = transformers.AutoModelForSequenceClassification
+    # the head follows the task, decided in one place for loading, evaluation and sweeps
+    cls = {"causal-lm": transformers.AutoModelForCausalLM, "classifier": transformers.AutoModelForSequenceClassification,
+           "encoder": transformers.AutoModel}[hf_task(config)]
     try:
         model = cls.from_pretrained(path, **kwargs)
     except (ValueError, TypeError):
@@ -98,7 +97,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, to
 @torch.no_grad()
 def embed(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128, device=None) -> torch.Tensor:
     """L2-normalised mean-pooled sentence embeddings [N, d] (the all-MiniLM-L6-v2 recipe)."""
-    device = device or next(model.parameters()).device
+    device = device or module_device(model)
     out = []
     for i in range(0, len(texts), batch_size):
         enc = {k: v.to(device) for k, v in tokenize(tokenizer, texts[i : i + batch_size], max_length).items()}

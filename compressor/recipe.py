@@ -69,7 +69,13 @@ class StageContext:
     recipe_hash: str = ""
     stage_index: int = 0
     artifacts: dict = field(default_factory=dict)  # files written by stages: {"onnx": path, ...}
-    original: object | None = None  # the LoadedModel as given (never modified)
+    original: object | None = None  # the input model's wrapper (compressor.wrappers.Model), never modified
+
+    def current_model(self):
+        """The model as it stands now (after the stages so far), in its wrapper (compressor.wrappers)."""
+        from compressor.wrappers import from_parts
+
+        return from_parts(self.model_kind, module=self.model, onnx=self.onnx_model, tokenizer=self.tokenizer, owned=True)
 
 
 @dataclass
@@ -114,8 +120,14 @@ def _fmt_validation(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def ensure_methods_loaded() -> None:
-    import compressor.methods  # noqa: F401  (imports every method module, which registers it)
+# {method module: why it was skipped} — filled by compressor.methods when a module's optional package is missing.
+# The registry is filled by importing compressor.methods (the layer above this one); api and cli do that.
+IMPORT_ERRORS: dict[str, str] = {}
+
+
+def _require_registry() -> None:
+    if not REGISTRY:  # a programming error, not a user mistake: keep the traceback
+        raise RuntimeError("no recipe methods are registered: import compressor.methods before parsing recipes")
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -137,7 +149,7 @@ def resolve_recipe_path(spec: str | Path) -> Path:
 
 def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
     """Validate a recipe given as a dict (already parsed YAML)."""
-    ensure_methods_loaded()
+    _require_registry()
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping with 'name' and 'stages'", "see recipes/*.yaml for examples")
     try:
@@ -154,8 +166,6 @@ def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
         spec = REGISTRY.get(name)
         if spec is None:
             import difflib
-
-            from compressor.methods import IMPORT_ERRORS
 
             hint = difflib.get_close_matches(str(name), REGISTRY, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"known methods: {', '.join(sorted(REGISTRY))}"

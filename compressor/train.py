@@ -20,13 +20,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from compressor.device import resolve as resolve_device
 from compressor.errors import InputError
 
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def classification_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
@@ -95,7 +92,7 @@ def train(
     if n == 0:
         raise InputError("the training data is empty", "give data with at least one sample")
     rank, world = ddp_context()
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     model.to(device).train()
     ipe = math.ceil(n / (batch_size * world))  # iterations per epoch
     if steps is None:

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+import compressor.methods  # noqa: F401  (registers every recipe method, as api and cli do)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))

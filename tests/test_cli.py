@@ -55,9 +55,19 @@ def test_export_command(tmp_path, cnn_state_file):
     (["run", "MODEL", "-r", "demo", "-d", "imagenet"], "unknown data source"),
     (["eval", "/no/such.onnx"], "model not found"),
     (["recipes", "show", "nope"], "no recipe named"),
+    (["eval", "MODEL", "--arch", "compressor.models:digits_cnn", "-d", "digits", "--device", "tpu"], "device 'tpu'"),
+    (["export", "ONNX", "-o", "OUT"], "already ONNX"),
+    (["bench-kernels", "--device", "cpu", "--shapes", "8by8"], "--shapes"),
 ])
-def test_user_errors_exit_2_without_traceback(cnn_state_file, args, needle):
-    args = [str(cnn_state_file) if a == "MODEL" else a for a in args]
+def test_user_errors_exit_2_without_traceback(tmp_path, cnn_state_file, args, needle):
+    onnx_file = tmp_path / "m.onnx"
+    if "ONNX" in args:
+        from compressor.models import digits_cnn
+        from compressor.wrappers import wrap
+
+        wrap(digits_cnn().eval()).export_onnx(onnx_file, (__import__("torch").zeros(2, 1, 8, 8),))
+    subst = {"MODEL": str(cnn_state_file), "ONNX": str(onnx_file), "OUT": str(tmp_path / "out.onnx")}
+    args = [subst.get(a, a) for a in args]
     if args[0] == "run" and "--arch" not in args:
         args += ["--arch", "compressor.models:digits_cnn"]
     r = invoke(*args)
@@ -84,6 +94,21 @@ def test_main_shorthand_routes_to_run(tmp_path, cnn_state_file, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(cnn_state_file), "-r", "no-such-recipe"])
     assert e.value.code == 2
+    assert "no recipe named" in capsys.readouterr().err  # routed to run (not click's "No such command")
+
+
+def test_bench_kernels_command_writes_json(tmp_path):
+    out = tmp_path / "k.json"
+    r = invoke("bench-kernels", "--device", "cpu", "--shapes", "16x16", "--sparsities", "0.5", "--rows", "1",
+               "--repeats", "1", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["runs"]["cpu-threads1-custom"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_refused_without_cuda(cnn_state_file):
+    r = invoke("eval", str(cnn_state_file), "--arch", "compressor.models:digits_cnn", "-d", "digits", "--device", "cuda")
+    assert r.exit_code == 2 and "no CUDA device" in r.output and "Traceback" not in r.output
 
 
 def test_subprocess(tmp_path, cnn_state_file):

@@ -1,6 +1,6 @@
 """Essential-sparsity sweeps on real models: the digits MLP (fast) and the real pretrained MiniLM-L6 (slow).
 
-Oracles: the dense accuracy measured independently (compressor.evaluate.accuracy); each level recomputed
+Oracles: the dense accuracy measured independently (compressor.eval.accuracy); each level recomputed
 independently on a fresh copy with compressor.masks; torch.nn.utils.prune.global_unstructured (what the
 reference essential_sparsity code uses) as a second opinion on the global OMP mask; exact_k counts.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compressor import evaluate as ev
+from compressor import eval as ev
 from compressor.errors import CompressorError
 from compressor.masks import apply_masks, magnitude_masks, nm_masks, prunable_weights
 from compressor.sweep import default_targets, make_evaluator, run_sweep, sweep

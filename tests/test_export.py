@@ -1,5 +1,6 @@
 """Verified export: torch vs onnxruntime on two batches; refusal leaves nothing behind."""
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -45,6 +46,29 @@ def test_tolerance_is_applied(tmp_path):
     m = digits_mlp().eval()
     rep = export_onnx(m, (torch.randn(3, 1, 8, 8),), tmp_path / "m.onnx", atol=1e-6, rtol=1e-5)
     assert rep["max_abs_diff"] <= 1e-5
+    # the bound is atol + rtol * max|reference|: a difference just above it is refused, just below accepted
+    from compressor.export import compare
+
+    ref = np.array([[1.0, -2.0]], dtype=np.float32)
+    assert compare([ref + 0.009], [ref], atol=0.005, rtol=0.0025) == pytest.approx(0.009, abs=1e-6)
+    with pytest.raises(VerificationError, match="disagrees"):
+        compare([ref + 0.011], [ref], atol=0.005, rtol=0.0025)
+
+
+def test_api_export_refusals_write_nothing(tmp_path, trained_cnn):
+    from compressor.api import export
+    from compressor.errors import InputError
+
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"previous")
+    with pytest.raises(InputError, match="exists"):
+        export(trained_cnn, out, input_shape=(1, 8, 8))
+    assert out.read_bytes() == b"previous"
+    rep = export(trained_cnn, out, input_shape=(1, 8, 8), overwrite=True)
+    assert rep["max_abs_diff"] < 1e-4 and onnx.load(str(out)).graph.input[0].name == "input"
+    with pytest.raises(InputError, match="already ONNX"):
+        export(out, tmp_path / "again.onnx")
+    assert not (tmp_path / "again.onnx").exists()
 
 
 def test_hf_export_with_named_inputs(tmp_path, tiny_bert_folder):

@@ -22,7 +22,8 @@ LAYERS: list[list[str]] = [
     ["compressor.io", "compressor.onnx_utils", "compressor.hf", "compressor.models", "compressor.blocks",
      "compressor.export", "compressor.train"],
     ["compressor.graph", "compressor.masks", "compressor.quant", "compressor.kernels", "compressor.sara"],
-    ["compressor.wrappers", "compressor.eval", "compressor.evaluate", "compressor.recipe"],
+    # io.models loads files into wrappers, so it sits beside them (io.data stays in layer 1)
+    ["compressor.wrappers", "compressor.io.models", "compressor.eval", "compressor.evaluate", "compressor.recipe"],
     ["compressor.methods", "compressor.sweep", "compressor.replaceme"],
     ["compressor.api"],
     ["compressor.cli", "compressor"],  # the package itself (its __init__ only) is the public facade over the API

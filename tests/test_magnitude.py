@@ -89,7 +89,7 @@ def test_magnitude_stage_then_export_has_zeros_and_runs_in_onnxruntime(tmp_path,
     import onnx
     from onnx import numpy_helper
 
-    from compressor.evaluate import accuracy, accuracy_onnx
+    from compressor.eval import accuracy, accuracy_onnx
 
     recipe = load_recipe({"name": "t", "stages": [{"method": "magnitude", "sparsity": 0.6},
                                                   {"method": "export", "format": "onnx"}]})

@@ -80,19 +80,19 @@ TRAINING_METHODS = ["finetune", "gradual", "imp_rewind", "sara", "qdistill"]
 def test_training_stages_share_one_declaration_of_train_params(method, field, bad):
     """Every training stage extends TrainParams, so a shared field is checked the same way everywhere."""
     from compressor.methods._params import TrainParams
-    from compressor.recipe import REGISTRY, ensure_methods_loaded
+    import compressor.methods  # noqa: F401
+    from compressor.recipe import REGISTRY
 
-    ensure_methods_loaded()
     assert issubclass(REGISTRY[method].params, TrainParams)
     with pytest.raises(RecipeError, match=rf"stage 1 \({method}\): field '{field}'"):
         load_recipe({"name": "x", "stages": [{"method": method, field: bad}]})
 
 
 def test_include_exclude_have_one_documented_meaning():
-    from compressor.recipe import REGISTRY, ensure_methods_loaded
+    import compressor.methods  # noqa: F401
+    from compressor.recipe import REGISTRY
     from compressor.utils.selectors import PATTERN_HELP
 
-    ensure_methods_loaded()
     documented = {(m, f) for m, spec in REGISTRY.items() for f, info in spec.params.model_fields.items()
                   if f in ("include", "exclude", "full") and PATTERN_HELP in (info.description or "")}
     fields = {(m, f) for m, spec in REGISTRY.items() for f in spec.params.model_fields if f in ("include", "exclude", "full")}

@@ -44,34 +44,4 @@ def _no_gc_pauses():
             gc.enable()
 
 
-def analyze_model(model, *, arch: str | None = None, trust_pickle: bool = False, data=None) -> Analysis:
-    """Any model the CLI accepts (ONNX, torch checkpoint, HF folder, nn.Module): ONNX is analysed directly,
-    the rest is exported with compressor.export first (initializer names = torch parameter names)."""
-    import tempfile
-    from pathlib import Path
-
-    import onnx
-    from torch import nn
-
-    from compressor.export import export_onnx
-    from compressor.graph.torch_bridge import distinct_copy
-    from compressor.io.data import load_data
-    from compressor.io.inputs import example_inputs_for
-    from compressor.io.models import LoadedModel
-    from compressor.io.models import load_model as load_any
-
-    if isinstance(model, onnx.ModelProto | bytes) or (isinstance(model, str | Path) and str(model).endswith(".onnx")):
-        return analyze(model)
-    loaded = LoadedModel("torch", "object", module=model) if isinstance(model, nn.Module) else \
-        load_any(model, arch=arch, trust_pickle=trust_pickle)
-    if loaded.kind == "onnx":
-        return analyze(loaded.onnx)
-    bundle = load_data(data) if isinstance(data, str) else data
-    example = example_inputs_for(loaded, bundle)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(distinct_copy(loaded.module), example, path)
-        return analyze(path)
-
-
-__all__ = ["Analysis", "Group", "Member", "PruneError", "Selection", "analyze", "analyze_model", "prune_onnx", "select"]
+__all__ = ["Analysis", "Group", "Member", "PruneError", "Selection", "analyze", "prune_onnx", "select"]

@@ -1,6 +1,4 @@
-"""Loading and saving models and data. Safe by default: no pickle unless asked for."""
+"""Loading models and data. Safe by default: no pickle unless asked for.
 
-from compressor.io.data import DataBundle, load_data
-from compressor.io.models import LoadedModel, load_model, save_torch
-
-__all__ = ["DataBundle", "LoadedModel", "load_data", "load_model", "save_torch"]
+`compressor.io.data` reads data sets (layer 1); `compressor.io.models` loads model files into the model wrappers of
+`compressor.wrappers`, so it sits in the wrappers' layer (see tests/test_layers.py). Import each from its module."""

@@ -110,10 +110,10 @@ def load_data(spec: str | None, *, input_shape: tuple[int, ...] | None = None, s
         if input_shape is None:
             raise InputError("data 'random' needs the model's input shape", "use it with a model whose input shape is known")
         return random_inputs(tuple(input_shape), seed=seed)
-    kind, sep, rest = spec.partition(":")
-    if sep and kind == "npz":
+    source, sep, rest = spec.partition(":")
+    if sep and source == "npz":
         return npz(Path(rest).expanduser(), seed=seed)
-    if sep and kind == "text":
+    if sep and source == "text":
         return text(Path(rest).expanduser())
     raise InputError(f"unknown data source {spec!r}", f"use one of: {DATA_SPECS}")
 

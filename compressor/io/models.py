@@ -7,36 +7,30 @@ Every failure a user can cause is an InputError with the fix; inputs are only re
 from __future__ import annotations
 
 import importlib
-import io
 import os
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compressor.errors import InputError
+from compressor.wrappers import Model, from_parts, wrap
 
 MODEL_FORMATS = "ONNX (.onnx), torch.export (.pt2), TorchScript, state dict / safetensors with --arch, a Hugging Face folder"
 
 
-@dataclass
-class LoadedModel:
-    """A model plus what we know about how to feed it."""
+def LoadedModel(kind: str, format: str = "object", *, module: nn.Module | None = None, onnx=None, path: Path | None = None,
+                example_inputs: tuple | None = None, tokenizer=None, meta: dict | None = None, owned: bool = False) -> Model:
+    """A model wrapper (compressor.wrappers) of the named kind, for callers that build one by hand
+    (new code calls compressor.wrappers.wrap or load_model)."""
+    return from_parts(kind, module=module, onnx=onnx, tokenizer=tokenizer, format=format, path=path,
+                      example_inputs=example_inputs, meta=meta, owned=owned)
 
-    kind: str  # "torch" | "onnx" | "hf"
-    format: str  # onnx | pt2 | torchscript | pickle | state_dict | safetensors | hf | object
-    module: nn.Module | None = None
-    onnx: object | None = None  # onnx.ModelProto
-    path: Path | None = None
-    example_inputs: tuple | None = None
-    tokenizer: object | None = None
-    meta: dict = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        return self.path.name if self.path else type(self.module).__name__
+def _loaded(kind: str, format: str, **parts) -> Model:
+    """A wrapper around a model this process loaded from a file (ours to move between devices)."""
+    return LoadedModel(kind, format, owned=True, **parts)
 
 
 def _import_factory(arch: str):
@@ -85,7 +79,7 @@ def _is_torchscript(path: Path) -> bool:
     return any("/code/" in n or n.startswith("code/") for n in names) and not any(n.endswith("/models/model.json") for n in names)
 
 
-def _load_onnx(path: Path) -> LoadedModel:
+def _load_onnx(path: Path) -> Model:
     import onnx
 
     try:
@@ -94,10 +88,10 @@ def _load_onnx(path: Path) -> LoadedModel:
     except Exception as e:  # onnx raises DecodeError / ValidationError / others
         raise InputError(f"{path.name} is not a valid ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
                          "re-export the model, or check the file is not truncated") from e
-    return LoadedModel("onnx", "onnx", onnx=model, path=path)
+    return _loaded("onnx", "onnx", onnx=model, path=path)
 
 
-def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool) -> LoadedModel:
+def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Model:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -106,7 +100,7 @@ def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded
             state = load_file(str(path))
         except Exception as e:
             raise InputError(f"{path.name} is not a valid safetensors file ({type(e).__name__})", "check the file is complete") from e
-        return LoadedModel("torch", "safetensors", module=_load_state_into(arch, state, path), path=path)
+        return _loaded("torch", "safetensors", module=_load_state_into(arch, state, path), path=path)
     if suffix == ".pt2":
         try:
             ep = torch.export.load(str(path))
@@ -114,13 +108,13 @@ def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded
             raise InputError(f"{path.name} is not a torch.export program ({type(e).__name__})", "save it with torch.export.save") from e
         example = getattr(ep, "example_inputs", None)
         args = example[0] if isinstance(example, tuple) and len(example) == 2 else None
-        return LoadedModel("torch", "pt2", module=ep.module(), path=path, example_inputs=tuple(args) if args else None)
+        return _loaded("torch", "pt2", module=ep.module(), path=path, example_inputs=tuple(args) if args else None)
     if _is_torchscript(path):
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
             raise InputError(f"{path.name} looks like TorchScript but does not load ({type(e).__name__})", "re-save it with torch.jit.save") from e
-        return LoadedModel("torch", "torchscript", module=module.eval(), path=path)
+        return _loaded("torch", "torchscript", module=module.eval(), path=path)
     # A torch.save file: a state dict (safe to load) or a pickled module (only when trusted).
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -135,28 +129,20 @@ def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Loaded
         except Exception as e2:
             raise InputError(f"{path.name} does not load as a torch checkpoint ({type(e2).__name__})", f"supported: {MODEL_FORMATS}") from e2
     if isinstance(obj, nn.Module):
-        return LoadedModel("torch", "pickle", module=obj.eval(), path=path)
+        return _loaded("torch", "pickle", module=obj.eval(), path=path)
     if isinstance(obj, dict):
-        return LoadedModel("torch", "state_dict", module=_load_state_into(arch, obj, path), path=path)
+        return _loaded("torch", "state_dict", module=_load_state_into(arch, obj, path), path=path)
     raise InputError(f"{path.name} holds a {type(obj).__name__}, not a model or state dict", f"supported: {MODEL_FORMATS}")
 
 
-def load_model(model, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
-    """Load a model from a path (any supported format) or wrap an in-memory nn.Module / ModelProto."""
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, nn.Module):
-        is_hf = hasattr(model, "config") and hasattr(model.config, "model_type")
-        return LoadedModel("hf" if is_hf else "torch", "object", module=model)
-    try:
-        import onnx
-
-        if isinstance(model, onnx.ModelProto):
-            return LoadedModel("onnx", "onnx", onnx=model)
-    except ImportError:  # pragma: no cover
-        pass
+def load_model(model, *, arch: str | None = None, trust_pickle: bool = False) -> Model:
+    """Load a model from a path (any supported format) into its wrapper, or wrap an in-memory nn.Module /
+    ModelProto (a wrapper is returned as is)."""
     if not isinstance(model, str | os.PathLike):
-        raise InputError(f"cannot use a {type(model).__name__} as a model", f"pass a path ({MODEL_FORMATS}) or a torch nn.Module")
+        try:
+            return wrap(model)  # a wrapper, nn.Module or onnx.ModelProto (never moved or modified)
+        except InputError:
+            raise InputError(f"cannot use a {type(model).__name__} as a model", f"pass a path ({MODEL_FORMATS}) or a torch nn.Module") from None
     path = Path(model).expanduser()
     if not path.exists():
         raise InputError(f"model not found: {path}", "check the path")
@@ -166,7 +152,7 @@ def load_model(model, *, arch: str | None = None, trust_pickle: bool = False) ->
         if not is_hf_folder(path):
             raise InputError(f"{path} is a folder without config.json", "pass a model file or a Hugging Face model folder")
         module, tok = load_hf_folder(path)
-        return LoadedModel("hf", "hf", module=module, path=path, tokenizer=tok)
+        return _loaded("hf", "hf", module=module, path=path, tokenizer=tok)
     if path.suffix.lower() == ".onnx":
         return _load_onnx(path)
     with open(path, "rb") as f:
@@ -178,43 +164,3 @@ def load_model(model, *, arch: str | None = None, trust_pickle: bool = False) ->
         except InputError:
             raise InputError(f"{path.name} is not a model file this tool reads", f"supported: {MODEL_FORMATS}") from None
     return _load_torch_file(path, arch, trust_pickle)
-
-
-def save_torch(module: nn.Module, path: Path, example_inputs: tuple | None = None) -> dict:
-    """Save a torch model: a `.pt2` torch.export program (loads without the source code) when it exports,
-    and always a `.safetensors` state dict next to it. Written atomically."""
-    from compressor.utils.atomic import atomic_path
-
-    path = Path(path)
-    written = {}
-    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    from safetensors.torch import save_file
-
-    st_path = path.with_suffix(".safetensors")
-    with atomic_path(st_path) as tmp:
-        save_file(_dedupe_shared(state), str(tmp))
-    written["state_dict"] = str(st_path)
-    if example_inputs is not None:
-        try:
-            ep = torch.export.export(module.eval(), tuple(example_inputs))
-            buf = io.BytesIO()
-            torch.export.save(ep, buf)
-            with atomic_path(path.with_suffix(".pt2")) as tmp:
-                tmp.write_bytes(buf.getvalue())
-            written["program"] = str(path.with_suffix(".pt2"))
-        except Exception as e:  # export is best effort; the state dict is always there
-            written["program_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return written
-
-
-def _dedupe_shared(state: dict) -> dict:
-    """safetensors refuses tensors that share memory (tied embeddings): keep the first name only."""
-    seen: dict[int, str] = {}
-    out = {}
-    for k, v in state.items():
-        key = v.data_ptr()
-        if key in seen and v.numel() > 0:
-            continue
-        seen[key] = k
-        out[k] = v
-    return out

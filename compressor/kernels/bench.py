@@ -188,8 +188,9 @@ def goals(rows: list[dict], device: str) -> dict:
 
 
 def main(argv=None) -> dict:
+    """The benchmarks/kernels.py command line: parse, then :func:`run_bench`."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     ap.add_argument("--threads", default="1,2", help="CPU thread counts to run, e.g. 1 or 1,2")
     ap.add_argument("--rows", default="128,1", help="tokens per matmul (batch x sequence)")
     ap.add_argument("--repeats", type=int, default=9)
@@ -200,20 +201,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--onnx-only", action="store_true", help="only the compact-ONNX file-size comparison")
     ap.add_argument("--out", default=str(Path("benchmarks") / "results" / "kernels.json"))
     a = ap.parse_args(argv)
-    if a.device == "cuda" and not torch.cuda.is_available():
-        from compressor.errors import InputError
+    from compressor.device import resolve
 
-        raise InputError("CUDA is not available on this machine", fix="run with --device cpu")
-    shapes = QUICK_SHAPES if a.quick else SHAPES
-    sparsities = [0.5, 0.9] if a.quick else SPARSITIES
-    if a.shapes:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",")]
-    if a.sparsities:
-        sparsities = [float(v) for v in a.sparsities.split(",")]
-    rows_list = [int(r) for r in a.rows.split(",")]
+    return run_bench(
+        device=resolve(a.device), threads=[int(t) for t in a.threads.split(",")],
+        shapes=[tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",")] if a.shapes else None,
+        sparsities=[float(v) for v in a.sparsities.split(",")] if a.sparsities else None,
+        rows=[int(r) for r in a.rows.split(",")], repeats=a.repeats, conv=not a.no_conv, quick=a.quick,
+        onnx_only=a.onnx_only, out=Path(a.out),
+        command="python benchmarks/kernels.py " + " ".join(str(x) for x in (argv if argv is not None else sys.argv[1:])))
+
+
+def run_bench(*, device, threads=(1, 2), shapes=None, sparsities=None, rows=(128, 1), repeats: int = 9, conv: bool = True,
+              quick: bool = False, onnx_only: bool = False, out: Path = Path("benchmarks") / "results" / "kernels.json",
+              command: str | None = None) -> dict:
+    """Time dense vs sparse kernels on `device` (a torch.device: CPU runs CSR/BSR per thread count, CUDA runs
+    2:4 semi-structured); results are merged per device into the JSON file `out` and returned."""
+    device = torch.device(device)
+    custom = shapes is not None or sparsities is not None
+    shapes = list(shapes) if shapes is not None else (QUICK_SHAPES if quick else SHAPES)
+    sparsities = list(sparsities) if sparsities is not None else ([0.5, 0.9] if quick else SPARSITIES)
+    rows_list = list(rows)
     gen = torch.Generator().manual_seed(0)
     results: dict = {}
-    out_path = Path(a.out)
+    out_path = Path(out)
     if out_path.exists():
         try:
             results = json.loads(out_path.read_text())
@@ -221,40 +232,42 @@ def main(argv=None) -> dict:
             results = {}
     results.setdefault("runs", {})
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "repeats": a.repeats,
-            "command": "python benchmarks/kernels.py " + " ".join(str(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "repeats": repeats,
+            "command": command or f"compress bench-kernels --device {device}",
             "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    if a.onnx_only:
+    kind = device.type
+    if onnx_only:
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
             results["onnx_compact"] = meta | {"rows": bench_onnx(Path(d))}
-        a.device = "none"
+        kind = "none"
     with torch.no_grad():
-        if a.device == "none":
+        if kind == "none":
             pass
-        elif a.device == "cpu":
-            for th in [int(t) for t in a.threads.split(",")]:
+        elif kind == "cpu":
+            for th in threads:
                 torch.set_num_threads(th)
                 print(f"CPU, torch.set_num_threads({th}), MKL={torch.backends.mkl.is_available()}", flush=True)
-                rows = bench_cpu(shapes, rows_list, sparsities, a.repeats, gen)
-                conv = [] if (a.quick or a.no_conv) else bench_conv(a.repeats, gen)
-                key = f"cpu-threads{th}" + ("-quick" if a.quick else "") + ("-custom" if (a.shapes or a.sparsities) else "")
+                lin = bench_cpu(shapes, rows_list, sparsities, repeats, gen)
+                convs = bench_conv(repeats, gen) if (conv and not quick) else []
+                key = f"cpu-threads{th}" + ("-quick" if quick else "") + ("-custom" if custom else "")
                 results["runs"][key] = meta | {"device": "cpu", "device_name": platform.processor() or "cpu", "threads": th,
-                                                "linear": rows, "conv": conv, "goals": goals(rows, "cpu"),
+                                                "linear": lin, "conv": convs, "goals": goals(lin, "cpu"),
                                                 "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
         else:
-            name = torch.cuda.get_device_name(0)
-            cap = torch.cuda.get_device_capability(0)
+            index = device.index if device.index is not None else 0
+            name = torch.cuda.get_device_name(index)
+            cap = torch.cuda.get_device_capability(index)
             print(f"CUDA {name} sm{cap[0]}{cap[1]}, cuSPARSELt={getattr(torch._C, '_has_cusparselt', False)}", flush=True)
-            rows = bench_cuda(shapes, rows_list, sparsities, max(a.repeats, 20), gen)
-            results["runs"]["cuda" + ("-quick" if a.quick else "") + ("-custom" if (a.shapes or a.sparsities) else "")] = meta | {
+            with torch.cuda.device(index):
+                lin = bench_cuda(shapes, rows_list, sparsities, max(repeats, 20), gen)
+            results["runs"]["cuda" + ("-quick" if quick else "") + ("-custom" if custom else "")] = meta | {
                 "device": "cuda", "device_name": name, "capability": list(cap),
-                "cusparselt": bool(getattr(torch._C, "_has_cusparselt", False)), "linear": rows, "goals": goals(rows, "cuda")}
+                "cusparselt": bool(getattr(torch._C, "_has_cusparselt", False)), "linear": lin, "goals": goals(lin, "cuda")}
     write_text_atomic(out_path, json.dumps(results, indent=1))
     for k, run in results["runs"].items():
         if run.get("goals"):
             print(k, json.dumps(run["goals"]))
     print(f"wrote {out_path}")
     return results
-

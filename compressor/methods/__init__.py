@@ -14,6 +14,8 @@ import pkgutil
 import warnings
 from collections.abc import Iterable
 
+from compressor import recipe as _recipe
+
 
 def import_method_modules(package: str, path: Iterable[str]) -> dict[str, str]:
     """Import every module of `package` (at `path`) whose name does not start with "_"; returns
@@ -34,3 +36,4 @@ def import_method_modules(package: str, path: Iterable[str]) -> dict[str, str]:
 
 
 IMPORT_ERRORS: dict[str, str] = import_method_modules(__name__, __path__)
+_recipe.IMPORT_ERRORS.update(IMPORT_ERRORS)

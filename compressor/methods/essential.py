@@ -76,7 +76,7 @@ def run_essential(ctx: StageContext, p: EssentialParams) -> dict:
     result = run_sweep(ctx.model, evaluator, grid=p.grid, patterns=patterns, kind=ctx.model_kind, include=p.include,
                        exclude=p.exclude, example=example, seed=ctx.seed, refine=p.refine, eps=p.eps, relative=p.relative)
     result["model"] = type(ctx.model).__name__
-    result["data"] = getattr(ctx.data, "source", None) or ("corpus" if ctx.model_kind == "hf" else None)
+    result["data"] = getattr(ctx.data, "source", None) or ("corpus" if ctx.tokenizer is not None else None)
     files = write_sweep(result, ctx.workdir, overwrite=True)  # the stage owns its output folder (api checks it)
     ctx.artifacts.update({"sweep_json": files["json"], "sweep_png": files["png"]})
     main_curve = patterns[0].curve

@@ -20,31 +20,14 @@ class ExportParams(BaseModel):
 
 @register_method("export", ExportParams, help="write verified ONNX and/or torch files of the current model")
 def run_export(ctx: StageContext, p: ExportParams) -> dict:
-    from compressor.export import export_onnx
-    from compressor.io.models import save_torch
-    from compressor.onnx_utils import save_onnx_verified
-
+    model = ctx.current_model()
     out: dict = {}
-    if ctx.model_kind == "onnx":
+    # an ONNX model has no torch form: it is always written as (verified) ONNX, whatever `format` says
+    if p.format in ("onnx", "both") or model.module is None:
         path = ctx.workdir / f"{p.filename}.onnx"
-        out["onnx"] = save_onnx_verified(ctx.onnx_model, path, ctx.example_inputs)
+        out["onnx"] = model.export_onnx(path, ctx.example_inputs, atol=p.atol, rtol=p.rtol)
         ctx.artifacts["onnx"] = str(path)
-        return out
-    model = plain_copy(ctx.model)
-    if p.format in ("onnx", "both"):
-        path = ctx.workdir / f"{p.filename}.onnx"
-        out["onnx"] = export_onnx(model, ctx.example_inputs, path, atol=p.atol, rtol=p.rtol)
-        ctx.artifacts["onnx"] = str(path)
-    if p.format in ("torch", "both"):
-        if ctx.model_kind == "hf":
-            folder = ctx.workdir / p.filename
-            model.save_pretrained(folder)
-            if ctx.tokenizer is not None:
-                ctx.tokenizer.save_pretrained(folder)
-            out["torch"] = {"hf_folder": str(folder)}
-            ctx.artifacts["hf_folder"] = str(folder)
-        else:
-            args = tuple(ctx.example_inputs.values()) if isinstance(ctx.example_inputs, dict) else ctx.example_inputs
-            out["torch"] = save_torch(model, ctx.workdir / f"{p.filename}.pt2", args)
-            ctx.artifacts.update({k: v for k, v in out["torch"].items() if k != "program_error"})
+    if p.format in ("torch", "both") and model.module is not None:
+        out["torch"] = model.save(ctx.workdir, p.filename, ctx.example_inputs)
+        ctx.artifacts.update({k: v for k, v in out["torch"].items() if k != "program_error"})
     return out

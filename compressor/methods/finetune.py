@@ -17,7 +17,7 @@ class FinetuneParams(SGDParams):
 
 @register_method("finetune", FinetuneParams, help="fine-tune the current model on the labelled training data", kinds=("torch",))
 def run_finetune(ctx: StageContext, p: FinetuneParams) -> dict:
-    from compressor.evaluate import accuracy
+    from compressor.eval import accuracy
     from compressor.train import train
 
     data = ctx.data

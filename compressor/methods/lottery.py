@@ -172,7 +172,7 @@ def imp_rewind(model: nn.Module, data, *, levels: int = 8, fraction: float = 0.2
     holds the last level's trained weights with its masks applied. `on_level(i, report)` runs after level i
     is checkpointed (tests use it to simulate a kill).
     """
-    from compressor.evaluate import accuracy
+    from compressor.eval import accuracy
     from compressor.train import ddp_context, train
 
     if variant not in ("weight", "lr", "finetune"):

@@ -102,6 +102,6 @@ def _accuracy_fn(ctx: StageContext):
     data = ctx.data
     if data is None or getattr(data, "task", None) != "classification" or data.test is None or ctx.model_kind != "torch":
         return lambda: None
-    from compressor.evaluate import accuracy
+    from compressor.eval import accuracy
 
     return lambda: accuracy(ctx.model, data.test)

@@ -52,7 +52,7 @@ def _build_student(spec: str):
 
 @register_method("qdistill", QDistillParams, help="quantized distillation (2-8 bit) + QDQ / MatMulNBits ONNX export", kinds=("torch", "hf"))
 def run_qdistill(ctx: StageContext, p: QDistillParams) -> dict:
-    from compressor.evaluate import accuracy
+    from compressor.eval import accuracy
     from compressor.quant.diffq import differentiable_quantization
     from compressor.quant.onnx_export import export_quantized, quantized_storage
     from compressor.quant.qat import (

@@ -57,7 +57,7 @@ def run_sara(ctx: StageContext, p: SaRAParams) -> dict:
     import math
     import time
 
-    from compressor.evaluate import accuracy
+    from compressor.eval import accuracy
     from compressor.train import train
 
     data = ctx.data

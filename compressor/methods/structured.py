@@ -115,7 +115,7 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
 
 @register_method("structured", StructuredParams, help="group structured channel pruning over the ONNX dependency graph")
 def run_structured(ctx: StageContext, p: StructuredParams) -> dict:
-    if ctx.model_kind == "onnx":
+    if ctx.model is None:  # no torch module: the model is an ONNX graph
         ctx.onnx_model, rep = structured_onnx(ctx.onnx_model, p, seed=ctx.seed)
         return rep
     batches = _batches(ctx, p.taylor_batches) if p.importance == "taylor" else None

@@ -116,9 +116,10 @@ def differentiable_quantization(model: nn.Module, dataset, *, cfg: QuantConfig, 
 
     teacher defaults to a frozen copy of the unquantised model itself (as in the paper).
     """
-    from compressor.train import default_device, train
+    from compressor.device import resolve as resolve_device
+    from compressor.train import train
 
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     if teacher is None:
         teacher = copy.deepcopy(model)
     teacher = teacher.to(device).eval()

@@ -205,9 +205,10 @@ def quantized_distillation(student: nn.Module, dataset, *, teacher: nn.Module | 
     loss_fn(model, batch) replaces the logits distillation loss (e.g. feature distillation of an encoder,
     where the teacher is captured by the closure); optimizer "sgd" (Nesterov, the paper) or "adamw".
     """
-    from compressor.train import default_device, train
+    from compressor.device import resolve as resolve_device
+    from compressor.train import train
 
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     if teacher is not None and loss_fn is None:
         check_output_shapes(teacher.cpu(), student.cpu(), dataset[:2][0])
         teacher = teacher.to(device).eval()

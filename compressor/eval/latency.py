@@ -1,0 +1,85 @@
+"""Latency: median wall time of one forward, timed on the device the model runs on (synchronised on CUDA).
+
+Compressed vs original models are timed alternately in one loop (:func:`paired_latency`), so machine noise
+hits both alike and cannot fake a ratio.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor import device as devices
+from compressor.eval.runtime import forward, ort_feeds, ort_session
+
+
+def timed(fn, runs: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds of `fn()` over `runs` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def paired_latency(fn_a, fn_b, runs: int = 30, warmup: int = 5) -> tuple[float, float]:
+    """Median ms of two callables timed alternately in one loop, so machine noise hits both alike."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn_a()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn_b()
+        tb.append(time.perf_counter() - t)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
+def torch_runner(model: nn.Module, example):
+    """One forward of a torch module on `example`, on the module's device: autocast with the device's AMP
+    dtype on CUDA (as deployed) and synchronised; plain fp32 on CPU."""
+    model.eval()
+    dev = devices.module_device(model)
+    dt = devices.amp_dtype(dev)
+    example = devices.to_device(example, dev)
+
+    @torch.no_grad()
+    def once():
+        with torch.autocast(dev.type, dtype=dt or torch.float32, enabled=dt is not None):
+            forward(model, example)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    return once
+
+
+def onnx_runner(session, feeds: dict):
+    """One run of an onnxruntime session on the feeds it takes."""
+    feeds = ort_feeds(session, feeds)
+    return lambda: session.run(None, feeds)
+
+
+def latency(model, example, runs: int = 30, warmup: int = 5) -> float:
+    """Median ms of one forward of a model wrapper on `example`, where the wrapper runs."""
+    return timed(model.runner(example), runs, warmup)
+
+
+def latency_torch(model: nn.Module, example_inputs, runs: int = 30, warmup: int = 5) -> float:
+    """Median ms of one forward of a torch module on its device."""
+    return timed(torch_runner(model, example_inputs), runs, warmup)
+
+
+def latency_onnx(path_or_bytes, feeds: dict[str, np.ndarray], runs: int = 30, warmup: int = 5, threads: int | None = None,
+                 device=None) -> float:
+    """Median ms of one onnxruntime run on `feeds`."""
+    return timed(onnx_runner(ort_session(path_or_bytes, threads, device=device), feeds), runs, warmup)

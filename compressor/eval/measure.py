@@ -1,0 +1,78 @@
+"""`measure`: size, cost and quality of one model wrapper, the one evaluation that compress(), `compress
+eval` and the other tools call; `make_reference`: what the original model's quality is compared against.
+
+Which quality applies is the wrapper's answer (:meth:`Model.quality_metric`); how to run the model is the
+wrapper's too, so nothing here asks which kind of model it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.eval.latency import latency as latency_of
+from compressor.eval.metrics import embedding_fidelity, output_agreement, perplexity, top1
+
+
+def held_out_texts(data, n: int = 128) -> list[str]:
+    """Held-out sentences for text models: the data's test texts, else the shipped corpus's odd lines."""
+    from compressor.hf import corpus_sentences
+
+    return list((data.test_texts if data is not None and getattr(data, "test_texts", None) else corpus_sentences()[1::2])[:n])
+
+
+def make_reference(model, data, example) -> dict:
+    """What a compressed model's quality is measured against, computed from the original `model` (a wrapper):
+    held-out texts (+ the original's embeddings for encoders), or inputs and the original's outputs."""
+    metric = model.quality_metric(data)
+    if metric == "accuracy":  # labels are the reference
+        return {}
+    if metric == "perplexity":
+        return {"texts": held_out_texts(data), "embeddings": None}
+    if metric == "embedding_fidelity":
+        from compressor.hf import embed
+
+        texts = held_out_texts(data)
+        return {"texts": texts, "embeddings": embed(model.module, model.tokenizer, texts)}
+    inputs = model.reference_inputs(data, example)
+    if inputs is None:
+        return {}
+    return {"inputs": inputs, "outputs": model.outputs(inputs)}
+
+
+def quality(model, data, reference: dict | None) -> dict:
+    """The quality metric of `model` on `data`: accuracy on labels, perplexity on held-out text, or fidelity /
+    output agreement against `reference` (None: only metrics that need no reference)."""
+    metric = model.quality_metric(data)
+    reference = reference or {}
+    if metric == "accuracy":
+        x, y = data.test.tensors[0], data.test.tensors[1]
+        return {"accuracy": top1(model.outputs(x), y)}
+    if metric == "perplexity":
+        texts = reference.get("texts") or held_out_texts(data)
+        return {"perplexity": perplexity(model.module, model.tokenizer, texts)}
+    if metric == "embedding_fidelity" and reference.get("embeddings") is not None:
+        return {"embedding_fidelity": embedding_fidelity(model.module, reference["embeddings"], model.tokenizer, reference["texts"])}
+    if metric == "output_agreement" and "outputs" in reference:
+        return output_agreement(model.outputs(reference["inputs"]), reference["outputs"])
+    return {}
+
+
+@torch.no_grad()
+def measure(model, data=None, reference: dict | None = None, example=None, *, latency: bool = False,
+            runs: int = 20, warmup: int = 3) -> dict:
+    """Size, cost and quality of one model wrapper, where it runs.
+
+    example: inputs for MACs and latency (default: the wrapper's own from `data`). latency: also time one
+    forward (labelled with the runtime and device in ``latency_runtime``).
+    """
+    if example is None:
+        example = model.make_example(data)
+    m: dict = {}
+    m["params"], m["nonzero_params"] = model.param_counts()
+    m["macs"] = model.macs(example)
+    m["size_bytes"] = model.size_bytes()
+    if latency:
+        m["latency_ms"] = latency_of(model, example, runs=runs, warmup=warmup)
+        m["latency_runtime"] = model.latency_runtime()
+    m.update(quality(model, data, reference))
+    return m
