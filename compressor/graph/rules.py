@@ -673,6 +673,7 @@ def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> l
         # position p of the input axis is (part ids at p's row-major multi-index), as numpy lays it out
         for e, tup in zip(xin[k].tolist(), itertools.product(*(p.tolist() for p in parts)), strict=True):
             set_composite(e, tup)
+        ctx.factorised.append((node, xin[k]))
     out: list = [None] * len(sout)
     pos = 0
     for k in range(len(sout)):
@@ -689,6 +690,7 @@ def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> l
             continue
         fresh = ctx.ids.fresh(sout[k])
         ctx.ids.set_composite_fresh(fresh, itertools.product(*(arrays[i].tolist() for i in range(start, pos))))
+        ctx.factorised.append((node, fresh))
         out[k] = fresh
     return out
 
