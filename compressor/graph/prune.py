@@ -72,9 +72,11 @@ def _atoms(selection) -> set[int]:
 
 
 def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bool = True,
-               feeds: dict | None = None) -> onnx.ModelProto:
+               feeds: dict | None = None, values: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """A pruned copy of `model` (the ModelProto/path the analysis was built from) without the selected atoms.
-    check: run onnx.checker and one onnxruntime pass (on `feeds`, default synthetic inputs)."""
+    check: run onnx.checker and one onnxruntime pass (on `feeds`, default synthetic inputs).
+    values: initializer values to use instead of the analysed ones (same names and shapes), e.g. the torch
+    model's exact weights where the analysis ran on an export whose equal tensors were made distinct."""
     from compressor.graph.ir import load_model
 
     removed = _atoms(selection)
@@ -91,6 +93,10 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
                                                       if not n.name.endswith("__const")]:
             raise PruneError("the model is not the one the analysis was built from", "analyse this model first")
     m = load_model(analysis.ir.model)
+    for i, init in enumerate(m.graph.initializer):
+        v = None if values is None else values.get(init.name)
+        if v is not None and tuple(v.shape) == tuple(init.dims):
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(v, dtype=helper.tensor_dtype_to_np_dtype(init.data_type)), init.name))
     plan = Plan(analysis, removed)
     _slice_tensors(m, plan)
     edits = _rewrite_nodes(m, plan)
@@ -114,6 +120,13 @@ def dry_run(analysis: Analysis, atoms: set[int], nodes: list | None = None, stri
             raise
         return f"internal error ({type(e).__name__}: {e})"
     return None
+
+
+def literal_rewrites(analysis: Analysis, atoms: set[int]) -> list[str]:
+    """The nodes whose literal size constants (reshape targets, split sizes, slice bounds, gather indices) a
+    cut of `atoms` rewrites, in graph order: in the torch module they are Python values of its forward."""
+    solver = _rewrite_nodes(analysis.ir.model, Plan(analysis, set(atoms)), apply=False)
+    return list(dict.fromkeys(solver.rewritten))
 
 
 def validate_groups(analysis: Analysis, strict: bool = False) -> int:
@@ -180,16 +193,25 @@ def _rewrite_nodes(m, plan: Plan, apply: bool = True, nodes: list | None = None)
     """Solve every size constant for the plan; with apply, also set attributes (conv group, split sizes) on
     m's nodes (without, m may be the analysis' own graph: a dry run). nodes: m's nodes with an op in
     _REWRITTEN, in graph order, where the caller has them already (all of m's are read otherwise)."""
-    set_attr = _set_attr if apply else (lambda node, name, value: None)
     a = plan.a
     ctx = a.ctx
     solver = Solver(plan.new_dim)
+    solver.rewritten = []  # where a literal (size constant, split sizes) changes: Python values in torch code
     wants: list[tuple[object, int, str]] = []  # (sym, value, where) to re-check at the end
 
+    def set_attr(node, name: str, value) -> None:
+        if name in ("split", "num_groups") and ctx.attr(node, name) != value:  # (torch's GroupNorm keeps its own)
+            solver.rewritten.append(f"{node.op_type} '{node.name}'")
+        if apply:
+            _set_attr(node, name, value)
+
     def want(sym, value: int, where: str) -> None:
+        before = dict(solver.edits)
         if not solver.solve(sym, value):
             raise PruneError(f"cannot rewrite the size constant of {where} to {value}",
                              "freeze this group (it feeds a shape computation we cannot rewrite)")
+        if solver.edits != before:
+            solver.rewritten.append(where)
         wants.append((sym, value, where))
 
     for node in m.graph.node if nodes is None else nodes:
@@ -215,7 +237,10 @@ def _rewrite_nodes(m, plan: Plan, apply: bool = True, nodes: list | None = None)
         elif op == "Split":
             _rewrite_split(node, plan, solver, want, where, set_attr)
         elif op == "Gather":
+            replaced = len(plan.replace)
             _rewrite_gather(node, plan, want, where)
+            if len(plan.replace) > replaced:  # an index list that shrinks
+                solver.rewritten.append(where)
         elif op in ("Conv", "ConvTranspose"):
             x, w = plan.axes(node.input[0]), plan.axes(node.input[1])
             g = ctx.attr(node, "group", 1)
