@@ -342,20 +342,36 @@ class LayerScaleBlock(nn.Module):
         return x + self.gamma.unsqueeze(-1).unsqueeze(-1) * self.conv2(x)
 
 
+class StoredDimScale(nn.Module):
+    """LayerScale reshaped by its stored width (`self.beta.view(self.dim, 1, 1)`): a size literal in the graph,
+    a Python int in the torch module."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.dim = c
+        self.conv = _cbr(c, c, 3)
+        self.beta = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x + self.beta.view(self.dim, 1, 1) * self.conv(x)
+
+
 class LayerScaleNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = _cbr(3, 16, 3)
         self.block = LayerScaleBlock(16)
         self.conv = _cbr(16, 24)
+        self.block2 = StoredDimScale(24)
         self.head = _Head(24)
 
     def forward(self, x):
-        return self.head(self.conv(self.block(self.stem(x))))
+        return self.head(self.block2(self.conv(self.block(self.stem(x)))))
 
 
-@_register("layer_scale", "LayerScale: `self.scale.reshape(-1, 1, 1) * x` and `self.gamma.unsqueeze(-1).unsqueeze(-1) "
-                          "* x`; the torch path's pruned module failed in forward ('shape [64, 1, 1] is invalid')")
+@_register("layer_scale", "LayerScale: `self.scale.reshape(-1, 1, 1) * x`, `self.gamma.unsqueeze(-1).unsqueeze(-1) "
+                          "* x` and `self.beta.view(self.dim, 1, 1) * x`; the torch path's pruned module failed in "
+                          "forward ('shape [64, 1, 1] is invalid for input of size ...')")
 def _layer_scale():
     return LayerScaleNet(), (torch.randn(2, 3, 8, 8),)
 

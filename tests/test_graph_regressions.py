@@ -94,8 +94,12 @@ def _exact_atoms(a, sel) -> set[int]:
     return {x for gid, v in sel.per_group.items() if gid in exact for x in v}
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-@pytest.mark.parametrize("name", NAMES)
+EXPORTER_PATTERNS = {"shuffle_split", "window_hybrid", "rope_vit", "rope_vit_pairs"}  # failed under dynamo's export
+CASES = [pytest.param(n, e, marks=[pytest.mark.slow] if e == "dynamo" and n not in EXPORTER_PATTERNS else [])
+         for n in NAMES for e in ("torchscript", "dynamo")]
+
+
+@pytest.mark.parametrize("name,exporter", CASES)
 def test_onnx_path_prunes_right(name, exporter):
     model, inputs = REGRESSIONS[name].build()
     m = _export(model, inputs, exporter)
@@ -134,15 +138,19 @@ def test_torch_path_prunes_right(name):
     assert np.abs(got - want).max() < TOL
 
 
-def test_stored_widths_freeze_for_torch_only():
-    """Splits by stored Python ints: the torch path freezes those groups and says which node; the ONNX path
-    of the same export still cuts them (its literals are rewritten)."""
-    model, inputs = REGRESSIONS["stored_widths"].build()
+@pytest.mark.parametrize("name,nodes", [("stored_widths", ["Split '/block/Split'", "Split '/block/Split_1'"]),
+                                        ("layer_scale", ["Reshape '/block2/Reshape'"])])
+def test_stored_sizes_freeze_for_torch_only(name, nodes):
+    """Sizes the forward holds as Python ints (split widths, `view(self.dim, 1, 1)`): the torch path freezes
+    those groups and names the node in the stage's report; the ONNX path of the same export still cuts them
+    (its literals are rewritten)."""
+    model, inputs = REGRESSIONS[name].build()
     a = analyze(_export(model, inputs, "torchscript"))
-    assert any("Split" in w for g in a.prunable_groups for w in _rewrites(a, g))
+    rewritten = {w for g in a.prunable_groups for w in _rewrites(a, g)}
+    assert set(nodes) <= rewritten
     rep = structured_torch(model, inputs, StructuredParams(ratio=0.3, protect_output=False))
     reasons = " ".join(f["reason"] for f in rep["torch_frozen"])
-    assert "torch path" in reasons and "Split '/block/Split'" in reasons and "Split '/block/Split_1'" in reasons
+    assert "torch path" in reasons and all(n in reasons for n in nodes)
     assert rep["removed_channels"] > 0 and rep["torch_vs_onnx_max_diff"] < 1e-5
 
 
