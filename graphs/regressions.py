@@ -147,8 +147,8 @@ class WindowHybrid(nn.Module):
 
 
 @_register("window_hybrid", "conv/attention hybrid with a MaxViT-style window partition whose view mixes the channel "
-                            "and spatial sizes; its dynamo export passed the analysis-time dry run and failed the "
-                            "final check at a Reshape")
+                            "and spatial sizes and a fused qkv unbound into q, k, v (Split + Squeeze); the q/k/v "
+                            "selector passed the analysis-time dry run and the final onnxruntime check refused it")
 def _window_hybrid():
     return WindowHybrid(), (torch.randn(2, 3, 8, 8),)
 
