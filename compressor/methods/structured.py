@@ -80,7 +80,13 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
     from compressor.export import _as_named, export_onnx
     from compressor.graph import analyze, prune_onnx
     from compressor.graph.selection import candidates
-    from compressor.graph.torch_bridge import distinct_copy, exact_values, prune_torch, taylor_grads, torch_freezes
+    from compressor.graph.torch_bridge import (
+        distinct_copy,
+        exact_values,
+        prune_torch,
+        taylor_grads,
+        torch_freezes,
+    )
     from compressor.onnx_utils import run
 
     if any(parametrize.is_parametrized(m) for m in model.modules()):
