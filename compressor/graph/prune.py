@@ -230,7 +230,7 @@ def _rewrite_nodes(m, plan: Plan, apply: bool = True, nodes: list | None = None)
                 if arr is None or e.value in (None, -1, 0) or (op == "Expand" and e.value == 1):
                     continue
                 new = plan.count(arr)
-                if not new:  # the graph would run on an empty tensor (onnxruntime refuses some ops on it)
+                if not new:  # a literal 0 means "copy the input's size" to Reshape: never write one
                     raise PruneError(f"{where}: the cut empties output axis {k + off}", "freeze this group")
                 if new != len(arr) or solver.eval(e) != e.value:
                     want(e, new, where)
@@ -276,8 +276,6 @@ def _rewrite_slice(node, plan: Plan, solver: Solver, want, where: str) -> None:
         n, new_n = len(arr), int(keep.sum())
         lo, hi, _ = slice(int(s.value), int(e.value), 1).indices(n)
         new_lo, new_hi = int(keep[:lo].sum()), int(keep[:hi].sum())
-        if hi > lo and new_hi <= new_lo:
-            raise PruneError(f"{where}: the cut empties the slice of axis {k}", "freeze this group")
 
         def clamp(v, new_n=new_n):
             return None if v is None else max(0, min(new_n, v + new_n if v < 0 else v))
@@ -297,9 +295,6 @@ def _rewrite_split(node, plan: Plan, solver: Solver, want, where: str, set_attr)
     if x[axis] is None:
         return
     new = [plan.count(plan.axes(o)[axis]) for o in node.output]
-    for i, o in enumerate(node.output):
-        if not new[i] and len(plan.axes(o)[axis]):
-            raise PruneError(f"{where}: the cut empties output {i}", "freeze this group")
     if ctx.attr(node, "split") is not None:
         set_attr(node, "split", new)
     elif len(node.input) > 1 and node.input[1]:
