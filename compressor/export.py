@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from compressor.errors import VerificationError
 from compressor.utils.atomic import atomic_path
@@ -147,6 +148,31 @@ def verify_onnx(path_or_bytes, model: nn.Module, example_inputs, *, input_names=
     return {"max_abs_diff": worst, "batches": len(batches), "atol": atol, "rtol": rtol}
 
 
+@contextlib.contextmanager
+def _traced_sdpa_flags():
+    """The TorchScript tracer returns tensor sizes as 0-d tensors, so an SDPA flag computed from them
+    (`is_causal=q.shape[-2] > 1`, `scale=q.shape[-1] ** -0.5`) reaches scaled_dot_product_attention as a
+    Tensor, which it refuses ("argument 'is_causal' must be bool, not Tensor"). While tracing, such flags are
+    turned into the Python values they have for the example inputs (what Hugging Face's SDPA path does);
+    the export is verified against the model on a second batch afterwards."""
+    sdpa = F.scaled_dot_product_attention
+
+    def shim(*args, **kwargs):
+        if isinstance(kwargs.get("is_causal"), torch.Tensor):
+            kwargs["is_causal"] = bool(kwargs["is_causal"])
+        if isinstance(kwargs.get("scale"), torch.Tensor):
+            kwargs["scale"] = float(kwargs["scale"])
+        if len(args) > 5 and isinstance(args[5], torch.Tensor):  # is_causal given by position
+            args = (*args[:5], bool(args[5]), *args[6:])
+        return sdpa(*args, **kwargs)
+
+    F.scaled_dot_product_attention = shim
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
 def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, input_names: list[str] | None = None,
                 output_names: list[str] | None = None, dynamic_batch: bool = True, dynamic_axes: dict | None = None,
                 atol: float = 1e-4, rtol: float = 1e-3, verify: bool = True, opset: int = OPSET) -> dict:
@@ -165,7 +191,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, input_nam
             dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _traced_sdpa_flags():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module, args, buf, dynamo=False, do_constant_folding=False,

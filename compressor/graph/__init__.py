@@ -16,17 +16,19 @@ from compressor.graph.prune import PruneError, prune_onnx
 from compressor.graph.selection import Selection, select
 
 
-def analyze(model_or_path, *, validate: bool = True) -> Analysis:
+def analyze(model_or_path, *, validate: bool = True, strict: bool = False) -> Analysis:
     """Coupled channel groups of an ONNX model (path, bytes or ModelProto; never modified).
 
     validate: try writing a one-channel cut of every prunable group into the graph (no inference run) and
-    freeze the groups whose size constants cannot be rewritten."""
+    freeze the groups whose size constants cannot be rewritten.
+    strict: an internal error (a rule or dry run that fails) raises instead of freezing what it touches with
+    the error as the reason; the tests use it so a bug stays visible."""
     from compressor.graph.prune import validate_groups
 
     with _no_gc_pauses():
-        a = build(GraphIR(load_model(model_or_path)))
+        a = build(GraphIR(load_model(model_or_path)), strict)
         if validate:
-            validate_groups(a)
+            validate_groups(a, strict)
     return a
 
 

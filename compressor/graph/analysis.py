@@ -158,7 +158,9 @@ class Analysis:
 _STANDARD = ("", "ai.onnx")  # the ONNX operator set; ops of other domains get the default (freezing) rule
 
 
-def run_rules(ir: GraphIR) -> Ctx:
+def run_rules(ir: GraphIR, strict: bool = False) -> Ctx:
+    """Walk the graph with the per-op rules. A rule that fails (an internal error, not a user's) freezes what
+    its node touches with the error as the reason; strict: it raises instead (the tests' mode)."""
     ctx = Ctx(ir)
     for name in ir.inputs:
         axes = ctx.fresh_axes(ir.shape(name))
@@ -192,10 +194,17 @@ def run_rules(ir: GraphIR) -> Ctx:
         if fn is None or not standard:
             R.default_rule(ctx, node)
         else:
-            fn(ctx, node)
+            try:
+                fn(ctx, node)
+            except Exception as e:
+                if strict:
+                    raise
+                R.default_rule(ctx, node, f"internal error in its rule ({type(e).__name__}: {e})")
     for name in ir.outputs:
         ctx.freeze_axes(ctx.ax(name), f"graph output '{name}'")
-    look = ctx.ids.atom_lookup() if ctx.size_refs else None  # the ids are final from here on (build() reuses it)
+    look = ctx.ids.atom_lookup()  # the ids are final from here on (build() reuses it)
+    if look.deep_ids is not None:
+        _freeze_cycles(ctx, look)
     for out, refs, why in ctx.size_refs:  # sizes read through Shape must move with the axis they size
         if not len(out) or not _atoms_cover(look, out, refs):
             ctx.freeze(out, why)
@@ -204,6 +213,18 @@ def run_rules(ir: GraphIR) -> Ctx:
     for a, b in ctx.ids.conflicts:
         ctx.freeze(np.array([a, b]), "incompatible factorisations of one axis (reshape)")
     return ctx
+
+
+def _freeze_cycles(ctx: Ctx, look: AtomLookup) -> None:
+    """Composite ids that contain themselves: a reshape factorised an axis into pieces that include the axis'
+    own ids, e.g. timm's interleaved rotary `stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)`
+    multiplied with x (a permutation within pairs, which a product of factors cannot express). No position
+    map through them is consistent, so every id reachable from them is frozen, naming the reshapes."""
+    ids = ctx.ids.reachable(np.flatnonzero(look.deep))
+    nodes = dict.fromkeys(f"{n.op_type} '{n.name or n.output[0]}'" for n, arr in ctx.factorised
+                          if len(arr) and look.deep_ids[arr].any())
+    ctx.cyclic_why = f"cyclic reshape factorisation ({', '.join(list(nodes)[:3]) or 'reshape'})"
+    ctx.freeze(ids, ctx.cyclic_why)
 
 
 def _atoms_cover(look, out: np.ndarray, refs: list[np.ndarray]) -> bool:
@@ -301,8 +322,8 @@ def _add_members(groups: list[Group], inits: InitAtoms, atom_group: np.ndarray) 
         groups[gi].members.append(Member(*inits.keys[ki], idx))
 
 
-def build(ir: GraphIR) -> Analysis:
-    ctx = run_rules(ir)
+def build(ir: GraphIR, strict: bool = False) -> Analysis:
+    ctx = run_rules(ir, strict)
     look = ctx.ids.atom_lookup()  # the ids no longer change: read atoms as arrays
     ctx.atom_lookup = look
     inits = InitAtoms(ir, ctx, look)
@@ -372,7 +393,7 @@ def build(ir: GraphIR) -> Analysis:
         protect["output"][inits.atoms(ks[r.in_axis])] = True
     atom_list, group_list = atoms.tolist(), group_of[order].tolist()
     frozen: list[dict[int, list[str]]] = [{} for _ in sizes]
-    for rk, why in zip(*_reasons(look, ctx.frozen, rank, 4, "cyclic reshape factorisation"), strict=True):
+    for rk, why in zip(*_reasons(look, ctx.frozen, rank, 4, ctx.cyclic_why or "cyclic reshape factorisation"), strict=True):
         reasons = frozen[group_list[rk]].setdefault(atom_list[rk], [])
         reasons.append(why)
     approx: list[set[str]] = [set() for _ in sizes]

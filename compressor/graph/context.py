@@ -55,6 +55,8 @@ class Ctx:
         self.size_refs: list[tuple[np.ndarray, list[np.ndarray], str]] = []  # see refs_sizes()
         self.info: dict[str, dict] = {}  # node name -> facts a prune-time rewrite needs (e.g. GroupNorm groups)
         self.atom_lookup = None  # ids.AtomLookup, set by build() once the ids are final
+        self.factorised: list[tuple[object, np.ndarray]] = []  # (reshape node, ids it made composite)
+        self.cyclic_why: str | None = None  # the reason given to ids in a cyclic factorisation (analysis)
 
     # ---- reading ------------------------------------------------------------------------------------------
     @staticmethod

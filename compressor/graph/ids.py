@@ -93,6 +93,18 @@ class ChannelIds:
             for x, y in zip(old, parts, strict=True):
                 self.union(x, y)
 
+    def reachable(self, roots) -> np.ndarray:
+        """Every id reachable from `roots` through composite factors (the roots included), as roots."""
+        seen: set[int] = set()
+        stack = [self.find(int(r)) for r in roots]
+        while stack:
+            r = stack.pop()
+            if r in seen:
+                continue
+            seen.add(r)
+            stack += [self.find(x) for x in self.comp.get(r, ())]
+        return np.fromiter(seen, dtype=np.int64, count=len(seen))
+
     def root_array(self) -> np.ndarray:
         """find(x) for every id at once (pointer jumping on a copy; the forest itself is left as it is)."""
         r = np.array(self.parent, dtype=np.int64)

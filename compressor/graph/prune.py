@@ -43,8 +43,7 @@ class Plan:
                 removed = np.zeros(n, dtype=bool)
                 removed[[a for a in self.removed if 0 <= a < n]] = True  # an atom is an id below n
                 self._alive = look.survivors(removed)
-            look.check(arr)
-            k = self._alive[arr]
+            k = self._alive[arr]  # a cyclic composite reads as its own atom (frozen by the analysis)
             self._keep[id(arr)] = k
         return k
 
@@ -73,9 +72,11 @@ def _atoms(selection) -> set[int]:
 
 
 def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bool = True,
-               feeds: dict | None = None) -> onnx.ModelProto:
+               feeds: dict | None = None, values: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """A pruned copy of `model` (the ModelProto/path the analysis was built from) without the selected atoms.
-    check: run onnx.checker and one onnxruntime pass (on `feeds`, default synthetic inputs)."""
+    check: run onnx.checker and one onnxruntime pass (on `feeds`, default synthetic inputs).
+    values: initializer values to use instead of the analysed ones (same names and shapes), e.g. the torch
+    model's exact weights where the analysis ran on an export whose equal tensors were made distinct."""
     from compressor.graph.ir import load_model
 
     removed = _atoms(selection)
@@ -92,6 +93,10 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
                                                       if not n.name.endswith("__const")]:
             raise PruneError("the model is not the one the analysis was built from", "analyse this model first")
     m = load_model(analysis.ir.model)
+    for i, init in enumerate(m.graph.initializer):
+        v = None if values is None else values.get(init.name)
+        if v is not None and tuple(v.shape) == tuple(init.dims):
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(v, dtype=helper.tensor_dtype_to_np_dtype(init.data_type)), init.name))
     plan = Plan(analysis, removed)
     _slice_tensors(m, plan)
     edits = _rewrite_nodes(m, plan)
@@ -102,17 +107,29 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
     return m
 
 
-def dry_run(analysis: Analysis, atoms: set[int], nodes: list | None = None) -> str | None:
+def dry_run(analysis: Analysis, atoms: set[int], nodes: list | None = None, strict: bool = False) -> str | None:
     """Why removing `atoms` cannot be written into the graph (an unsolvable size constant), or None.
-    nodes: the graph's nodes with an op in _REWRITTEN (in graph order), to spare many dry runs reading all."""
+    nodes: the graph's nodes with an op in _REWRITTEN (in graph order), to spare many dry runs reading all.
+    An internal error (a bug, not a refusal) is a reason too, unless strict (the tests' mode): it raises."""
     try:
         _rewrite_nodes(analysis.ir.model, Plan(analysis, set(atoms)), apply=False, nodes=nodes)
     except PruneError as e:
         return e.message
+    except Exception as e:
+        if strict:
+            raise
+        return f"internal error ({type(e).__name__}: {e})"
     return None
 
 
-def validate_groups(analysis: Analysis) -> int:
+def literal_rewrites(analysis: Analysis, atoms: set[int]) -> list[str]:
+    """The nodes whose literal size constants (reshape targets, split sizes, slice bounds, gather indices) a
+    cut of `atoms` rewrites, in graph order: in the torch module they are Python values of its forward."""
+    solver = _rewrite_nodes(analysis.ir.model, Plan(analysis, set(atoms)), apply=False)
+    return list(dict.fromkeys(solver.rewritten))
+
+
+def validate_groups(analysis: Analysis, strict: bool = False) -> int:
     """Freeze every prunable group whose smallest cut (one atom) cannot be rewritten; returns how many.
 
     One dry run with one atom of every group; only when it fails are groups tried one by one."""
@@ -121,13 +138,13 @@ def validate_groups(analysis: Analysis) -> int:
     if not probes:
         return 0
     nodes = [n for n in analysis.ir.model.graph.node if n.op_type in _REWRITTEN]
-    if dry_run(analysis, set(probes.values()), nodes) is None:
+    if dry_run(analysis, set(probes.values()), nodes, strict) is None:
         return 0
     bad = 0
     for g in analysis.groups:
         if g.id not in probes:
             continue
-        why = dry_run(analysis, {probes[g.id]}, nodes)
+        why = dry_run(analysis, {probes[g.id]}, nodes, strict)
         if why is not None:
             for a in g.atoms:
                 g.frozen.setdefault(a, [f"dry run: {why}"])
@@ -176,16 +193,25 @@ def _rewrite_nodes(m, plan: Plan, apply: bool = True, nodes: list | None = None)
     """Solve every size constant for the plan; with apply, also set attributes (conv group, split sizes) on
     m's nodes (without, m may be the analysis' own graph: a dry run). nodes: m's nodes with an op in
     _REWRITTEN, in graph order, where the caller has them already (all of m's are read otherwise)."""
-    set_attr = _set_attr if apply else (lambda node, name, value: None)
     a = plan.a
     ctx = a.ctx
     solver = Solver(plan.new_dim)
+    solver.rewritten = []  # where a literal (size constant, split sizes) changes: Python values in torch code
     wants: list[tuple[object, int, str]] = []  # (sym, value, where) to re-check at the end
 
+    def set_attr(node, name: str, value) -> None:
+        if name in ("split", "num_groups") and ctx.attr(node, name) != value:  # (torch's GroupNorm keeps its own)
+            solver.rewritten.append(f"{node.op_type} '{node.name}'")
+        if apply:
+            _set_attr(node, name, value)
+
     def want(sym, value: int, where: str) -> None:
+        before = dict(solver.edits)
         if not solver.solve(sym, value):
             raise PruneError(f"cannot rewrite the size constant of {where} to {value}",
                              "freeze this group (it feeds a shape computation we cannot rewrite)")
+        if solver.edits != before:
+            solver.rewritten.append(where)
         wants.append((sym, value, where))
 
     for node in m.graph.node if nodes is None else nodes:
@@ -204,6 +230,8 @@ def _rewrite_nodes(m, plan: Plan, apply: bool = True, nodes: list | None = None)
                 if arr is None or e.value in (None, -1, 0) or (op == "Expand" and e.value == 1):
                     continue
                 new = plan.count(arr)
+                if not new:  # a literal 0 means "copy the input's size" to Reshape: never write one
+                    raise PruneError(f"{where}: the cut empties output axis {k + off}", "freeze this group")
                 if new != len(arr) or solver.eval(e) != e.value:
                     want(e, new, where)
         elif op == "Slice":
@@ -211,7 +239,10 @@ def _rewrite_nodes(m, plan: Plan, apply: bool = True, nodes: list | None = None)
         elif op == "Split":
             _rewrite_split(node, plan, solver, want, where, set_attr)
         elif op == "Gather":
+            replaced = len(plan.replace)
             _rewrite_gather(node, plan, want, where)
+            if len(plan.replace) > replaced:  # an index list that shrinks
+                solver.rewritten.append(where)
         elif op in ("Conv", "ConvTranspose"):
             x, w = plan.axes(node.input[0]), plan.axes(node.input[1])
             g = ctx.attr(node, "group", 1)

@@ -360,6 +360,9 @@ def squeeze(ctx: Ctx, node) -> None:
         if len(node.input) > 1 and node.input[1]:
             return default_rule(ctx, node, "squeeze axes are not constant")
         axes = [k for k, a in enumerate(x) if a is not None and len(a) == 1]
+    for k in axes:  # a squeezed axis must keep its one position (e.g. unbind of q/k/v: Split, then Squeeze)
+        if k < len(x) and x[k] is not None:
+            ctx.freeze(x[k], ctx.why(node, "squeezed axis"))
     ctx.set(node.output[0], [a for k, a in enumerate(x) if k not in axes], node)
 
 
@@ -416,10 +419,12 @@ def split(ctx: Ctx, node) -> None:
         for o in node.output:
             ctx.set(o, [*x[:axis], None, *x[axis + 1:]], node)
         return
-    if sizes is None:
-        n = len(node.output)
+    if sizes is None:  # an equal split (`num_outputs`, or no sizes at all): parts stay equal after the cut,
+        n = len(node.output)  # so every part loses the same positions (the rewriter keeps it an equal split)
         step = math.ceil(len(a) / n)
         sizes = [min(step, len(a) - i * step) for i in range(n)]
+        if n > 1:
+            _couple_chunks(ctx, node, a, step)
     s_sym = ctx.sym(node.input[1]) if len(node.input) > 1 and node.input[1] else None
     if s_sym is not None and any((node.input[0], axis) in el.dims for el in s_sym.elems):
         if len(set(sizes)) != 1:
@@ -668,6 +673,7 @@ def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> l
         # position p of the input axis is (part ids at p's row-major multi-index), as numpy lays it out
         for e, tup in zip(xin[k].tolist(), itertools.product(*(p.tolist() for p in parts)), strict=True):
             set_composite(e, tup)
+        ctx.factorised.append((node, xin[k]))
     out: list = [None] * len(sout)
     pos = 0
     for k in range(len(sout)):
@@ -684,6 +690,7 @@ def reshape_run(ctx: Ctx, node, xin: list, sin: list[int], sout: list[int]) -> l
             continue
         fresh = ctx.ids.fresh(sout[k])
         ctx.ids.set_composite_fresh(fresh, itertools.product(*(arrays[i].tolist() for i in range(start, pos))))
+        ctx.factorised.append((node, fresh))
         out[k] = fresh
     return out
 

@@ -130,6 +130,62 @@ def prune_torch(model: nn.Module, analysis: Analysis, selection) -> dict:
     return {"tensors": len(plan)}
 
 
+def exact_values(model: nn.Module, analysis: Analysis, prefix: str = "") -> dict[str, np.ndarray]:
+    """The torch model's own parameter and buffer values by initializer name (prune_onnx's `values`): the
+    analysis runs on an export of distinct_copy(model), whose equal tensors were nudged apart, so an ONNX cut
+    compared with the torch cut must carry the torch weights, not the nudged ones."""
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    return {prefix + n: t.detach().cpu().numpy() for n, t in tensors.items()
+            if prefix + n in analysis.ir.initializers and t.is_floating_point()}
+
+
+def torch_freezes(model: nn.Module, args: tuple, names: list[str], analysis: Analysis, groups, *,
+                  prefix: str = "", atol: float = 1e-4) -> dict[int, str]:
+    """{group id: reason} for the groups the torch module cannot be cut along (the torch path freezes them).
+
+    A cut that rewrites literal size constants in the graph (reshape targets, split sizes, gather index
+    lists) changes what the torch module's forward holds as Python values (`torch.split(x, self.width, 1)`,
+    stored part sizes); the bridge updates only Hugging Face attention head counts. Each such group is
+    probed: one of its channels cut from a copy of the module, run, and compared with the same ONNX cut; a
+    failure or a disagreement freezes the group, naming the nodes whose constants the cut rewrites. Probes:
+    its first, middle and last channel in turn (a stored split size can agree with a cut of the last part)."""
+    from compressor.graph.prune import literal_rewrites
+
+    values = exact_values(model, analysis, prefix)
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, args, strict=True)}
+    out: dict[int, str] = {}
+    for g in groups:
+        free = [x for x in g.atoms if x not in g.frozen]
+        for probe in dict.fromkeys(free[k] for k in (0, len(free) // 2, -1)) if free else ():
+            where = literal_rewrites(analysis, {probe})
+            failure = where and _probe_failure(model, args, feeds, analysis, probe, values, atol)
+            if failure:
+                out[g.id] = (f"torch path: the cut rewrites the size constants of {', '.join(where[:3])}, which "
+                             f"the torch module's forward holds as Python values ({failure})")
+                break
+    return out
+
+
+def _probe_failure(model, args, feeds, analysis, atom: int, values, atol: float) -> str | None:
+    """Why cutting one atom from a copy of the torch model does not compute the same ONNX cut, or None."""
+    import copy
+
+    from compressor.graph.prune import prune_onnx
+    from compressor.onnx_utils import run
+
+    try:
+        ref = run(prune_onnx(None, analysis, {atom}, check=False, values=values), feeds)[0]
+        cut = copy.deepcopy(model)
+        prune_torch(cut, analysis, {atom})
+        with torch.no_grad():
+            got = cut(*args)
+        got = (got if isinstance(got, torch.Tensor) else got[0]).detach().float().cpu().numpy()
+    except Exception as e:  # the module's forward refuses the cut: exactly what is being probed
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    diff = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
+    return None if diff <= atol + atol * float(np.max(np.abs(ref))) else f"output differs by {diff:.3g}"
+
+
 def _out(mod: nn.Module | None) -> int | None:
     if mod is None or not hasattr(mod, "weight"):
         return None

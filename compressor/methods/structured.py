@@ -79,7 +79,14 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
 
     from compressor.export import _as_named, export_onnx
     from compressor.graph import analyze, prune_onnx
-    from compressor.graph.torch_bridge import distinct_copy, prune_torch, taylor_grads
+    from compressor.graph.selection import candidates
+    from compressor.graph.torch_bridge import (
+        distinct_copy,
+        exact_values,
+        prune_torch,
+        taylor_grads,
+        torch_freezes,
+    )
     from compressor.onnx_utils import run
 
     if any(parametrize.is_parametrized(m) for m in model.modules()):
@@ -95,10 +102,17 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
         g = taylor_grads(model, batches or [tuple(example_inputs.values()) if isinstance(example_inputs, dict)
                                             else tuple(example_inputs)])
         grads = {prefix + k: v for k, v in g.items()}
-    sel = _select(a, p, False if p.head_dim is None else p.head_dim, grads=grads, seed=seed)
-    before = sum(t.numel() for t in model.parameters())
-    pruned_onnx = prune_onnx(None, a, sel)
+    head_dim = False if p.head_dim is None else p.head_dim
     module, args, names = _as_named(model, example_inputs, None)
+    wanted = [g for g in a.prunable_groups if candidates(g, p.protect_output, p.protect_embeddings, p.heads, head_dim)]
+    frozen = torch_freezes(module, args, names, a, wanted)  # groups the torch module cannot follow
+    for g in a.groups:
+        if g.id in frozen:
+            for x in g.atoms:
+                g.frozen.setdefault(x, []).append(frozen[g.id])
+    sel = _select(a, p, head_dim, grads=grads, seed=seed)
+    before = sum(t.numel() for t in model.parameters())
+    pruned_onnx = prune_onnx(None, a, sel, values=exact_values(module, a))  # the torch weights, not the nudged
     prune_torch(module, a, sel)
     with torch.no_grad():  # the torch cut must compute what the ONNX cut computes
         ref = module(*args)
@@ -110,6 +124,7 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
                                 "report this as a bug; prune the ONNX export instead")
     rep = _report(a, sel, before, sum(t.numel() for t in model.parameters()))
     rep["torch_vs_onnx_max_diff"] = diff
+    rep["torch_frozen"] = [{"group": g.name, "reason": frozen[g.id]} for g in a.groups if g.id in frozen]
     return rep
 
 
