@@ -47,6 +47,8 @@ def ddp_context(device: torch.device | str) -> tuple[int, int]:
     with CUDA, where nccl would fail with "No backend type associated with device type cpu"). A GPU rank is
     pinned to its device first, so NCCL's communicator and every default-device allocation use cuda:LOCAL_RANK.
     """
+    if dist.is_available() and dist.is_initialized():  # started by the caller (any world size, e.g. 1)
+        return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -162,7 +164,7 @@ def train(
     )
     base_lrs = [g["lr"] for g in opt.param_groups]
     net: nn.Module = model
-    if world > 1:
+    if world > 1 or (dist.is_available() and dist.is_initialized()):
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     amp_dtype = D.amp_dtype(device) if amp else None
     # fp16 (GPUs without bf16) needs loss scaling; with bf16 / fp32 the scaler is a pass-through
