@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test
+.PHONY: demo test test-gpu
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,3 +18,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
+
+# GPU tests only (each stage on CUDA, DDP over nccl); they skip, with the reason, on a machine without CUDA
+test-gpu: $(VENV)/.installed
+	$(PY) -m pytest -q -m gpu -rs

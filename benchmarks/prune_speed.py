@@ -9,6 +9,14 @@ one CPU thread (the machine is shared, interleaving keeps the comparison fair).
 
     .venv/bin/python benchmarks/prune_speed.py          # -> benchmarks/results/prune_speed.json
 Goal: at 50 % on the CNN, latency speed-up ≥ 0.8 × MAC reduction factor (dense MACs / pruned MACs).
+
+GPU mode (issue 13): ResNet-50 (torchvision's when importable, else benchmarks/resnet50.py), 50 % of the
+channels, dense vs ours with device-aware widths (round_to auto = 8 in bf16) vs ours with round_to 1 vs
+torch-pruning's MagnitudePruner, all in bf16 + channels_last, timed with CUDA graphs (interleaved medians) at
+batch 64 and 256. MACs counted by torch-pruning's own counter (independent of compressor.graph.macs).
+
+    python benchmarks/prune_speed.py --device cuda      # -> benchmarks/results/prune_speed_cuda.json
+Goal (issue 13): latency gain ≥ 0.7 × MAC reduction at batch 256 with the device-aware widths.
 """
 
 from __future__ import annotations
@@ -136,6 +144,97 @@ def bench(name: str, builder, ratios: list[float], rounds: int, runs: int) -> di
             "prunable_groups": len(a.prunable_groups), "results": rows}
 
 
+def _tp_pruned(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
+    """torch-pruning's own 50 %-channel cut (group L2 magnitude, the classifier kept), as its README does it."""
+    import copy
+
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    pruner = tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=ratio, ignored_layers=[m.fc])
+    pruner.step()
+    return m
+
+
+def _ours(model: nn.Module, example: torch.Tensor, ratio: float, device, round_to) -> tuple[nn.Module, dict]:
+    import copy
+
+    from compressor.methods.structured import StructuredParams, structured_torch
+
+    m = copy.deepcopy(model)
+    rep = structured_torch(m, (example,), StructuredParams(ratio=ratio, round_to=round_to), device=device)
+    return m, rep
+
+
+def bench_torch(device: str, ratio: float, batches: list[int], size: int, repeats: int) -> dict:
+    """Dense vs ours (device-aware widths, and round_to 1) vs torch-pruning on `device`, bf16 on CUDA."""
+    import sys
+
+    import torch_pruning as tp
+
+    from compressor.device import label, resolve
+    from compressor.kernels.timing import paired_ms, runner
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from resnet50 import resnet50
+
+    dev = resolve(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else None
+    torch.manual_seed(0)
+    dense, source = resnet50()
+    dense.eval()
+    example = torch.randn(1, 3, size, size)
+    t0 = time.perf_counter()
+    ours, rep_ours = _ours(dense, example, ratio, dev, "auto")
+    t_ours = time.perf_counter() - t0
+    ours1, rep_ours1 = _ours(dense, example, ratio, dev, 1)
+    t0 = time.perf_counter()
+    tpm = _tp_pruned(dense, example, ratio)
+    t_tp = time.perf_counter() - t0
+    models = {"dense": dense, "ours": ours, "ours_round1": ours1, "torch_pruning": tpm}
+    macs = {k: int(tp.utils.count_ops_and_params(m, example)[0]) for k, m in models.items()}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    rows = []
+    for b in batches:
+        x = torch.randn(b, 3, size, size)
+        run = {k: runner(m, (x,), dev, dtype=dtype, channels_last=True, cuda_graph=True) for k, m in models.items()}
+        ms = paired_ms(run, dev, repeats=repeats)
+        for k in models:
+            if k == "dense":
+                continue
+            mac_red = macs["dense"] / macs[k]
+            gain = ms["dense"] / ms[k]
+            rows.append({"batch": b, "model": k, "dense_ms": round(ms["dense"], 4), "pruned_ms": round(ms[k], 4),
+                         "mac_reduction": round(mac_red, 3), "latency_gain": round(gain, 3),
+                         "gain_over_mac_reduction": round(gain / mac_red, 3)})
+        del run
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"model": "resnet50", "source": source, "device": label(dev), "dtype": str(dtype or torch.float32),
+            "channels_last": True, "timing": "cuda graphs, interleaved medians" if dev.type == "cuda" else "eager",
+            "input": [3, size, size], "ratio": ratio, "round_to_ours": rep_ours["round_to"], "macs": macs, "params": params,
+            "prune_s": {"ours": round(t_ours, 2), "torch_pruning": round(t_tp, 2)},
+            "mac_reduction_ours_report": rep_ours["mac_reduction"], "mac_reduction_ours_round1_report": rep_ours1["mac_reduction"],
+            "results": rows,
+            "goal": "ours at batch 256: gain_over_mac_reduction >= 0.7"}
+
+
+def main_torch(args) -> None:
+    out = {"benchmark": "prune_speed", "host": platform.node(), "torch": torch.__version__,
+           "command": f"benchmarks/prune_speed.py --device {args.device} --batches {args.batches} --size {args.size}",
+           "models": [bench_torch(args.device, float(args.ratios.split(",")[-1]), [int(b) for b in args.batches.split(",")],
+                                  args.size, args.repeats)]}
+    path = args.out if args.out != RESULTS / "prune_speed.json" else RESULTS / f"prune_speed_{args.device.split(':')[0]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print(f"{'model':14} {'batch':>5} {'MACs ×':>7} {'latency ×':>9} {'lat/MAC':>7} {'dense ms':>9} {'pruned ms':>9}")
+    for r in out["models"][0]["results"]:
+        print(f"{r['model']:14} {r['batch']:5d} {r['mac_reduction']:7.2f} {r['latency_gain']:9.2f} "
+              f"{r['gain_over_mac_reduction']:7.2f} {r['dense_ms']:9.3f} {r['pruned_ms']:9.3f}")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.25,0.5")
@@ -143,7 +242,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--models", default="cnn,bert")
     ap.add_argument("--out", type=Path, default=RESULTS / "prune_speed.json")
+    ap.add_argument("--device", default="cpu", help="cpu: onnxruntime benchmark above; cuda / cuda:N: ResNet-50 on the GPU")
+    ap.add_argument("--batches", default="64,256", help="GPU mode: batch sizes")
+    ap.add_argument("--size", type=int, default=224, help="GPU mode: input resolution")
+    ap.add_argument("--repeats", type=int, default=30, help="GPU mode: interleaved timing rounds")
     args = ap.parse_args()
+    if args.device != "cpu":
+        main_torch(args)
+        return
     torch.set_num_threads(1)
     ratios = [float(r) for r in args.ratios.split(",")]
     builders = {"cnn": build_cnn, "bert": build_bert}

@@ -2,9 +2,13 @@
 
 - Deterministic data order: epoch e is shuffled with seed `seed + e`, so a run can be positioned at any
   step k (weight/LR rewinding) by skipping k // ipe epochs and k % ipe batches, exactly as open_lth does.
-- AMP (bf16 autocast) on CUDA; plain fp32 on CPU.
-- DDP when launched by `torchrun` (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA; each rank takes a strided
-  shard of the same permutation, so the global batch order matches the single-process run.
+- Device: the model's own device unless `device=` says otherwise (compressor.device.resolve: "cuda" means
+  cuda:LOCAL_RANK under torchrun); a model moved for training goes back to the caller's device afterwards.
+- AMP (device.amp_dtype: bf16, or fp16 on GPUs without bf16) on CUDA; plain fp32 on CPU.
+- DDP when launched by `torchrun` (WORLD_SIZE > 1): the backend follows the TRAINING device (gloo on CPU even
+  when CUDA exists, nccl on GPUs); each rank pins cuda:LOCAL_RANK; each rank takes a strided shard of the same
+  permutation, so the global batch order matches the single-process run. Writes are rank 0's (`is_writer`),
+  followed by `barrier()` before any rank reads them back.
 - Hooks: `after_backward(model)` (e.g. mask gradients), `before_step(model, step)`, `after_step(model, step)`
   (e.g. re-apply masks, gradual pruning schedules).
 """
@@ -20,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from compressor.device import resolve as resolve_device
+from compressor import device as D
 from compressor.errors import InputError
 
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
@@ -31,15 +35,61 @@ def classification_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
-def ddp_context() -> tuple[int, int]:
-    """(rank, world_size); initialises the process group once when launched by torchrun."""
+def ddp_context(device: torch.device | str) -> tuple[int, int]:
+    """(rank, world_size); initialises the process group once when launched by torchrun (WORLD_SIZE > 1).
+
+    `device` is where this rank trains: its backend is nccl for a GPU and gloo for the CPU (even on a machine
+    with CUDA, where nccl would fail with "No backend type associated with device type cpu"). A GPU rank is
+    pinned to its device first, so NCCL's communicator and every default-device allocation use cuda:LOCAL_RANK.
+    """
+    if dist.is_available() and dist.is_initialized():  # started by the caller (any world size, e.g. 1)
+        return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(D.process_group_backend(device))
     return dist.get_rank(), dist.get_world_size()
+
+
+def is_writer() -> bool:
+    """True on the process that writes files (rank 0, or the only process when not distributed)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed): after rank 0 writes, before any rank reads back."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def training_device(model: nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """Where `model` trains: `device` resolved by the device policy, else the model's current device.
+
+    Under torchrun with several ranks each rank must own its GPU: an explicit cuda:N that is not this rank's
+    cuda:LOCAL_RANK would put every rank on one GPU, so it is refused with the fix.
+    """
+    dev = D.resolve(device) if device is not None else D.module_device(model)
+    if dev.type == "cuda" and dev.index is None:
+        dev = D.resolve("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dev.type == "cuda" and device is not None:
+        mine = D.resolve("cuda")
+        if dev != mine:
+            raise InputError(f"rank {D.local_rank()} of {world} was asked to train on {dev}, which is not its own GPU {mine}",
+                             "pass --device cuda (or auto): each torchrun rank then uses cuda:LOCAL_RANK")
+    return dev
+
+
+def _move_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Put optimizer state next to its parameters again (after the model went back to the caller's device)."""
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.device != p.device and v.dim() > 0:
+                st[k] = v.to(p.device)
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
@@ -91,8 +141,9 @@ def train(
     n = len(dataset)
     if n == 0:
         raise InputError("the training data is empty", "give data with at least one sample")
-    rank, world = ddp_context()
-    device = resolve_device(device)
+    caller_device = D.module_device(model)
+    device = training_device(model, device)
+    rank, world = ddp_context(device)
     model.to(device).train()
     ipe = math.ceil(n / (batch_size * world))  # iterations per epoch
     if steps is None:
@@ -108,9 +159,11 @@ def train(
     )
     base_lrs = [g["lr"] for g in opt.param_groups]
     net: nn.Module = model
-    if world > 1:
+    if world > 1 or (dist.is_available() and dist.is_initialized()):
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = amp and device.type == "cuda"
+    amp_dtype = D.amp_dtype(device) if amp else None
+    # fp16 (GPUs without bf16) needs loss scaling; with bf16 / fp32 the scaler is a pass-through
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     bar = None
     if progress and rank == 0 and steps - start_step > 0:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -138,15 +191,17 @@ def train(
                         g["lr"] = base * lr_lambda(step)
                 if before_step is not None:
                     before_step(model, step)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                     loss = loss_fn(net, batch)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
                 if after_backward is not None:
                     after_backward(model)
                 if grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 if after_step is not None:
                     after_step(model, step)
                 step += 1
@@ -157,4 +212,7 @@ def train(
         if bar is not None:
             bar.stop()
     model.eval()
+    if caller_device != device:  # results on the caller's device, optimizer state next to its parameters
+        model.to(caller_device)
+        _move_optimizer_state(opt)
     return {"steps": step, "iterations_per_epoch": ipe, "final_loss": last_loss, "lr": [g["lr"] for g in opt.param_groups]}

@@ -350,3 +350,58 @@ def test_swap_calibrate_mode_measures_each_layer():
         assert isinstance(m.get_submodule(r.name), SparseLinear) == (r.format != "dense")
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- GPU decisions, with fake timings on CPU
+# Timings from issue 13 (H200, bf16): 4096x4096 weight x 4096 tokens, dense 0.168 ms, 2:4 0.65 ms.
+H200_4096 = {"dense": 0.52, "dense_half": 0.168, "semi24": 0.65}
+
+
+def _two_four(o: int, i: int) -> torch.Tensor:
+    """A 2:4 weight built by hand: in every group of 4 inputs, entries 0 and 2 kept (independent of masks.py)."""
+    w = torch.randn(o, i, generator=torch.Generator().manual_seed(0))
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat(i // 4)
+    return w * keep
+
+
+def test_decide_measured_slower_24_ends_dense_with_the_ratio():
+    d = KC.decide(H200_4096, ["semi24"], margin=1.05, extras={"skipped": {"torchao_24": "torchao is not installed"}})
+    assert d.format == "dense" and d.source == "measured" and d.options == {}
+    assert "kept dense" in d.reason and "0.26x" in d.reason and "0.650 ms" in d.reason and "0.168 ms" in d.reason
+    assert "torchao is not installed" in d.reason
+
+
+def test_decide_takes_the_searched_cusparselt_algorithm_when_it_wins():
+    t = {"dense": 0.5, "dense_half": 0.30, "semi24": 0.31, "semi24_search": 0.20}
+    d = KC.decide(t, ["semi24"], margin=1.05, extras={"alg_id": 7})
+    assert d.format == "semi24" and d.options == {"alg_id": 7}
+    assert "1.50x" in d.reason and "alg 7" in d.reason
+    # the searched algorithm only counts when it is faster than the default one
+    d = KC.decide(dict(t, semi24_search=0.4), ["semi24"], margin=1.05, extras={"alg_id": 7})
+    assert d.format == "dense" and "0.97x" in d.reason
+
+
+def test_auto_on_cuda_measures_instead_of_trusting_the_table(monkeypatch):
+    """The table alone would pick 2:4 for a 2048x2048 weight at 4096 rows; measured slower, it stays dense."""
+    monkeypatch.setattr(KF, "semi24_support", lambda w, device, dtype=torch.bfloat16: (True, "cusparselt"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    calls = []
+
+    def fake_measure(w, bias, rows, device, fmts, **kw):
+        calls.append((tuple(w.shape), rows, torch.device(device).type, tuple(fmts)))
+        kw["extras"]["skipped"] = KF.optional_24_paths()
+        return dict(H200_4096, csr=3.0, bsr=2.0)
+
+    monkeypatch.setattr(KC, "measure", fake_measure)
+    w = _two_four(2048, 2048)
+    assert KC.default_decision(w, "cuda", 4096).format == "semi24"  # what the unmeasured table would do
+    d = KC.choose_format(w, "cuda", rows=4096, mode="auto", cache=KC.DecisionCache())
+    assert calls == [((2048, 2048), 4096, "cuda", ("csr", "bsr", "semi24"))]
+    assert d.format == "dense" and d.source == "measured" and "semi24 0.26x" in d.reason
+
+
+def test_cusparselt_search_reports_why_it_was_not_tried():
+    alg, why = KF.cslt_search(torch.zeros(4, 4), torch.zeros(2, 4))  # a plain tensor is not a cuSPARSELt weight
+    assert alg is None and why
+    paths = KF.optional_24_paths()
+    assert set(paths) == {"torchao_24", "fp8_24"} and all(paths.values())

@@ -30,6 +30,16 @@ class Selection:
                 "ratio": self.ratio, "macs_before": self.macs_before, "macs_after": self.macs_after}
 
 
+TENSOR_CORE_MULTIPLE = 8
+
+
+def auto_round_to(device_type: str, half_precision: bool) -> int:
+    """`round_to: auto` for the device the pruned model runs on: on a GPU in fp16/bf16, kept widths that are
+    multiples of 8 (tensor-core GEMM/conv tiles take K and N in multiples of 8 half values; other widths fall
+    back to padded or slower kernels); 1 on CPU, where any width runs at its MAC cost."""
+    return TENSOR_CORE_MULTIPLE if device_type == "cuda" and half_precision else 1
+
+
 def candidates(g: Group, protect_output: bool, protect_embeddings: bool, heads: bool, head_dim: bool = True) -> list[int]:
     if (g.kind == "heads" and not heads) or (g.kind == "head_dim" and not head_dim):
         return []

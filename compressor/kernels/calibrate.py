@@ -30,8 +30,9 @@ SPARSITY_BUCKETS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 # Conservative defaults (no calibration). Measured on CPU (MKL, 1 thread) with benchmarks/kernels.py: CSR
 # breaks even with dense around 85-90% unstructured sparsity for 128-token batches and ~90-95% for batch 1;
-# BSR only when most 16x16 blocks are empty. On CUDA, 2:4 is used only for large layers (small GEMMs are
-# launch-bound and cuSPARSELt's gain is eaten by its overhead); CSR on CUDA only at extreme sparsity.
+# BSR only when most 16x16 blocks are empty. On CUDA the table is a last resort only ("default" mode):
+# "auto" measures there, because 2:4 measured slower than dense bf16 on an H200 at every LLM shape tried
+# (4096x4096 x 4096 tokens 0.26x, 128 tokens 0.03x, 11008x4096 0.73x; issue 13).
 DEFAULT_TABLE: dict[str, dict] = {
     "cpu": {"csr_min_sparsity": 0.90, "csr_min_sparsity_rows1": 0.95, "bsr_min_block_sparsity": 0.80},
     "cuda": {"semi24_min_dim": 2048, "semi24_min_rows": 64, "csr_min_sparsity": 0.99},
@@ -44,6 +45,7 @@ class Decision:
     source: str  # "default" | "measured" | "cache" | "forced"
     reason: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # e.g. {"alg_id": 3} for a searched cuSPARSELt algorithm
 
     @property
     def speedup(self) -> float | None:
@@ -91,10 +93,10 @@ class DecisionCache:
         e = self.entries.get(key)
         if not e:
             return None
-        return Decision(e["format"], "cache", e.get("reason", ""), dict(e.get("timings_ms", {})))
+        return Decision(e["format"], "cache", e.get("reason", ""), dict(e.get("timings_ms", {})), dict(e.get("options", {})))
 
     def put(self, key: str, d: Decision) -> None:
-        self.entries[key] = {"format": d.format, "reason": d.reason, "timings_ms": d.timings_ms}
+        self.entries[key] = {"format": d.format, "reason": d.reason, "timings_ms": d.timings_ms, "options": d.options}
         if self.path:
             write_text_atomic(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
 
@@ -190,12 +192,16 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device 
 
 @torch.no_grad()
 def measure(w: Tensor, bias: Tensor | None, rows: int, device: torch.device | str, fmts: list[str] | tuple[str, ...],
-            half: torch.dtype | None = torch.bfloat16, block: int = 16, repeats: int = 15, warmup: int = 2) -> dict[str, float]:
+            half: torch.dtype | None = torch.bfloat16, block: int = 16, repeats: int = 15, warmup: int = 2,
+            search: bool = True, extras: dict | None = None) -> dict[str, float]:
     """Time ``fmts`` (dense always included) on this weight with a random [rows, in] input.
 
     Each format runs in the dtype it would use in :class:`SparseLinear`; for 2:4 the dense reference is also
-    timed in that half dtype (``dense_half``), the fair comparison for tensor cores.
+    timed in that half dtype (``dense_half``), the fair comparison for tensor cores. With ``search``, 2:4 is
+    also timed with the algorithm cuSPARSELt's search picks for this shape (``semi24_search``; its id goes
+    into ``extras["alg_id"]``, or the reason it was not tried into ``extras["skipped"]``).
     """
+    extras = extras if extras is not None else {}
     device = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(rows, w.shape[1], generator=gen).to(device=device, dtype=w.dtype)
@@ -209,12 +215,53 @@ def measure(w: Tensor, bias: Tensor | None, rows: int, device: torch.device | st
         if fmt == "semi24" and dt != w.dtype:
             wd, bd = w.detach().to(device=device, dtype=dt), b
             fns["dense_half"] = lambda wd=wd, bd=bd, xi=xi: KF.linear(xi, wd, "dense", bd)
+        if fmt == "semi24" and search:
+            alg, why = KF.cslt_search(packed, xi)
+            if alg is None:
+                extras.setdefault("skipped", {})["cusparselt_search"] = why
+            elif alg != 0:  # 0 is what "semi24" already times
+                searched = KF.pack(w, fmt, device=device, dtype=dt, block=block, alg_id=alg)
+                extras["alg_id"] = alg
+                fns["semi24_search"] = (lambda p=searched, b=b, xi=xi: KF.linear(xi, p, "semi24", b))
+    if "semi24" in fmts:
+        extras.setdefault("skipped", {}).update(KF.optional_24_paths())
     return time_interleaved(fns, device, repeats=repeats, warmup=warmup)
+
+
+def decide(timings: dict[str, float], fmts, margin: float = 1.05, extras: dict | None = None) -> Decision:
+    """The measured choice from ``timings`` (ms, from :func:`measure`): a sparse format only when it is at least
+    ``margin`` times faster than dense (2:4 against dense in the same half dtype, its searched cuSPARSELt
+    algorithm counted when faster). The reason names the measured ratio either way, so a report says why a
+    layer stayed dense."""
+    extras = extras or {}
+    best, best_ratio, options, seen = "dense", 1.0, {}, []
+    for f in fmts:
+        t, opts = timings[f], {}
+        if f == "semi24" and timings.get("semi24_search", float("inf")) < t:
+            t, opts = timings["semi24_search"], {"alg_id": extras.get("alg_id")}
+        ref = timings.get("dense_half", timings["dense"]) if f == "semi24" else timings["dense"]
+        ratio = ref / t
+        seen.append(f"{f}{' (cuSPARSELt alg ' + str(opts['alg_id']) + ')' if opts else ''} {ratio:.2f}x "
+                    f"({t:.3f} ms vs dense{' ' + _half_name(timings) if f == 'semi24' else ''} {ref:.3f} ms)")
+        if ratio >= margin and ratio > best_ratio:
+            best, best_ratio, options = f, ratio, opts
+    skipped = "; ".join(f"{k}: {v}" for k, v in extras.get("skipped", {}).items())
+    if best != "dense":
+        reason = f"measured {best_ratio:.2f}x vs dense: " + ", ".join(seen)
+    else:
+        reason = (f"kept dense: no sparse format >= {margin:.2f}x faster; measured " + (", ".join(seen) or "nothing eligible"))
+    if skipped:
+        reason += f" [not tried: {skipped}]"
+    return Decision(best, "measured", reason, dict(timings), options)
+
+
+def _half_name(timings: dict) -> str:
+    return "half" if "dense_half" in timings else "same dtype"
 
 
 def calibrate(w: Tensor, bias: Tensor | None = None, *, rows: int = 128, device: torch.device | str = "cpu",
               half: torch.dtype | None = torch.bfloat16, block: int = 16, margin: float = 1.05, repeats: int = 15,
-              cache: DecisionCache | None = None, use_cache: bool = True) -> Decision:
+              cache: DecisionCache | None = None, use_cache: bool = True, search: bool = True) -> Decision:
     """Measured decision for this weight on ``device`` with ``rows`` input rows (cached per bucket).
 
     A sparse format is chosen only when it is at least ``margin`` times faster than dense; 2:4 is compared
@@ -231,16 +278,9 @@ def calibrate(w: Tensor, bias: Tensor | None = None, *, rows: int = 128, device:
     fmts = [f for f, why in cand.items() if not why and f != "dense"]
     if device.type == "cpu":
         fmts = [f for f in fmts if f != "bsr" or st.block_sparsity >= 0.3]  # BSR with full blocks cannot win
-    t = measure(w, bias, rows, device, fmts, half=half, block=block, repeats=repeats)
-    best, best_ratio = "dense", 1.0
-    for f in fmts:
-        ref = t.get("dense_half", t["dense"]) if f == "semi24" else t["dense"]
-        ratio = ref / t[f]
-        if ratio >= margin and ratio > best_ratio:
-            best, best_ratio = f, ratio
-    reason = (f"measured {best_ratio:.2f}x vs dense" if best != "dense"
-              else f"no sparse format >= {margin:.2f}x faster (tried {', '.join(fmts) or 'none'})")
-    d = Decision(best, "measured", reason, t)
+    extras: dict = {}
+    t = measure(w, bias, rows, device, fmts, half=half, block=block, repeats=repeats, search=search, extras=extras)
+    d = decide(t, fmts, margin, extras)
     cache.put(key, d)
     return d
 
@@ -248,8 +288,9 @@ def calibrate(w: Tensor, bias: Tensor | None = None, *, rows: int = 128, device:
 def choose_format(w: Tensor, device: torch.device | str, *, rows: int = 128, mode: str = "auto",
                   half: torch.dtype | None = torch.bfloat16, block: int = 16, cache: DecisionCache | None = None,
                   table: dict | None = None) -> Decision:
-    """``mode``: "auto" (cached measurement if any, else the default table), "calibrate" (measure now),
-    "default" (table only) or a format name (forced; raises ValueError when not eligible)."""
+    """``mode``: "auto" (cached measurement if any; else on CUDA a measurement now, on CPU the default table),
+    "calibrate" (measure now), "default" (table only) or a format name (forced; raises ValueError when not
+    eligible). On CUDA "auto" never trusts the table: 2:4 wins or loses by shape and row count (issue 13)."""
     device = torch.device(device)
     cache = cache if cache is not None else _MEMORY
     if mode in KF.FORMATS:
@@ -264,6 +305,8 @@ def choose_format(w: Tensor, device: torch.device | str, *, rows: int = 128, mod
         hit = cache.get(cache_key(device, w.shape, st.sparsity, st.is_24, rows, w.dtype))
         if hit is not None:
             return hit
+        if device.type == "cuda":
+            return calibrate(w, None, rows=rows, device=device, half=half, block=block, cache=cache)
         return default_decision(w, device, rows, half, block, table)
     if mode == "default":
         return default_decision(w, device, rows, half, block, table)

@@ -125,8 +125,9 @@ def check_format(fmt: str) -> str:
 
 
 def pack(w: Tensor, fmt: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-         block: int = 16) -> Tensor:
-    """Convert a dense 2-D weight to ``fmt`` on ``device`` (default: its own) in ``dtype`` (default: its own)."""
+         block: int = 16, alg_id: int = 0) -> Tensor:
+    """Convert a dense 2-D weight to ``fmt`` on ``device`` (default: its own) in ``dtype`` (default: its own).
+    ``alg_id``: cuSPARSELt's matmul algorithm for a 2:4 weight (from :func:`cslt_search`; 0 = its default)."""
     check_format(fmt)
     w = w.detach().to(device=device or w.device, dtype=dtype or w.dtype).contiguous()
     if fmt == "dense":
@@ -145,7 +146,40 @@ def pack(w: Tensor, fmt: str, *, device: torch.device | str | None = None, dtype
 
     if why == "cutlass":
         SparseSemiStructuredTensor._FORCE_CUTLASS = True
-    return to_sparse_semi_structured(w)
+    packed = to_sparse_semi_structured(w)
+    if alg_id and hasattr(packed, "alg_id_cusparselt"):
+        packed.alg_id_cusparselt = int(alg_id)
+    return packed
+
+
+def cslt_search(packed: Tensor, x2d: Tensor) -> tuple[int | None, str]:
+    """cuSPARSELt's algorithm search for ``x2d @ W.T`` with the packed 2:4 ``W``: (alg_id, "") or (None, why not).
+
+    torch runs cuSPARSELt's default algorithm (0) unless told otherwise; the search times its candidates on the
+    real shapes (issue 13: 4096x11008 went from 0.7x to 1.0x of dense on an H200 only after it)."""
+    search = getattr(torch, "_cslt_sparse_mm_search", None)
+    if search is None:
+        return None, "this torch build has no torch._cslt_sparse_mm_search"
+    if getattr(packed, "packed", None) is None or not hasattr(packed, "alg_id_cusparselt"):
+        return None, "the 2:4 weight does not use cuSPARSELt (CUTLASS backend)"
+    try:
+        return int(search(packed.packed, x2d.t())), ""
+    except (RuntimeError, TypeError) as e:  # the op exists but this build/device refuses it
+        return None, f"cuSPARSELt search failed: {str(e).splitlines()[0][:120]}"
+
+
+def optional_24_paths() -> dict[str, str]:
+    """Faster 2:4 paths this environment lacks, each with the reason it is not tried (empty when none)."""
+    import importlib.util
+
+    out = {}
+    if importlib.util.find_spec("torchao") is None:
+        out["torchao_24"] = "torchao is not installed (pip install torchao to try its 2:4 kernels)"
+        out["fp8_24"] = "fp8 2:4 needs torchao (torch's own 2:4 tensors refuse fp8 matmul)"
+    else:
+        out["torchao_24"] = "torchao is installed but its 2:4 kernels are not wired into calibration yet"
+        out["fp8_24"] = "torchao fp8 2:4 is not wired into calibration yet"
+    return out
 
 
 def linear(x2d: Tensor, packed: Tensor, fmt: str, bias: Tensor | None) -> Tensor:

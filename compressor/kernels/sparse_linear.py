@@ -32,7 +32,8 @@ class SparseLinear(nn.Module):
         self.block = block
         self.decision = decision
         self.compute_dtype = dtype or weight.dtype
-        packed = KF.pack(weight, fmt, device=device, dtype=self.compute_dtype, block=block)
+        self.alg_id = int((decision.options if decision is not None else {}).get("alg_id") or 0)
+        packed = KF.pack(weight, fmt, device=device, dtype=self.compute_dtype, block=block, alg_id=self.alg_id)
         if fmt == "semi24":  # tensor subclass: kept as a frozen parameter, the layout torch's docs use
             self.weight = nn.Parameter(packed, requires_grad=False)
         else:
@@ -74,7 +75,7 @@ class SparseLinear(nn.Module):
             error_msgs.append(f"size mismatch for {key}: {tuple(w.shape)} vs {(self.out_features, self.in_features)}")
             return
         dev = self.dense_weight().device
-        packed = KF.pack(w, self.fmt, device=dev, dtype=self.compute_dtype, block=self.block)
+        packed = KF.pack(w, self.fmt, device=dev, dtype=self.compute_dtype, block=self.block, alg_id=self.alg_id)
         if self.fmt == "semi24":
             self.weight = nn.Parameter(packed, requires_grad=False)
         else:

@@ -74,7 +74,8 @@ def gradual_prune(model: nn.Module, dataset, final_sparsity: float, *, initial_s
     begin/end fractions place t₀ and t₀ + nΔt inside the run; n = max(1, round((end − begin) / frequency)).
     Returns {"schedule": [[t, target, achieved], ...], "steps", "final_loss", "sparsity_masked", ...}.
     """
-    from compressor.train import ddp_context, make_optimizer, train
+    from compressor.device import module_device
+    from compressor.train import ddp_context, make_optimizer, train, training_device
 
     M.check_sparsity(final_sparsity, "final_sparsity")
     M.check_sparsity(initial_sparsity, "initial_sparsity")
@@ -84,6 +85,8 @@ def gradual_prune(model: nn.Module, dataset, final_sparsity: float, *, initial_s
         raise RecipeError(f"need 0 <= begin_fraction < end_fraction <= 1, got {begin_fraction}, {end_fraction}",
                           "e.g. begin_fraction 0.0, end_fraction 0.7 leaves the last 30 % of training to recover")
     names = list(M.prunable_weights(model, include, exclude))  # validates the patterns before training
+    caller_device = module_device(model)
+    dev = training_device(model, device)
 
     def weights_fn(mod):
         w = M.prunable_weights(mod, include, exclude)
@@ -92,21 +95,20 @@ def gradual_prune(model: nn.Module, dataset, final_sparsity: float, *, initial_s
     if steps is None:
         if epochs is None:
             raise RecipeError("gradual pruning needs a training length", "give epochs or steps")
-        _, world = ddp_context()
+        _, world = ddp_context(dev)
         steps = int(round(epochs * math.ceil(len(dataset) / (batch_size * world))))
     begin = int(round(begin_fraction * steps))
     end = int(round(end_fraction * steps))
     frequency = max(1, min(int(frequency), max(1, end - begin)))
     n = max(1, round((end - begin) / frequency))
-    dev = device
-    if dev is not None:
-        model.to(dev)
+    model.to(dev)  # the optimizer is built where the parameters train
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr, momentum, weight_decay)
     pruner = GradualPruner(weights_fn, final_sparsity, initial_sparsity, begin, frequency, n, scope, opt)
     if begin == 0 and initial_sparsity > 0:
         pruner.prune_to(model, initial_sparsity, 0)
     info = train(model, dataset, steps=steps, batch_size=batch_size, optimizer=opt, cosine=cosine, seed=seed,
-                 device=device, after_step=pruner, progress=progress, description="gradual pruning")
+                 device=dev, after_step=pruner, progress=progress, description="gradual pruning")
+    model.to(caller_device)  # results on the caller's device
     rep = M.sparsity_report(model)
     return {"schedule": [list(h) for h in pruner.history], "begin_step": begin, "frequency": frequency, "n_updates": n,
             "steps": info["steps"], "final_loss": info["final_loss"],

@@ -172,8 +172,9 @@ def imp_rewind(model: nn.Module, data, *, levels: int = 8, fraction: float = 0.2
     holds the last level's trained weights with its masks applied. `on_level(i, report)` runs after level i
     is checkpointed (tests use it to simulate a kill).
     """
+    from compressor.device import module_device
     from compressor.eval import accuracy
-    from compressor.train import ddp_context, train
+    from compressor.train import barrier, ddp_context, train, training_device
 
     if variant not in ("weight", "lr", "finetune"):
         raise RecipeError(f"unknown IMP variant {variant!r}", "use weight (weight rewinding), lr (LR rewinding) or finetune")
@@ -189,7 +190,9 @@ def imp_rewind(model: nn.Module, data, *, levels: int = 8, fraction: float = 0.2
         levels = max(1, math.ceil(math.log(1.0 - target_sparsity) / math.log(1.0 - fraction) - 1e-9))
     M.prunable_weights(model, include, exclude)  # validates patterns before any training
 
-    rank, world = ddp_context()
+    caller_device = module_device(model)
+    device = training_device(model, device)
+    rank, world = ddp_context(device)
     ipe = math.ceil(len(data.train) / (batch_size * world))
     T = int(round(epochs * ipe))
     k = int(rewind_steps) if rewind_steps is not None else int(round(rewind_epochs * ipe))
@@ -220,6 +223,7 @@ def imp_rewind(model: nn.Module, data, *, levels: int = 8, fraction: float = 0.2
     }
     folder = Path(workdir) / "checkpoints" / checkpoint_name if workdir is not None else None
     ck = Checkpoints(folder, meta, resume, write=rank == 0)
+    barrier()  # every rank has read (resume) before rank 0 replaces or adds files
 
     # θ_k
     if ck.theta_k is not None:
@@ -263,16 +267,13 @@ def imp_rewind(model: nn.Module, data, *, levels: int = 8, fraction: float = 0.2
         trained = _cpu_state(model)
         reports.append(report)
         ck.save_level(level, {"masks": masks or {}, "final_state": trained, "report": report}, reports)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        barrier()  # rank 0's checkpoint is complete before any rank goes on (or is killed and resumes from it)
         if on_level is not None:
             on_level(level, report)
 
     # leave the last level's network (trained, masked) in the model
     _load_masked(model, trained, masks)
-    model.eval()
+    model.to(caller_device).eval()
     return {"levels": reports, "dense_accuracy": reports[0]["accuracy"], "rewind_step": k, "total_steps": T,
             "iterations_per_epoch": ipe, "variant": variant, "final_sparsity": reports[-1]["sparsity_masked"],
             "final_accuracy": reports[-1]["accuracy"], "resumed_levels": len(ck.levels),

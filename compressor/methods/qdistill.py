@@ -95,10 +95,13 @@ def run_qdistill(ctx: StageContext, p: QDistillParams) -> dict:
         out["accuracy_quantized"] = accuracy(student, data.test)
     out["storage"] = quantized_storage(qt, student)
     out["exports"] = {}
+    from compressor.train import barrier, is_writer
+
     for fmt in p.export:
         path = ctx.workdir / f"model.{fmt}.onnx"
-        rep = export_quantized(student, qt, ctx.example_inputs, path, fmt=fmt, atol=p.atol, rtol=p.rtol)
-        out["exports"][fmt] = rep
+        if is_writer():  # under torchrun the ranks hold the same student; rank 0 writes the file
+            out["exports"][fmt] = export_quantized(student, qt, ctx.example_inputs, path, fmt=fmt, atol=p.atol, rtol=p.rtol)
+        barrier()
         ctx.artifacts[f"onnx_{fmt}"] = str(path)
         ctx.artifacts.setdefault("onnx", str(path))  # the deployable file is the stage's main output
     ctx.model = student

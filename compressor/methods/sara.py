@@ -58,7 +58,7 @@ def run_sara(ctx: StageContext, p: SaRAParams) -> dict:
     import time
 
     from compressor.eval import accuracy
-    from compressor.train import train
+    from compressor.train import barrier, is_writer, train, training_device
 
     data = ctx.data
     if data is None or getattr(data, "train", None) is None or data.task != "classification":
@@ -68,6 +68,8 @@ def run_sara(ctx: StageContext, p: SaRAParams) -> dict:
         )
     model = ctx.model
     before = accuracy(model, data.test) if data.test is not None else None
+    # the adapter and optimizer are built where the model trains, so their tensors sit next to the parameters
+    model.to(training_device(model, ctx.device))
     sel = select(model, threshold=p.threshold, fraction=p.fraction, include=p.include, exclude=p.exclude, full=p.full)
     ipe = math.ceil(len(data.train) / p.batch_size)
     steps = p.steps if p.steps is not None else int(round(p.epochs * ipe))
@@ -80,7 +82,7 @@ def run_sara(ctx: StageContext, p: SaRAParams) -> dict:
     trainable = opt.adapter.trainable_count()
     t0 = time.perf_counter()
     out = train(model, data.train, steps=steps, batch_size=p.batch_size, lr=opt.defaults["lr"], optimizer=opt,
-                cosine=p.cosine, seed=ctx.seed, device=ctx.device, description="sara")
+                cosine=p.cosine, seed=ctx.seed, description="sara")
     result = {
         **{k: v for k, v in sel.summary().items() if k != "per_param"},
         "trainable": trainable,
@@ -95,9 +97,11 @@ def run_sara(ctx: StageContext, p: SaRAParams) -> dict:
     }
     if p.save:
         path = ctx.workdir / p.save
-        info = save_adaptation(opt.adapter, path)
-        result["adaptation"] = info["path"]
-        result["adaptation_bytes"] = info["bytes"]
+        if is_writer():  # under torchrun every rank holds the same adaptation; rank 0 writes it
+            info = save_adaptation(opt.adapter, path)
+            result["adaptation"] = info["path"]
+            result["adaptation_bytes"] = info["bytes"]
+        barrier()
         ctx.artifacts["sara_adaptation"] = path
     opt.adapter.merge()
     model.cpu().eval()

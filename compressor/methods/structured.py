@@ -1,6 +1,11 @@
 """`structured` stage: group-level structured channel pruning over the ONNX dependency graph (DepGraph / SPA,
 docs/structured.md). ONNX input is pruned directly; torch / HF input is exported, analysed, and the same cut is applied
-to the torch model (compressor.graph.torch_bridge) so later stages can fine-tune it."""
+to the torch model (compressor.graph.torch_bridge) so later stages can fine-tune it.
+
+Device-aware widths: `round_to: auto` rounds kept widths for the target device (the stage context's device):
+multiples of 8 on CUDA when the model runs fp16/bf16, 1 on CPU (results there are unchanged). `target: latency`
+raises the channel ratio step by step until the pruned model's latency, measured on that device
+(compressor.kernels.timing: CUDA graphs on GPU, eager on CPU), is at most `latency_target` × the dense one."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compressor.errors import RecipeError, VerificationError
 from compressor.recipe import StageContext, register_method
@@ -20,14 +25,54 @@ class StructuredParams(BaseModel):
     ratio: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of channels (or of MACs, target=macs) to remove")
     importance: Literal["l2", "l1", "bn", "taylor", "random"] = Field("l2", description="group importance (docs/structured.md)")
     scope: Literal["local", "global"] = Field("local", description="rank inside each group, or one global threshold")
-    round_to: int = Field(1, ge=1, description="kept width of every group is a multiple of this")
+    round_to: int | Literal["auto"] = Field("auto", description="kept width of every group is a multiple of this; "
+                                            "auto: 8 on CUDA in fp16/bf16 (tensor cores), 1 on CPU")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="dtype the pruned model runs in on the target device (auto: bf16/fp16 for torch models on "
+                            "CUDA, fp32 otherwise); decides round_to: auto and the latency measurement")
     max_layer_ratio: float = Field(1.0, gt=0.0, le=1.0, description="cap on the fraction removed from one group")
-    target: Literal["channels", "macs"] = Field("channels", description="what `ratio` measures")
+    target: Literal["channels", "macs", "latency"] = Field(
+        "channels", description="what `ratio` measures; latency: prune until latency_target is measured (ratio unused)")
+    latency_target: float | None = Field(None, gt=0.0, lt=1.0, description="target: latency — pruned / dense latency, e.g. 0.6")
+    latency_step: float = Field(0.1, gt=0.0, lt=1.0, description="target: latency — channel-ratio increment per try")
+    latency_max_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="target: latency — highest channel ratio tried")
+    latency_batch: int = Field(32, ge=1, description="target: latency — batch size the latency is measured at")
     protect_output: bool = Field(True, description="keep the input features of the output layer")
     protect_embeddings: bool = Field(True, description="keep the embedding width / residual stream of transformers")
     heads: bool = Field(False, description="also remove whole attention heads")
     head_dim: bool | None = Field(None, description="remove dims within heads (default: on for ONNX, off for torch)")
     taylor_batches: int = Field(4, ge=1, description="batches of calibration data for Taylor importance")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.round_to, int) and self.round_to < 1:
+            raise ValueError("round_to must be >= 1 or auto")
+        if self.target == "latency" and self.latency_target is None:
+            raise ValueError("target: latency needs latency_target (pruned / dense latency, e.g. 0.6)")
+        return self
+
+
+def run_dtype(p: StructuredParams, device, kind: str):
+    """The torch dtype the pruned model runs in on `device` (None = fp32)."""
+    import torch
+
+    from compressor.device import amp_dtype
+
+    named = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if p.dtype != "auto":
+        return named[p.dtype]
+    return amp_dtype(device) if kind != "onnx" else None  # an ONNX graph's dtype is fixed in the file
+
+
+def resolved_round_to(p: StructuredParams, device, kind: str = "torch") -> int:
+    """`round_to` as an int: explicit values win; auto follows the target device and dtype."""
+    import torch
+
+    from compressor.graph.selection import auto_round_to
+
+    if p.round_to != "auto":
+        return int(p.round_to)
+    return auto_round_to(torch.device(device).type, run_dtype(p, device, kind) is not None)
 
 
 def _batches(ctx: StageContext, n: int) -> list[tuple]:
@@ -41,11 +86,12 @@ def _batches(ctx: StageContext, n: int) -> list[tuple]:
     return [tuple(ex.values()) if isinstance(ex, dict) else tuple(ex)]
 
 
-def _select(a, p: StructuredParams, head_dim: bool, grads=None, seed: int = 0):
+def _select(a, p: StructuredParams, head_dim: bool, grads=None, seed: int = 0, round_to: int = 1, ratio: float | None = None):
     from compressor.graph import select
 
-    return select(a, p.importance, p.ratio, scope=p.scope, round_to=p.round_to, max_layer_ratio=p.max_layer_ratio,
-                  target=p.target, protect_output=p.protect_output, protect_embeddings=p.protect_embeddings,
+    return select(a, p.importance, p.ratio if ratio is None else ratio, scope=p.scope, round_to=round_to,
+                  max_layer_ratio=p.max_layer_ratio, target="channels" if p.target == "latency" else p.target,
+                  protect_output=p.protect_output, protect_embeddings=p.protect_embeddings,
                   heads=p.heads, head_dim=head_dim, grads=grads, seed=seed)
 
 
@@ -58,22 +104,72 @@ def _report(a, sel, before: int, after: int) -> dict:
             "macs_before": macs0, "macs_after": macs1, "mac_reduction": 1 - macs1 / max(macs0, 1)}
 
 
-def structured_onnx(model, p: StructuredParams, seed: int = 0):
+def structured_onnx(model, p: StructuredParams, seed: int = 0, device="cpu"):
     """(pruned ModelProto, report) for an ONNX model."""
     from compressor.graph import analyze, prune_onnx
 
+    if p.target == "latency":
+        raise RecipeError("target: latency measures a torch model on the target device",
+                          "give the torch model, or use target: macs for an ONNX model")
     if p.importance == "taylor":
         raise RecipeError("taylor importance needs gradients, which an ONNX model cannot give",
                           "use importance: l2 (or give the torch model)")
     a = analyze(model)
-    sel = _select(a, p, True if p.head_dim is None else p.head_dim, seed=seed)
+    round_to = resolved_round_to(p, device, "onnx")
+    sel = _select(a, p, True if p.head_dim is None else p.head_dim, seed=seed, round_to=round_to)
     pruned = prune_onnx(model, a, sel)
     size = lambda m: sum(int(np.prod(i.dims)) for i in m.graph.initializer)  # noqa: E731
-    return pruned, _report(a, sel, size(model), size(pruned))
+    return pruned, _report(a, sel, size(model), size(pruned)) | {"round_to": round_to}
 
 
-def structured_torch(model, example_inputs, p: StructuredParams, batches=None, seed: int = 0) -> dict:
-    """Prune a torch model in place through its ONNX export; returns the report."""
+def _batch_of(args: tuple, n: int) -> tuple:
+    """The example inputs repeated along the batch axis to `n` rows (latency is measured at a real batch)."""
+    import torch
+
+    def grow(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        reps = -(-n // t.shape[0])
+        return torch.cat([t] * reps)[:n]
+
+    return tuple(grow(t) for t in args)
+
+
+def _latency_search(model, example_inputs, a, p: StructuredParams, head_dim: bool, grads, seed: int, round_to: int,
+                    device, dtype) -> tuple[float, dict]:
+    """Raise the channel ratio by `latency_step` until pruned/dense latency on `device` <= latency_target."""
+    import copy
+
+    import torch
+
+    from compressor.device import label
+    from compressor.export import _as_named
+    from compressor.graph.torch_bridge import prune_torch
+    from compressor.kernels.timing import paired_ms, runner
+
+    device = torch.device(device)
+    module, args, _ = _as_named(model, example_inputs, None)
+    args = _batch_of(args, p.latency_batch)
+    cl = device.type == "cuda"  # channels_last: the tensor-core conv layout on GPUs; CPU keeps torch's default
+    dense = runner(module, args, device, dtype=dtype, channels_last=cl)
+    history, ratio, reached = [], 0.0, False
+    while ratio + p.latency_step <= p.latency_max_ratio + 1e-9 and not reached:
+        ratio = round(ratio + p.latency_step, 6)
+        sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to, ratio=ratio)
+        cand, _, _ = _as_named(copy.deepcopy(model), example_inputs, None)
+        prune_torch(cand, a, sel)
+        t = paired_ms({"dense": dense, "pruned": runner(cand, args, device, dtype=dtype, channels_last=cl)}, device)
+        rel = t["pruned"] / t["dense"]
+        history.append({"ratio": ratio, "dense_ms": t["dense"], "pruned_ms": t["pruned"], "relative": rel})
+        reached = rel <= p.latency_target
+    return ratio, {"target": p.latency_target, "reached": reached, "device": label(device), "batch": p.latency_batch,
+                   "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32",
+                   "timing": "cuda graph" if device.type == "cuda" else "eager", "tries": history}
+
+
+def structured_torch(model, example_inputs, p: StructuredParams, batches=None, seed: int = 0, device="cpu") -> dict:
+    """Prune a torch model in place through its ONNX export; returns the report. `device`: where the pruned model
+    will run (decides `round_to: auto` and where `target: latency` measures); the model itself is not moved."""
     import torch
     from torch.nn.utils import parametrize
 
@@ -110,7 +206,13 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
         if g.id in frozen:
             for x in g.atoms:
                 g.frozen.setdefault(x, []).append(frozen[g.id])
-    sel = _select(a, p, head_dim, grads=grads, seed=seed)
+    round_to = resolved_round_to(p, device, "torch")
+    latency = None
+    if p.target == "latency":
+        ratio, latency = _latency_search(model, example_inputs, a, p, head_dim, grads, seed, round_to, device,
+                                         run_dtype(p, device, "torch"))
+        p = p.model_copy(update={"ratio": ratio})
+    sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to)
     before = sum(t.numel() for t in model.parameters())
     pruned_onnx = prune_onnx(None, a, sel, values=exact_values(module, a))  # the torch weights, not the nudged
     prune_torch(module, a, sel)
@@ -125,13 +227,16 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
     rep = _report(a, sel, before, sum(t.numel() for t in model.parameters()))
     rep["torch_vs_onnx_max_diff"] = diff
     rep["torch_frozen"] = [{"group": g.name, "reason": frozen[g.id]} for g in a.groups if g.id in frozen]
+    rep["round_to"] = round_to
+    if latency is not None:
+        rep["latency_search"] = latency
     return rep
 
 
 @register_method("structured", StructuredParams, help="group structured channel pruning over the ONNX dependency graph")
 def run_structured(ctx: StageContext, p: StructuredParams) -> dict:
     if ctx.model is None:  # no torch module: the model is an ONNX graph
-        ctx.onnx_model, rep = structured_onnx(ctx.onnx_model, p, seed=ctx.seed)
+        ctx.onnx_model, rep = structured_onnx(ctx.onnx_model, p, seed=ctx.seed, device=ctx.device)
         return rep
     batches = _batches(ctx, p.taylor_batches) if p.importance == "taylor" else None
-    return structured_torch(ctx.model, ctx.example_inputs, p, batches=batches, seed=ctx.seed)
+    return structured_torch(ctx.model, ctx.example_inputs, p, batches=batches, seed=ctx.seed, device=ctx.device)

@@ -116,12 +116,15 @@ def differentiable_quantization(model: nn.Module, dataset, *, cfg: QuantConfig, 
 
     teacher defaults to a frozen copy of the unquantised model itself (as in the paper).
     """
-    from compressor.device import resolve as resolve_device
-    from compressor.train import train
+    from compressor.device import module_device
+    from compressor.train import train, training_device
 
-    device = resolve_device(device)
+    # trains on `device` (default: where the model is); model and a borrowed teacher go back where they were
+    model_home = module_device(model)
+    device = training_device(model, device)
     if teacher is None:
         teacher = copy.deepcopy(model)
+    teacher_home = module_device(teacher)
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -133,6 +136,7 @@ def differentiable_quantization(model: nn.Module, dataset, *, cfg: QuantConfig, 
                  progress=progress, description=f"{cfg.bits}-bit differentiable quantization",
                  after_step=lambda m, step: dq.sort_points_(opt))
     qt = dq.finalize_()
-    model.cpu().eval()
+    model.to(model_home).eval()
+    teacher.to(teacher_home)
     info["plan"] = dq.plan.report()
     return qt, info

@@ -205,10 +205,14 @@ def quantized_distillation(student: nn.Module, dataset, *, teacher: nn.Module | 
     loss_fn(model, batch) replaces the logits distillation loss (e.g. feature distillation of an encoder,
     where the teacher is captured by the closure); optimizer "sgd" (Nesterov, the paper) or "adamw".
     """
-    from compressor.device import resolve as resolve_device
-    from compressor.train import train
+    from compressor.device import module_device
+    from compressor.train import train, training_device
 
-    device = resolve_device(device)
+    # the student trains on `device` (default: where it is) and comes back to the caller's device, as does the
+    # teacher (borrowed, so it is moved back too)
+    student_home = module_device(student)
+    device = training_device(student, device)
+    teacher_home = module_device(teacher) if teacher is not None else None
     if teacher is not None and loss_fn is None:
         check_output_shapes(teacher.cpu(), student.cpu(), dataset[:2][0])
         teacher = teacher.to(device).eval()
@@ -227,7 +231,9 @@ def quantized_distillation(student: nn.Module, dataset, *, teacher: nn.Module | 
                  progress=progress, description=f"{cfg.bits}-bit {'distillation' if teacher is not None else 'training'}",
                  **sq.hooks())
     qt = sq.finalize_()
-    student.cpu().eval()
+    student.to(student_home).eval()
+    if teacher_home is not None:
+        teacher.to(teacher_home)
     if not math.isfinite(info["final_loss"]):
         raise InputError("quantized training diverged (loss is not finite)", "lower lr")
     info["plan"] = sq.plan.report()

@@ -353,7 +353,7 @@ class SaRAOptimizer(torch.optim.AdamW):
         v = d.values.detach().float()
         if self.penalize == "update":
             # initial values at the live positions: the live set is a gather of the initial one
-            v = v - self._initial[name]
+            v = v - self._initial[name].to(v.device)
         s = torch.zeros(base.numel(), dtype=torch.float32, device=v.device)
         s[d.idx] = v
         u, sv, vh = torch.linalg.svd(s.view(base.shape), full_matrices=False)
@@ -396,7 +396,7 @@ class SaRAOptimizer(torch.optim.AdamW):
             if st and not self.reset_state:
                 self.state[new] = {k: (v[keep].clone() if torch.is_tensor(v) and v.shape == old.shape else v) for k, v in st.items()}
             if name in self._initial:
-                self._initial[name] = self._initial[name][keep]
+                self._initial[name] = self._initial[name].to(keep.device)[keep]
             d.idx = d.idx[keep]
             d.values = new
         self.reselected = True
