@@ -70,7 +70,7 @@ def test_transformer_ties_and_frozen(exported, name):
     exp = graphs.ZOO[name].expected
     for tied in exp.get("tied", []):
         found = [_group_of(a, torch_model, m) for m in tied]
-        assert None not in found, f"{name}: {[m for m, g in zip(tied, found) if g is None][:3]} in no group"
+        assert None not in found, f"{name}: {[m for m, g in zip(tied, found, strict=True) if g is None][:3]} in no group"
         assert len(set(found)) == 1, f"{name}: {tied[:3]}… spread over {len(set(found))} groups"
     for left, right in exp.get("separate", []):
         assert _group_of(a, torch_model, left) != _group_of(a, torch_model, right)
