@@ -1,5 +1,6 @@
 """compress() as a pipeline would call it: the input is never modified, outputs are checked and atomic."""
 
+import copy
 import json
 
 import pytest
@@ -88,6 +89,7 @@ def test_sparse_kernels_switch_writes_report(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
     recipe = {"name": "s", "stages": [{"method": "magnitude", "sparsity": 0.95}]}
+    original = copy.deepcopy(model).eval()
     res = compress(model, recipe, "random", tmp_path / "o", input_shape=(64,), sparse_kernels=True)
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     layers = rep["sparse_kernels"]["layers"]
@@ -97,4 +99,14 @@ def test_sparse_kernels_switch_writes_report(tmp_path):
 
     state = load_file(str(tmp_path / "o" / "model.safetensors"))
     assert state["2.weight"].layout == torch.strided and float((state["2.weight"] == 0).float().mean()) > 0.9
-    assert res.after["output_cosine"] > 0.0
+    # the reported fidelity is the saved weights' (recomputed here on the same inputs), not the original's (1.0);
+    # 95 % of a random MLP's weights gone: measured 0.0246 at seed 0
+    from compressor.evaluate import output_agreement
+    from compressor.io.data import load_data
+
+    x = load_data("random", input_shape=(64,)).test.tensors[0][:256]
+    saved = copy.deepcopy(original)
+    saved.load_state_dict(state)
+    with torch.no_grad():
+        want = output_agreement(saved(x), original(x))["output_cosine"]
+    assert res.after["output_cosine"] == pytest.approx(want, abs=1e-5) and want < 0.5

@@ -84,6 +84,9 @@ def test_main_shorthand_routes_to_run(tmp_path, cnn_state_file, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(cnn_state_file), "-r", "no-such-recipe"])
     assert e.value.code == 2
+    err = capsys.readouterr()
+    # the run command's own refusal (exit 2 alone would also be typer's "No such command")
+    assert "no recipe named 'no-such-recipe'" in err.out + err.err
 
 
 def test_subprocess(tmp_path, cnn_state_file):
