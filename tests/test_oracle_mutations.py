@@ -49,3 +49,21 @@ def test_outputs_alone_catch_a_relabelled_cut(cases):
     model, a, atoms = cases["cnn"]
     v = verdicts(model, a, atoms, "off-by-one")
     assert v["changed"] and not v["new_outputs"]
+
+
+def test_torch_zeroing_matches_onnx_zeroing(cases):
+    """zero_torch (by parameter name) and zero_onnx (by initializer) zero the same channels: same outputs."""
+    import numpy as np
+    import torch
+
+    from graphs import zero_oracle
+
+    model, a, atoms = cases["cnn"]
+    torch_model, inputs = graphs.ZOO["cnn"].build()
+    removed = a.removed_positions(atoms)
+    with torch.no_grad():
+        want = zero_oracle.zero_torch(torch_model, removed)(*inputs).numpy()
+        before = torch_model(*inputs).numpy()
+    feeds = {i.name: t.numpy() for i, t in zip(model.graph.input, inputs, strict=False)}
+    got = zero_oracle.run(zero_oracle.zero_onnx(model, removed), feeds)[0]
+    assert np.abs(got - want).max() < 1e-4 and np.abs(before - want).max() > 1e-3
