@@ -163,6 +163,9 @@ def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
         if not isinstance(raw, dict) or "method" not in raw:
             raise RecipeError(f"{source}: stage {i} has no 'method'", "write each stage as '- method: NAME' plus its parameters")
         name = raw["method"]
+        if not isinstance(name, str):
+            raise RecipeError(f"{source}: stage {i}: 'method' must be a name, got {type(name).__name__} {name!r:.40}",
+                              "write '- method: NAME' (one method per stage)")
         spec = REGISTRY.get(name)
         if spec is None:
             import difflib
@@ -190,6 +193,9 @@ def load_recipe(spec: str | Path | dict | Recipe) -> Recipe:
     path = resolve_recipe_path(spec)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not a UTF-8 text file ({str(e).splitlines()[0][:80]})",
+                          "give a YAML recipe file (UTF-8 text)") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

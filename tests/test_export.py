@@ -71,6 +71,21 @@ def test_api_export_refusals_write_nothing(tmp_path, trained_cnn):
     assert not (tmp_path / "again.onnx").exists()
 
 
+class SlightlyBaked(torch.nn.Module):
+    """Off by 1e-3 × (batch size difference) on any batch but the traced one: a small, known disagreement."""
+
+    def forward(self, x):
+        return x + 1e-3 * int(x.shape[0])
+
+
+def test_tolerance_decides_refusal(tmp_path):
+    rep = export_onnx(SlightlyBaked(), (torch.rand(4, 3),), tmp_path / "loose.onnx", atol=0.1, rtol=0.0)
+    assert 1e-4 < rep["max_abs_diff"] < 0.1
+    with pytest.raises(VerificationError, match="disagrees"):
+        export_onnx(SlightlyBaked(), (torch.rand(4, 3),), tmp_path / "tight.onnx", atol=1e-5, rtol=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loose.onnx"]
+
+
 def test_hf_export_with_named_inputs(tmp_path, tiny_bert_folder):
     from compressor.io.models import load_model
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import graphs
 from compressor.errors import RecipeError
 from compressor.export import export_onnx
 from compressor.graph import analyze, prune_onnx, select
@@ -26,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 @pytest.mark.parametrize("name", ["residual", "grouped", "bert", "llama"])
 def test_bridge_matches_onnx_pruning(tmp_path, name):
     """The torch cut computes exactly what the ONNX cut computes (heads pruned whole on the torch side)."""
-    graphs = pytest.importorskip("graphs")
     entry = graphs.ZOO[name]
     model, inputs = entry.build()
     path = tmp_path / "m.onnx"
@@ -76,12 +76,10 @@ def test_recipe_end_to_end(tmp_path, trained_cnn):
 
     rec = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "channel-prune-50.yaml")
     res = compress(trained_cnn, rec, "digits", tmp_path / "out", overwrite=True)
-    stage = res.report["stages"][0] if isinstance(res.report.get("stages"), list) else None
     assert (tmp_path / "out" / "report.json").exists()
-    text = json.dumps(res.report)
-    assert "mac_reduction" in text
-    if stage is not None:
-        assert stage.get("mac_reduction", stage.get("result", {}).get("mac_reduction", 1)) > 0.2
+    stage = res.report["stages"][0]
+    assert stage["method"] == "structured"
+    assert stage["result"]["mac_reduction"] > 0.5  # 50 % of every group's channels: measured 0.728
     assert res.after["params"] < res.before["params"]
 
 

@@ -3,25 +3,23 @@ torch-pruning's second opinion, and zero-channel equivalence of ONNX pruning at 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-graphs = pytest.importorskip("graphs")
-
-from compressor.graph import analyze, prune_onnx, select  # noqa: E402
-from compressor.graph.oracle import max_diff, zero_channels  # noqa: E402
-from compressor.onnx_utils import example_feeds, run  # noqa: E402
-from graphs.tp_oracle import canonical, compare_groups, onnx_groups, tp_groups  # noqa: E402
+import graphs
+from compressor.graph import analyze, prune_onnx, select
+from compressor.onnx_utils import example_feeds
+from graphs import zero_oracle
+from graphs.tp_oracle import canonical, compare_groups, onnx_groups, tp_groups
 
 ZOO = graphs.names()
 CNNS = [n for n in ZOO if "transformer" not in graphs.ZOO[n].tags]
 HF = [n for n in ZOO if "transformer" in graphs.ZOO[n].tags]
-APPROX_TOL = 0.35  # relative L2 error of pruned vs zeroed outputs when LayerNorm/RMSNorm statistics span the pruned axis
+# Relative L2 error of pruned vs zeroed outputs when LayerNorm/RMSNorm statistics span the pruned axis, for the
+# selection of test_zero_channel_approximate_groups. Measured 0.148 / 0.146 / 0.197 (onnxruntime CPU, feeds seed 0;
+# 0.13-0.21 over feeds seeds 0-2); a cut one channel off gives 0.17 / 0.40 / 0.40, a skipped group 0.60 / 0.58 / 1.04.
+APPROX_TOL = {"mlp": 0.19, "bert": 0.19, "llama": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +69,9 @@ def test_transformer_ties_and_frozen(exported, name):
     model, a, torch_model = exported(name)
     exp = graphs.ZOO[name].expected
     for tied in exp.get("tied", []):
-        groups = {_group_of(a, torch_model, m) for m in tied if _group_of(a, torch_model, m) is not None}
-        assert len(groups) == 1, f"{name}: {tied[:3]}… spread over {len(groups)} groups"
+        found = [_group_of(a, torch_model, m) for m in tied]
+        assert None not in found, f"{name}: {[m for m, g in zip(tied, found, strict=True) if g is None][:3]} in no group"
+        assert len(set(found)) == 1, f"{name}: {tied[:3]}… spread over {len(set(found))} groups"
     for left, right in exp.get("separate", []):
         assert _group_of(a, torch_model, left) != _group_of(a, torch_model, right)
     frozen_members = {(m.name, m.axis) for g in a.groups if not g.prunable for m in g.members}
@@ -100,12 +99,9 @@ def test_zero_channel_equivalence_30pct(exported, name):
     atoms = {x for gid, v in sel.per_group.items() if gid in exact for x in v}
     assert atoms, f"{name}: nothing exact to prune"
     pruned = prune_onnx(model, a, atoms)
-    before = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
-    after = sum(int(np.prod(i.dims)) for i in pruned.graph.initializer)
-    assert after < before
-    feeds = example_feeds(model, batch=3)
-    d = max_diff(run(zero_channels(a, atoms), feeds), run(pruned, feeds))
-    assert d < 1e-4, f"{name}: pruned differs from zeroed by {d}"
+    assert zero_oracle.removed_params(model, pruned) > 0
+    problems = zero_oracle.check(model, pruned, a.removed_positions(atoms), feeds=example_feeds(model, batch=3))
+    assert not problems, f"{name}: {problems[:3]}"
 
 
 @pytest.mark.parametrize("name", ["mlp", "bert", "llama"])
@@ -116,19 +112,24 @@ def test_zero_channel_approximate_groups(exported, name):
     cand = [x for x in g.atoms if x not in g.frozen]
     atoms = set(cand[: int(0.3 * len(cand))])
     feeds = example_feeds(model)
-    z, p = run(zero_channels(a, atoms), feeds)[0], run(prune_onnx(model, a, atoms), feeds)[0]
+    removed = a.removed_positions(atoms)
+    pruned = prune_onnx(model, a, atoms)
+    assert not zero_oracle.slice_problems(model, pruned, removed)
+    z, p = zero_oracle.run(zero_oracle.zero_onnx(model, removed), feeds)[0], zero_oracle.run(pruned, feeds)[0]
     rel = float(np.linalg.norm(z - p) / np.linalg.norm(z))
-    assert rel < APPROX_TOL
+    assert rel < APPROX_TOL[name]
 
 
-def _zero_check(model: onnx.ModelProto) -> float:
+def _zero_check(model: onnx.ModelProto) -> list[str]:
+    """What the independent oracle finds wrong with a random 30 % cut (empty: nothing)."""
     a = analyze(model)
     sel = select(a, "random", 0.3, protect_output=False, heads=True, seed=1)
     exact = {g.id for g in a.groups if not g.approximate}
     atoms = {x for gid, v in sel.per_group.items() if gid in exact for x in v}
     assert atoms
-    feeds = example_feeds(model)
-    return max_diff(run(zero_channels(a, atoms), feeds), run(prune_onnx(model, a, atoms), feeds))
+    pruned = prune_onnx(model, a, atoms)
+    assert zero_oracle.removed_params(model, pruned) > 0
+    return zero_oracle.check(model, pruned, a.removed_positions(atoms))
 
 
 @pytest.mark.parametrize("name", ["split", "llama"])
@@ -149,7 +150,7 @@ def test_other_opsets_and_constant_folding(name, opset, fold):
         torch.onnx.export(model, inputs, buf, dynamo=False, do_constant_folding=fold, opset_version=opset,
                           input_names=list(e.input_names), output_names=list(e.output_names),
                           dynamic_axes={n: {0: "batch"} for n in e.input_names})
-    assert _zero_check(onnx.load_from_string(buf.getvalue())) < 1e-4
+    assert _zero_check(onnx.load_from_string(buf.getvalue())) == []
 
 
 @pytest.mark.parametrize("name", ["residual", "bert", "llama"])
@@ -166,4 +167,4 @@ def test_dynamo_exporter(name):
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(model, inputs, dynamo=True, input_names=list(e.input_names))
-    assert _zero_check(prog.model_proto) < 1e-4
+    assert _zero_check(prog.model_proto) == []

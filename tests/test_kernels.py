@@ -184,7 +184,12 @@ def test_swap_replaces_and_verifies():
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=1e-6)
     assert rep.to_dict()["n_swapped"] == 2
-    rep.table()  # renders
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(rep.table())
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 2}
+    assert {"0", "2", "4"} <= set(rows) and "csr" in rows["0"] and "dense" in rows["4"] and "256x64" in rows["0"]
 
 
 def test_swap_restores_on_verification_failure(monkeypatch):
@@ -266,9 +271,12 @@ def test_run_batched_cpu_matches_model():
         ref = m(x)
     out = G.run_batched(m, torch.utils.data.TensorDataset(x, torch.zeros(37)), batch_size=8, device="cpu")
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    import onnxruntime as ort
+
     assert G.ort_providers("cpu") == ["CPUExecutionProvider"]
-    if not CUDA:
-        assert G.ort_providers() == ["CPUExecutionProvider"]
+    provs = G.ort_providers()  # auto: the CUDA EP first exactly on a GPU whose onnxruntime has it; CPU always last
+    assert provs[-1] == "CPUExecutionProvider"
+    assert (provs[0] == "CUDAExecutionProvider") == (CUDA and "CUDAExecutionProvider" in ort.get_available_providers())
 
 
 # ---------------------------------------------------------------------------------------------- GPU

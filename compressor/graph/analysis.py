@@ -135,6 +135,22 @@ class Analysis:
         """initializer -> per axis -> the atoms of every position (built on first use)."""
         return self.init_atoms.positions()
 
+    def removed_positions(self, atoms) -> list[tuple[str, int, np.ndarray]]:
+        """(initializer, axis, positions) a selection removes: every position that holds one of `atoms`.
+        The one input the independent zero-channel oracle (graphs/zero_oracle.py) takes from the analysis;
+        read from the atoms recorded at analysis time, not from the pruner's Plan."""
+        ia = self.init_atoms
+        hit = np.isin(ia.flat, np.fromiter((int(a) for a in atoms), dtype=np.int64))
+        seen = np.concatenate([[0], np.cumsum(hit)])  # selected atoms before each flat entry
+        bounds = np.concatenate([[0], np.cumsum(ia.counts)])  # each position's run in flat
+        removed = seen[bounds[1:]] > seen[bounds[:-1]]
+        out = []
+        for k, (name, axis) in enumerate(ia.keys):
+            pos = np.flatnonzero(removed[ia.pos[k]:ia.pos[k + 1]])
+            if len(pos):
+                out.append((name, axis, pos))
+        return out
+
     @property
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]

@@ -63,21 +63,54 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> DataBundle:
 def npz(path: Path, test_fraction: float = 0.25, seed: int = 0) -> DataBundle:
     if not path.is_file():
         raise InputError(f"data file not found: {path}", "give an existing .npz with arrays 'x' (and 'y')")
+    fix = "save it with numpy.savez(path, x=..., y=...): numeric x, integer class labels y"
     try:
         arrays = np.load(path, allow_pickle=False)
-    except Exception as e:  # numpy raises several types for a bad file
-        raise InputError(f"cannot read {path} as .npz ({type(e).__name__})", "save it with numpy.savez(path, x=..., y=...)") from e
-    if "x" not in arrays.files:
-        raise InputError(f"{path} has no array 'x' (has: {', '.join(arrays.files) or 'nothing'})", "save inputs as x=... and labels as y=...")
-    x = torch.from_numpy(np.ascontiguousarray(arrays["x"])).float()
-    if "y" in arrays.files:
-        y = torch.from_numpy(np.ascontiguousarray(arrays["y"])).long()
-        if y.shape[0] != x.shape[0]:
-            raise InputError(f"{path}: x has {x.shape[0]} rows but y has {y.shape[0]}", "x and y must have the same first dimension")
+        if not hasattr(arrays, "files"):
+            raise InputError(f"{path} holds a single array (.npy), not an .npz archive", fix)
+        with arrays:  # members are read lazily: read them here, inside the error handling
+            if "x" not in arrays.files:
+                raise InputError(f"{path} has no array 'x' (has: {', '.join(arrays.files) or 'nothing'})",
+                                 "save inputs as x=... and labels as y=...")
+            x_np = arrays["x"]
+            y_np = arrays["y"] if "y" in arrays.files else None
+    except InputError:
+        raise
+    except Exception as e:  # numpy/zipfile/zlib raise several types for a bad file (object arrays: ValueError)
+        raise InputError(f"cannot read {path} as .npz ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})",
+                         fix) from e
+    x = _checked_inputs(x_np, path, fix)
+    if y_np is not None:
+        y = _checked_labels(y_np, path, x.shape[0], fix)
         train, test = _split(x, y, test_fraction, seed)
         return DataBundle("classification", train, test, num_classes=int(y.max()) + 1, source=f"npz:{path}")
     train, test = _split(x, None, test_fraction, seed)
     return DataBundle("calibration", train, test, source=f"npz:{path}")
+
+
+def _checked_inputs(x: np.ndarray, path: Path, fix: str) -> torch.Tensor:
+    if x.dtype.kind not in "biuf":
+        raise InputError(f"{path}: 'x' has dtype {x.dtype}; inputs must be numbers", fix)
+    if x.ndim == 0 or x.shape[0] < 2:
+        raise InputError(f"{path}: 'x' has shape {list(x.shape)}; at least 2 rows are needed (one is held out)", fix)
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise InputError(f"{path}: 'x' holds NaN or infinite values", "clean or drop those rows")
+    return torch.from_numpy(np.ascontiguousarray(x)).float()
+
+
+def _checked_labels(y: np.ndarray, path: Path, rows: int, fix: str) -> torch.Tensor:
+    """Integer class ids 0..C-1, one per row of x; float labels only when they are whole numbers."""
+    if y.dtype.kind not in "biuf":
+        raise InputError(f"{path}: 'y' has dtype {y.dtype}; labels must be integer class ids", fix)
+    if y.ndim != 1 or y.shape[0] != rows:
+        raise InputError(f"{path}: x has {rows} rows but y has shape {list(y.shape)}",
+                         "x and y must have the same first dimension: one integer label per row (y of shape [N])")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise InputError(f"{path}: 'y' holds non-integer values (e.g. {y[~(y == np.round(y))][:1].tolist()}); "
+                         "labels are class ids", "store class ids 0..C-1 (regression targets are not supported)")
+    if (y < 0).any():
+        raise InputError(f"{path}: 'y' holds negative labels", "store class ids 0..C-1")
+    return torch.from_numpy(np.ascontiguousarray(y)).long()
 
 
 def text(path: Path, min_lines: int = 8) -> DataBundle:

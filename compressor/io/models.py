@@ -7,6 +7,7 @@ Every failure a user can cause is an InputError with the fix; inputs are only re
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import zipfile
 from pathlib import Path
@@ -44,6 +45,14 @@ def _import_factory(arch: str):
     factory = getattr(mod, attr, None)
     if factory is None or not callable(factory):
         raise InputError(f"{mod_name} has no callable {attr!r}", "point --arch at a function or class that builds the model")
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: let the call speak for itself
+        params = []
+    required = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise InputError(f"--arch {arch} needs arguments ({', '.join(required)}); it is called with none",
+                         "point --arch at a function that builds the model without arguments (write one in your module)")
     return factory
 
 
@@ -151,7 +160,14 @@ def load_model(model, *, arch: str | None = None, trust_pickle: bool = False) ->
 
         if not is_hf_folder(path):
             raise InputError(f"{path} is a folder without config.json", "pass a model file or a Hugging Face model folder")
-        module, tok = load_hf_folder(path)
+        try:
+            module, tok = load_hf_folder(path)
+        except InputError:
+            raise
+        except Exception as e:  # transformers/safetensors/json raise many types for a damaged folder (as ONNX does)
+            raise InputError(f"{path.name}: the Hugging Face folder does not load ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else ''})",
+                             "check config.json and the weights are complete (re-save with save_pretrained)") from e
         return _loaded("hf", "hf", module=module, path=path, tokenizer=tok)
     if path.suffix.lower() == ".onnx":
         return _load_onnx(path)

@@ -57,10 +57,42 @@ def read_adaptation(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise InputError(f"cannot read {path} as safetensors ({type(e).__name__}: {e})", "give a file written by save_adaptation") from e
     if meta is None:
         raise InputError(f"{path} is not a SaRA adaptation (no 'sara' metadata)", "give a file written by save_adaptation")
-    meta = json.loads(meta)
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{path}: unknown SaRA adaptation format {meta.get('format')!r}", f"this version reads {FORMAT}")
+    try:
+        meta = json.loads(meta)
+    except ValueError as e:
+        raise InputError(f"{path}: the SaRA metadata is not valid JSON ({e})", "the file is corrupt or edited; re-save it with save_adaptation") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InputError(f"{path}: unknown SaRA adaptation format {got!r}", f"this version reads {FORMAT}")
+    _check_meta(meta, tensors, path)
     return meta, tensors
+
+
+def _check_meta(meta: dict, tensors: dict, path: Path) -> None:
+    """The metadata fields and tensors load_adaptation reads, with their types (a damaged or hand-edited file
+    must be refused here, not fail later with a KeyError)."""
+    def bad(what: str):
+        return InputError(f"{path}: SaRA metadata {what}", "the file is corrupt or edited; re-save it with save_adaptation")
+
+    for key, typ in (("base", dict), ("counts", dict), ("full", list)):
+        if not isinstance(meta.get(key), typ):
+            raise bad(f"field {key!r} is missing or not a {typ.__name__}")
+    try:
+        float(meta.get("threshold"))  # written as repr(float)
+    except (TypeError, ValueError):
+        raise bad(f"field 'threshold' is missing or not a number ({meta.get('threshold')!r:.40})") from None
+    for n, info in meta["base"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and isinstance(info.get("shape"), list)
+                and all(isinstance(d, int) for d in info["shape"])):
+            raise bad(f"'base' entry {n!r} needs 'shape' (list of ints) and 'sha256'")
+    for n, c in meta["counts"].items():
+        if n not in meta["base"] or not isinstance(c, int) or isinstance(c, bool):
+            raise bad(f"'counts' entry {n!r} must be an integer for a parameter listed in 'base'")
+        if f"values/{n}" not in tensors:
+            raise bad(f"has no tensor 'values/{n}'")
+    for n in meta["full"]:
+        if not isinstance(n, str) or f"full/{n}" not in tensors:
+            raise bad(f"lists densely trained {n!r} without its tensor 'full/{n}'")
 
 
 def check_base(model: nn.Module, meta: dict, path: str | Path = "adaptation") -> None:
