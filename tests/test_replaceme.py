@@ -1,4 +1,4 @@
-"""ReplaceMe (RECIPES §3): block selection, T estimation, folding, config surgery, errors.
+"""ReplaceMe: block selection, T estimation, folding, config surgery, errors.
 
 Oracles: a second, naive computation of the distances and of T from every hidden state (HF output_hidden_states
 + numpy lstsq); folded == unfolded (explicit T after the out projection) on whole models; save/reload/generate
@@ -16,7 +16,7 @@ from torch import nn
 
 from compressor.blocks import BlockAdapter
 from compressor.errors import CompressorError, InputError
-from compressor.methods.replaceme import naive_drop, prune
+from compressor.replaceme import naive_drop, prune
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""Knee detection and sweep parsing (RECIPES §2.3, §2.4) on synthetic curves with known answers.
+"""Knee detection and sweep parsing on synthetic curves with known answers.
 
 Second opinion: the `kneed` package (Satopää et al.'s Kneedle) on concave decreasing curves.
 """
