@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from compressor.hf import corpus_sentences, embed, load_minilm
-from compressor.methods import replaceme as R
+from compressor import replaceme as R
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replaceme_minilm.json"
 

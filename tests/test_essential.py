@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from compressor import eval as ev
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, InputError
 from compressor.masks import apply_masks, magnitude_masks, nm_masks, prunable_weights
 from compressor.sweep import default_targets, make_evaluator, run_sweep, sweep
 
@@ -98,6 +98,44 @@ def test_default_targets_torch_exclude_the_layer_that_runs_last(trained_cnn, dig
     assert list(w) == ["conv1.weight", "conv2.weight", "conv3.weight", "fc1.weight"] and "fc.weight" in rule
     w, _ = default_targets(trained_cnn, "torch", include=["conv*"])
     assert list(w) == ["conv1.weight", "conv2.weight", "conv3.weight"]
+
+
+class HeadFirst(torch.nn.Module):
+    """The head is registered before the body: registration order names the wrong output layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(16, 3)
+        self.body = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_output_layer_is_the_one_that_runs_last_never_a_guess():
+    model, x = HeadFirst(), torch.randn(4, 8)
+    w, rule = default_targets(model, "torch", example=(x,))
+    assert list(w) == ["body.weight"] and "head.weight" in rule
+    # a forward that fails (wrong input width) or no example at all: one clear line, not a guess from registration
+    for example in ((torch.randn(4, 5),), None):
+        with pytest.raises(InputError, match="cannot find the output layer of HeadFirst") as e:
+            default_targets(model, "torch", example=example)
+        assert "\n" not in str(e.value) and "exclude" in str(e.value)
+    # naming what stays dense is the way out
+    w, rule = default_targets(model, "torch", exclude=["head"], example=(torch.randn(4, 5),))
+    assert list(w) == ["body.weight"] and "output layer not found" in rule
+
+
+def test_sweep_keeps_the_head_dense_when_it_is_registered_first():
+    from compressor.io.data import DataBundle
+
+    model = HeadFirst()
+    x = torch.randn(32, 8)
+    data = DataBundle("calibration", train=torch.utils.data.TensorDataset(x), source="random")
+    res = run_sweep(model, make_evaluator(model, data=data), grid=[0.0, 0.5], progress=False)  # no example given
+    assert res["targets"]["names"] == ["body.weight"]
+    assert res["curves"]["omp-global"][1]["pruned"] == 8 * 16 // 2  # half of the body, none of the head
 
 
 def test_nm_on_a_layer_that_does_not_tile_is_a_clear_error(trained_cnn, digits):

@@ -23,7 +23,7 @@ LAYERS: list[list[str]] = [
      "compressor.export", "compressor.train"],
     ["compressor.graph", "compressor.masks", "compressor.quant", "compressor.kernels", "compressor.sara"],
     # io.models loads files into wrappers, so it sits beside them (io.data stays in layer 1)
-    ["compressor.wrappers", "compressor.io.models", "compressor.eval", "compressor.evaluate", "compressor.recipe"],
+    ["compressor.wrappers", "compressor.io.models", "compressor.eval", "compressor.recipe"],
     ["compressor.methods", "compressor.sweep", "compressor.replaceme"],
     ["compressor.api"],
     ["compressor.cli", "compressor"],  # the package itself (its __init__ only) is the public facade over the API

@@ -16,7 +16,7 @@ from torch import nn
 
 from compressor.blocks import BlockAdapter
 from compressor.errors import CompressorError, InputError
-from compressor.methods.replaceme import naive_drop, prune
+from compressor.replaceme import naive_drop, prune
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,6 +115,23 @@ def test_selected_cut_is_argmin_distance():
     d = {int(k): v for k, v in rep["distances"].items()}
     assert sorted(d) == [1, 2, 3, 4]  # block 0 never; cutting up to the last block allowed (pre-final-norm states)
     assert rep["start"] == min(d, key=d.get) and rep["removed_blocks"] == [rep["start"], rep["start"] + 1]
+
+
+def test_options_object_and_keywords_are_the_same_run():
+    """prune's options come as one ReplaceMeOptions, as keywords (as before), or both with keywords winning."""
+    from compressor.replaceme import ReplaceMeOptions
+
+    model, ids = tiny_llama(), token_ids()
+    _, by_kw = prune(model, ids, n_blocks=2, estimator="ls", start=3, ridge=0.5, return_transform=True)
+    _, by_obj = prune(model, ids, n_blocks=2, estimator="ls", options=ReplaceMeOptions(start=3, ridge=0.5, return_transform=True))
+    _, mixed = prune(model, ids, n_blocks=2, estimator="ls", options=ReplaceMeOptions(start=1, ridge=0.5), start=3,
+                     return_transform=True)
+    assert by_kw["start"] == by_obj["start"] == mixed["start"] == 3 and by_kw["selected_by"] == "given start"
+    assert torch.equal(by_kw["T"], by_obj["T"]) and torch.equal(by_kw["T"], mixed["T"])
+    _, plain = prune(model, ids, n_blocks=2, estimator="ls", start=3, return_transform=True)
+    assert not torch.equal(plain["T"], by_kw["T"])  # the ridge option reached the solver
+    with pytest.raises(TypeError, match="no_such_option"):
+        prune(model, ids, n_blocks=2, no_such_option=1)
 
 
 # ------------------------------------------------------------------------------------------ folding

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_replaceme_beats_naive_drop_on_real_minilm(n):
     from compressor.hf import corpus_sentences, embed, load_minilm
-    from compressor.methods import replaceme as R
+    from compressor import replaceme as R
 
     torch.manual_seed(0)
     model, tok = load_minilm()

@@ -1,0 +1,180 @@
+"""The sweep itself: every pattern at every sparsity of the grid, each level pruned one-shot from the dense
+weights (never cumulative) and scored by an :class:`~compressor.sweep.evaluators.Evaluator`."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from compressor.errors import InputError
+from compressor.sweep.evaluators import Evaluator, make_evaluator
+from compressor.sweep.grid import Pattern, parse_grid, parse_patterns, refine_points
+from compressor.sweep.knee import analyze_curve
+from compressor.sweep.targets import default_targets
+
+
+def _curve_names(patterns: Sequence[Pattern]) -> dict[Pattern, str]:
+    """Curve of each pattern: grid patterns have their own; N:M patterns share one curve per M ("N:4"), named
+    after the pattern itself ("2:4") when it is the only one with that M."""
+    per_m: dict[int, int] = {}
+    for p in patterns:
+        if not p.on_grid:
+            per_m[p.m] = per_m.get(p.m, 0) + 1
+    return {p: (p.label if not p.on_grid and per_m[p.m] == 1 else p.curve) for p in patterns}
+
+
+def _level_jobs(patterns: Sequence[Pattern], grid: Sequence[float],
+                names: dict[Pattern, str] | None = None) -> list[tuple[Pattern, float, str]]:
+    """(pattern, sparsity, curve) jobs. Each N:M curve also gets its dense point (a magnitude mask at 0.0, i.e.
+    nothing removed, measured through the same path as every other level)."""
+    names = names or _curve_names(patterns)
+    jobs = []
+    for pat in patterns:
+        if pat.on_grid:
+            jobs.extend((pat, p, names[pat]) for p in grid)
+        else:
+            if not any(c == names[pat] for _, _, c in jobs):
+                jobs.append((Pattern("magnitude", "global"), 0.0, names[pat]))
+            jobs.append((pat, pat.n / pat.m, names[pat]))
+    return jobs
+
+
+def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] | str | None = None,
+              patterns: Iterable[str] | str | Sequence[Pattern] | None = None, kind: str = "torch",
+              include: list[str] | None = None, exclude: list[str] | None = None, example=None, seed: int = 0,
+              refine: float | None = None, eps: float = 1.0, relative: bool = False, progress: bool = True,
+              on_level: Callable[[dict], None] | None = None) -> dict:
+    """Sweep `model` over `grid` × `patterns` with `evaluator`; returns the JSON-ready result.
+
+    Works on a private copy: `model` is never modified. Every level restores the dense weights before pruning,
+    so levels are independent (not cumulative). With `refine` (e.g. 0.05), points at that spacing are added
+    between the grid neighbours of the first grid curve's knee (its tolerance point when it has no knee) and
+    swept for every grid pattern. The pruned tensors are :func:`default_targets` (`kind` "hf" | "torch" picks its
+    rule); the output layer is found by a forward on `example`, by default the evaluator's own inputs.
+    """
+    from compressor.masks import sparsity_report, transposed_names
+
+    t0 = time.perf_counter()
+    grid, pats = parse_grid(grid), parse_patterns(patterns)
+    if refine is not None and not (0.0 < refine < 1.0):
+        raise InputError(f"refine step must be in (0, 1), got {refine}", "e.g. refine=0.05")
+    eps = float(eps)
+    if eps < 0 or not math.isfinite(eps):
+        raise InputError(f"eps must be a finite number >= 0, got {eps}", "e.g. eps=1.0 allows a one-point drop")
+    work = copy.deepcopy(model).eval()
+    example = example if example is not None else evaluator.example
+    targets, rule = default_targets(work, kind, include, exclude, example)
+    transposed = transposed_names(work, targets)
+    dense = {k: w.detach().clone() for k, w in targets.items()}
+    n_weights = sum(w.numel() for w in dense.values())
+    curves: dict[str, list[dict]] = {}
+
+    def run_jobs(jobs, bar=None, task=None):
+        for pat, p, curve in jobs:
+            if bar is not None:
+                bar.update(task, description=f"{pat.label if curve == names[pat] else 'dense'} @ {p:.0%}")
+            masks = pat.masks(dense, p, seed, transposed)
+            with torch.no_grad():
+                for k, w in targets.items():
+                    w.copy_(dense[k])
+                    w.masked_fill_(~masks[k].to(w.device), 0)
+            rep = sparsity_report(work, masks)
+            t = time.perf_counter()
+            res = evaluator(work)
+            point = {"pattern": pat.label if curve == names.get(pat) else "dense", "target": float(p),
+                     "sparsity": rep["sparsity_masked"], "sparsity_all_params": rep["sparsity_all_params"],
+                     "pruned": rep["pruned"], **res, "eval_seconds": time.perf_counter() - t}
+            curves.setdefault(curve, []).append(point)
+            if on_level is not None:
+                on_level(point)
+            if bar is not None:
+                bar.advance(task)
+
+    names = _curve_names(pats)
+    jobs = _level_jobs(pats, grid, names)
+    bar = _progress_bar(progress, len(jobs))
+    task = bar.add_task("sweep", total=len(jobs)) if bar is not None else None
+    refined: list[float] = []
+    try:
+        run_jobs(jobs, bar, task)
+        grid_pats = [p for p in pats if p.on_grid]
+        if refine is not None and grid_pats:
+            a = analyze_curve(curves[grid_pats[0].curve], eps, relative)
+            center = a["knee"] if a["knee"] is not None else a["tolerance"]
+            if center is not None:
+                refined = refine_points(grid, center, refine)
+            if refined:
+                extra = _level_jobs(grid_pats, refined)
+                if bar is not None:
+                    bar.update(task, total=len(jobs) + len(extra))
+                run_jobs(extra, bar, task)
+                for c in {p.curve for p in grid_pats}:
+                    curves[c].sort(key=lambda d: d["target"])
+    finally:
+        if bar is not None:
+            bar.stop()
+    analysis = {c: analyze_curve(pts, eps, relative) for c, pts in curves.items()}
+    for a in analysis.values():
+        a.pop("curve")
+    return {
+        "metric": evaluator.metric,
+        "metric_description": evaluator.description,
+        "higher_is_better": True,
+        "dense": evaluator.dense,
+        "n_samples": evaluator.n_samples,
+        "targets": {"rule": rule, "n_tensors": len(dense), "n_weights": n_weights, "names": list(dense)},
+        "grid": grid,
+        "refined": refined,
+        "patterns": [p.label for p in pats],
+        "seed": seed,
+        "eps": eps,
+        "relative": relative,
+        "curves": curves,
+        "analysis": analysis,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled or total <= 1:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+    bar.start()
+    return bar
+
+
+def sweep(model, data=None, *, tokenizer=None, kind: str | None = None, grid=None, patterns=None, eps: float = 1.0,
+          relative: bool = False, refine: float | None = None, include: list[str] | None = None,
+          exclude: list[str] | None = None, n_texts: int = 256, seed: int = 0, progress: bool = True,
+          arch: str | None = None, trust_pickle: bool = False) -> dict:
+    """Essential-sparsity sweep of a model (path, nn.Module or LoadedModel) on data (spec string or DataBundle).
+
+    Validates grid and patterns before any work. Returns the result dict that :func:`write_sweep` saves.
+    """
+    from compressor.io.data import DataBundle, load_data
+    from compressor.io.models import load_model
+
+    grid_l, pats = parse_grid(grid), parse_patterns(patterns)
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    if loaded.kind == "onnx":
+        raise InputError("sweep prunes torch or Hugging Face models, not ONNX", "sweep the torch checkpoint (or HF folder) the ONNX came from")
+    kind = kind or loaded.kind
+    tok = tokenizer if tokenizer is not None else loaded.tokenizer
+    bundle = data if isinstance(data, DataBundle) or data is None else load_data(data)
+    ev_ = make_evaluator(loaded.module, kind=kind, data=bundle, tokenizer=tok, n_texts=n_texts)
+    example = None
+    if bundle is not None and (bundle.test is not None or bundle.train is not None):
+        example = ((bundle.test or bundle.train).tensors[0][:2],)
+    res = run_sweep(loaded.module, ev_, grid=grid_l, patterns=pats, kind=kind, include=include, exclude=exclude,
+                    example=example, seed=seed, refine=refine, eps=eps, relative=relative, progress=progress)
+    res["model"] = str(loaded.path) if loaded.path else type(loaded.module).__name__
+    res["data"] = bundle.source if bundle is not None else "corpus"
+    return res
+
