@@ -25,6 +25,7 @@ from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, load_data
 from compressor.io.models import load_model
 from compressor.recipe import Recipe, StageContext, check_kinds, load_recipe, run_recipe
+from compressor.train import barrier, is_writer
 from compressor.wrappers import Model
 
 
@@ -180,7 +181,9 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
         result.module.eval()
     example_after = _example_after(ctx, example)
     after = ev.measure(result, bundle, reference, example_after)
-    files = _save_final(result, ctx.artifacts, out_dir, ctx.example_inputs) if out_dir is not None else dict(ctx.artifacts)
+    # under torchrun every rank runs compress(); only rank 0 writes (the others wait for it at the end)
+    writes = out_dir is not None and is_writer()
+    files = _save_final(result, ctx.artifacts, out_dir, ctx.example_inputs) if writes else dict(ctx.artifacts)
     warnings_ = {k: files.pop(k) for k in [k for k in files if k.endswith("_error")]}
     kernels_report = None
     if sparse_kernels and ctx.model is not None:
@@ -215,8 +218,9 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": devices.label(dev)},
     }
     report = _jsonable(report)
-    if out_dir is not None:
+    if writes:
         write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+    barrier()
     return Result(ctx.model, ctx.onnx_model, report, out_dir, files)
 
 

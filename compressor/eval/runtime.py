@@ -80,13 +80,22 @@ def run_batched(model: nn.Module, dataset, batch_size: int = 256, amp: bool = Tr
                 cuda_graph: bool | str = "auto", compile: bool = False, progress: bool = False) -> Tensor:
     """Outputs of ``model`` over ``dataset`` (first tensor of a TensorDataset), concatenated, fp32 on CPU.
 
-    ``device``: any ``--device`` spec (default ``auto``); the model is moved there (in place). ``amp``:
+    ``device``: any ``--device`` spec (default ``auto``); the model runs there and is moved back to where the
+    caller had it before this returns. ``amp``:
     autocast on CUDA. ``cuda_graph``: True / False / "auto" (capture when on CUDA and there is more than one
     full batch; falls back to eager if capture fails). ``compile``: ``torch.compile(mode="reduce-overhead")``.
     """
     x = _inputs_of(dataset)
     device = devices.resolve(device)
-    model.to(device).eval()
+    home = devices.module_device(model)
+    try:
+        return _run_batched(model.to(device).eval(), x, batch_size, amp, device, cuda_graph, compile, progress)
+    finally:
+        model.to(home)
+
+
+def _run_batched(model: nn.Module, x: Tensor, batch_size: int, amp: bool, device: torch.device,
+                 cuda_graph: bool | str, compile: bool, progress: bool) -> Tensor:
     dt = devices.amp_dtype(device) if amp else None
     n = len(x)
     if n == 0:

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from compressor.masks import plain_copy
 from compressor.recipe import StageContext, register_method
+from compressor.train import barrier, is_writer
 
 
 class ExportParams(BaseModel):
@@ -22,12 +22,14 @@ class ExportParams(BaseModel):
 def run_export(ctx: StageContext, p: ExportParams) -> dict:
     model = ctx.current_model()
     out: dict = {}
+    writer = is_writer()  # under torchrun rank 0 writes; the other ranks record the same paths and wait
     # an ONNX model has no torch form: it is always written as (verified) ONNX, whatever `format` says
     if p.format in ("onnx", "both") or model.module is None:
         path = ctx.workdir / f"{p.filename}.onnx"
-        out["onnx"] = model.export_onnx(path, ctx.example_inputs, atol=p.atol, rtol=p.rtol)
+        out["onnx"] = model.export_onnx(path, ctx.example_inputs, atol=p.atol, rtol=p.rtol) if writer else {"path": str(path)}
         ctx.artifacts["onnx"] = str(path)
-    if p.format in ("torch", "both") and model.module is not None:
+    if p.format in ("torch", "both") and model.module is not None and writer:
         out["torch"] = model.save(ctx.workdir, p.filename, ctx.example_inputs)
         ctx.artifacts.update({k: v for k, v in out["torch"].items() if k != "program_error"})
+    barrier()
     return out

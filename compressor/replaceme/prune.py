@@ -70,6 +70,7 @@ def prune(model: nn.Module, calib, n_blocks: int = 2, estimator: Estimator = "ls
     first unless inplace=True; return_transform=True puts T (float64 tensor) in report["T"]."""
     o = dataclasses.replace(options or ReplaceMeOptions(), **kw)
     t_start = time.perf_counter()
+    caller_device = module_device(model) if isinstance(model, nn.Module) else None
     model, adapter = _prepare(model, estimator, o)
     L = len(adapter)
     _check_cut(n_blocks, o.start, L)
@@ -94,6 +95,7 @@ def prune(model: nn.Module, calib, n_blocks: int = 2, estimator: Estimator = "ls
     report["params_before"] = params_before
     report["params_after"] = count_params(model)
     report["seconds"] = round(time.perf_counter() - t_start, 3)
+    model.to(caller_device)  # calibrated on `device`, returned where the caller's model was
     return model, report
 
 
