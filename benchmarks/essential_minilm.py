@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     model, tok = load_minilm()
-    res = sweep(model, None, tokenizer=tok, kind="hf", grid=args.grid, patterns=args.patterns.split(","),
+    res = sweep(model, None, tokenizer=tok, grid=args.grid, patterns=args.patterns.split(","),
                 eps=args.eps, refine=args.refine, n_texts=args.texts, seed=0, progress=True)
     res["model"] = "all-MiniLM-L6-v2"
     res["model_path"] = str(minilm_path())

@@ -94,9 +94,9 @@ def test_global_omp_mask_matches_torch_prune_global_unstructured(mlp):
 
 
 def test_default_targets_torch_exclude_the_layer_that_runs_last(trained_cnn, digits):
-    w, rule = default_targets(trained_cnn, "torch", example=(digits.test.tensors[0][:2],))
+    w, rule = default_targets(trained_cnn, False, example=(digits.test.tensors[0][:2],))
     assert list(w) == ["conv1.weight", "conv2.weight", "conv3.weight", "fc1.weight"] and "fc.weight" in rule
-    w, _ = default_targets(trained_cnn, "torch", include=["conv*"])
+    w, _ = default_targets(trained_cnn, False, include=["conv*"])
     assert list(w) == ["conv1.weight", "conv2.weight", "conv3.weight"]
 
 
@@ -115,15 +115,15 @@ class HeadFirst(torch.nn.Module):
 
 def test_output_layer_is_the_one_that_runs_last_never_a_guess():
     model, x = HeadFirst(), torch.randn(4, 8)
-    w, rule = default_targets(model, "torch", example=(x,))
+    w, rule = default_targets(model, False, example=(x,))
     assert list(w) == ["body.weight"] and "head.weight" in rule
     # a forward that fails (wrong input width) or no example at all: one clear line, not a guess from registration
     for example in ((torch.randn(4, 5),), None):
         with pytest.raises(InputError, match="cannot find the output layer of HeadFirst") as e:
-            default_targets(model, "torch", example=example)
+            default_targets(model, False, example=example)
         assert "\n" not in str(e.value) and "exclude" in str(e.value)
     # naming what stays dense is the way out
-    w, rule = default_targets(model, "torch", exclude=["head"], example=(torch.randn(4, 5),))
+    w, rule = default_targets(model, False, exclude=["head"], example=(torch.randn(4, 5),))
     assert list(w) == ["body.weight"] and "output layer not found" in rule
 
 
@@ -273,7 +273,7 @@ def test_minilm_targets_follow_the_bert_rule(minilm):
 def test_minilm_sweep_coarse(minilm):
     model, tok = minilm
     before = _state(model)
-    res = sweep(model, None, tokenizer=tok, kind="hf", grid=[0.0, 0.3, 0.6, 0.9], patterns=["unstructured", "2:4"],
+    res = sweep(model, None, tokenizer=tok, grid=[0.0, 0.3, 0.6, 0.9], patterns=["unstructured", "2:4"],
                 n_texts=48, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     omp = {p["target"]: p["metric"] for p in res["curves"]["omp-global"]}

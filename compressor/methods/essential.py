@@ -71,9 +71,9 @@ def run_essential(ctx: StageContext, p: EssentialParams) -> dict:
         raise RecipeError("essential_sparsity needs a torch or Hugging Face model", "run it on a torch checkpoint or HF folder, not ONNX")
     main = "unstructured" if p.scope == "global" else "layerwise"
     patterns = parse_patterns([main, *p.patterns])
-    evaluator = make_evaluator(ctx.model, kind=ctx.model_kind, data=ctx.data, tokenizer=ctx.tokenizer, n_texts=p.n_texts)
+    evaluator = make_evaluator(ctx.model, data=ctx.data, tokenizer=ctx.tokenizer, n_texts=p.n_texts)
     example = ctx.example_inputs if isinstance(ctx.example_inputs, tuple) else None
-    result = run_sweep(ctx.model, evaluator, grid=p.grid, patterns=patterns, kind=ctx.model_kind, include=p.include,
+    result = run_sweep(ctx.model, evaluator, grid=p.grid, patterns=patterns, text_model=ctx.current_model().text_input, include=p.include,
                        exclude=p.exclude, example=example, seed=ctx.seed, refine=p.refine, eps=p.eps, relative=p.relative)
     result["model"] = type(ctx.model).__name__
     result["data"] = getattr(ctx.data, "source", None) or ("corpus" if ctx.tokenizer is not None else None)
@@ -88,7 +88,7 @@ def run_essential(ctx: StageContext, p: EssentialParams) -> dict:
         level, chosen = a[p.apply], p.apply
         if level is None:  # no corner on a flat/convex curve: fall back to the tolerance point
             level, chosen = a["tolerance"], "tolerance"
-        targets, _ = default_targets(ctx.model, ctx.model_kind, p.include, p.exclude, example)
+        targets, _ = default_targets(ctx.model, ctx.current_model().text_input, p.include, p.exclude, example)
         masks = magnitude_masks(targets, level, scope=p.scope, convention="exact_k")
         apply_masks(ctx.model, masks)
         rep = sparsity_report(ctx.model, masks)

@@ -100,7 +100,7 @@ def run_magnitude(ctx: StageContext, p: MagnitudeParams) -> dict:
 def _accuracy_fn(ctx: StageContext):
     """A zero-argument test-accuracy function when the stage has labelled test data, else one returning None."""
     data = ctx.data
-    if data is None or getattr(data, "task", None) != "classification" or data.test is None or ctx.model_kind != "torch":
+    if data is None or getattr(data, "task", None) != "classification" or data.test is None or not ctx.current_model().trains_on_tensors:
         return lambda: None
     from compressor.eval import accuracy
 

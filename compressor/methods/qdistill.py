@@ -75,7 +75,7 @@ def run_qdistill(ctx: StageContext, p: QDistillParams) -> dict:
         if not labelled:
             raise RecipeError("qdistill with epochs > 0 needs labelled training data",
                               "pass --data digits or npz:FILE with x and y; or set epochs: 0 for post-training quantization")
-        if ctx.model_kind != "torch":
+        if not ctx.current_model().trains_on_tensors:
             raise RecipeError("quantized distillation trains torch models on tensor data", "use epochs: 0 (post-training) for HF models")
         check_output_shapes(teacher.cpu(), student.cpu(), data.train[:2][0])
         common = dict(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, momentum=p.momentum, temperature=p.temperature,

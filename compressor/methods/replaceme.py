@@ -43,7 +43,7 @@ def run_replaceme(ctx: StageContext, p: ReplaceMeParams) -> dict:
 
     data = ctx.data
     texts_eval = inputs_eval = None
-    if ctx.model_kind == "hf":
+    if ctx.current_model().text_input:
         if ctx.tokenizer is None:
             raise RecipeError("replaceme on a Hugging Face model needs its tokenizer", "save the tokenizer into the model folder")
         if data is not None and data.texts:

@@ -52,7 +52,7 @@ class StructuredParams(BaseModel):
         return self
 
 
-def run_dtype(p: StructuredParams, device, kind: str):
+def run_dtype(p: StructuredParams, device, fixed_dtype: bool):
     """The torch dtype the pruned model runs in on `device` (None = fp32)."""
     import torch
 
@@ -61,10 +61,10 @@ def run_dtype(p: StructuredParams, device, kind: str):
     named = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
     if p.dtype != "auto":
         return named[p.dtype]
-    return amp_dtype(device) if kind != "onnx" else None  # an ONNX graph's dtype is fixed in the file
+    return None if fixed_dtype else amp_dtype(device)  # an ONNX graph's dtype is fixed in the file
 
 
-def resolved_round_to(p: StructuredParams, device, kind: str = "torch") -> int:
+def resolved_round_to(p: StructuredParams, device, fixed_dtype: bool = False) -> int:
     """`round_to` as an int: explicit values win; auto follows the target device and dtype."""
     import torch
 
@@ -72,7 +72,7 @@ def resolved_round_to(p: StructuredParams, device, kind: str = "torch") -> int:
 
     if p.round_to != "auto":
         return int(p.round_to)
-    return auto_round_to(torch.device(device).type, run_dtype(p, device, kind) is not None)
+    return auto_round_to(torch.device(device).type, run_dtype(p, device, fixed_dtype) is not None)
 
 
 def _batches(ctx: StageContext, n: int) -> list[tuple]:
@@ -115,7 +115,7 @@ def structured_onnx(model, p: StructuredParams, seed: int = 0, device="cpu"):
         raise RecipeError("taylor importance needs gradients, which an ONNX model cannot give",
                           "use importance: l2 (or give the torch model)")
     a = analyze(model)
-    round_to = resolved_round_to(p, device, "onnx")
+    round_to = resolved_round_to(p, device, fixed_dtype=True)
     sel = _select(a, p, True if p.head_dim is None else p.head_dim, seed=seed, round_to=round_to)
     pruned = prune_onnx(model, a, sel)
     size = lambda m: sum(int(np.prod(i.dims)) for i in m.graph.initializer)  # noqa: E731
@@ -206,11 +206,11 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
         if g.id in frozen:
             for x in g.atoms:
                 g.frozen.setdefault(x, []).append(frozen[g.id])
-    round_to = resolved_round_to(p, device, "torch")
+    round_to = resolved_round_to(p, device, fixed_dtype=False)
     latency = None
     if p.target == "latency":
         ratio, latency = _latency_search(model, example_inputs, a, p, head_dim, grads, seed, round_to, device,
-                                         run_dtype(p, device, "torch"))
+                                         run_dtype(p, device, False))
         p = p.model_copy(update={"ratio": ratio})
     sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to)
     before = sum(t.numel() for t in model.parameters())

@@ -102,7 +102,7 @@ def _lm_evaluator(model, tokenizer, texts: list[str], batch_size: int, max_lengt
                      {"metric": 100.0, "output_kl": 0.0, "top1_agreement": 100.0}, fn, len(texts), example)
 
 
-def make_evaluator(model: nn.Module, *, kind: str = "torch", data=None, tokenizer=None, n_texts: int = 256,
+def make_evaluator(model: nn.Module, *, data=None, tokenizer=None, n_texts: int = 256,
                    batch_size: int = 32) -> Evaluator:
     """Pick the metric for this model and data (module doc) and measure the dense model once.
 
@@ -120,7 +120,7 @@ def make_evaluator(model: nn.Module, *, kind: str = "torch", data=None, tokenize
 
         return Evaluator("accuracy_%", f"top-1 accuracy (%) on the {len(x)} test samples of {data.source or 'the data'}",
                          {"metric": dense_acc, "output_cosine": 1.0, "output_kl": 0.0}, fn, len(x), (x[:2],))
-    if kind == "hf" and tokenizer is not None:
+    if tokenizer is not None:  # a text model with its tokenizer
         from compressor.hf import corpus_sentences
 
         texts = None

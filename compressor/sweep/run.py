@@ -45,7 +45,7 @@ def _level_jobs(patterns: Sequence[Pattern], grid: Sequence[float],
 
 
 def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] | str | None = None,
-              patterns: Iterable[str] | str | Sequence[Pattern] | None = None, kind: str = "torch",
+              patterns: Iterable[str] | str | Sequence[Pattern] | None = None, text_model: bool = False,
               include: list[str] | None = None, exclude: list[str] | None = None, example=None, seed: int = 0,
               refine: float | None = None, eps: float = 1.0, relative: bool = False, progress: bool = True,
               on_level: Callable[[dict], None] | None = None) -> dict:
@@ -54,7 +54,7 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
     Works on a private copy: `model` is never modified. Every level restores the dense weights before pruning,
     so levels are independent (not cumulative). With `refine` (e.g. 0.05), points at that spacing are added
     between the grid neighbours of the first grid curve's knee (its tolerance point when it has no knee) and
-    swept for every grid pattern. The pruned tensors are :func:`default_targets` (`kind` "hf" | "torch" picks its
+    swept for every grid pattern. The pruned tensors are :func:`default_targets` (`text_model`: the transformer-blocks rule of a text model, else every layer but the output one, picks its
     rule); the output layer is found by a forward on `example`, by default the evaluator's own inputs.
     """
     from compressor.masks import sparsity_report, transposed_names
@@ -68,7 +68,7 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
         raise InputError(f"eps must be a finite number >= 0, got {eps}", "e.g. eps=1.0 allows a one-point drop")
     work = copy.deepcopy(model).eval()
     example = example if example is not None else evaluator.example
-    targets, rule = default_targets(work, kind, include, exclude, example)
+    targets, rule = default_targets(work, text_model, include, exclude, example)
     transposed = transposed_names(work, targets)
     dense = {k: w.detach().clone() for k, w in targets.items()}
     n_weights = sum(w.numel() for w in dense.values())
@@ -150,7 +150,7 @@ def _progress_bar(enabled: bool, total: int):
     return bar
 
 
-def sweep(model, data=None, *, tokenizer=None, kind: str | None = None, grid=None, patterns=None, eps: float = 1.0,
+def sweep(model, data=None, *, tokenizer=None, grid=None, patterns=None, eps: float = 1.0,
           relative: bool = False, refine: float | None = None, include: list[str] | None = None,
           exclude: list[str] | None = None, n_texts: int = 256, seed: int = 0, progress: bool = True,
           arch: str | None = None, trust_pickle: bool = False) -> dict:
@@ -163,16 +163,15 @@ def sweep(model, data=None, *, tokenizer=None, kind: str | None = None, grid=Non
 
     grid_l, pats = parse_grid(grid), parse_patterns(patterns)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    if loaded.kind == "onnx":
+    if loaded.module is None:  # an ONNX graph: nothing to mask
         raise InputError("sweep prunes torch or Hugging Face models, not ONNX", "sweep the torch checkpoint (or HF folder) the ONNX came from")
-    kind = kind or loaded.kind
     tok = tokenizer if tokenizer is not None else loaded.tokenizer
     bundle = data if isinstance(data, DataBundle) or data is None else load_data(data)
-    ev_ = make_evaluator(loaded.module, kind=kind, data=bundle, tokenizer=tok, n_texts=n_texts)
+    ev_ = make_evaluator(loaded.module, data=bundle, tokenizer=tok, n_texts=n_texts)
     example = None
     if bundle is not None and (bundle.test is not None or bundle.train is not None):
         example = ((bundle.test or bundle.train).tensors[0][:2],)
-    res = run_sweep(loaded.module, ev_, grid=grid_l, patterns=pats, kind=kind, include=include, exclude=exclude,
+    res = run_sweep(loaded.module, ev_, grid=grid_l, patterns=pats, text_model=loaded.text_input, include=include, exclude=exclude,
                     example=example, seed=seed, refine=refine, eps=eps, relative=relative, progress=progress)
     res["model"] = str(loaded.path) if loaded.path else type(loaded.module).__name__
     res["data"] = bundle.source if bundle is not None else "corpus"

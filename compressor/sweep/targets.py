@@ -52,7 +52,7 @@ def _output_layer(model: nn.Module, candidates: list[str], example) -> tuple[str
     return order[-1], ""
 
 
-def default_targets(model: nn.Module, kind: str = "torch", include: list[str] | None = None,
+def default_targets(model: nn.Module, text_model: bool = False, include: list[str] | None = None,
                     exclude: list[str] | None = None, example=None) -> tuple[dict[str, torch.Tensor], str]:
     """({weight name: parameter}, rule) of the tensors a sweep prunes.
 
@@ -67,7 +67,7 @@ def default_targets(model: nn.Module, kind: str = "torch", include: list[str] | 
 
     if include:
         return prunable_weights(model, include=include, exclude=exclude), f"include={include} exclude={exclude or []}"
-    if kind == "hf":
+    if text_model:
         blocks = _block_list(model)
         if blocks:
             w = prunable_weights(model, include=[f"{blocks}.*"], exclude=exclude)

@@ -27,6 +27,10 @@ class Model:
     module: torch.nn.Module | None = None
     onnx: object | None = None  # onnx.ModelProto
     tokenizer: object | None = None
+    # What the methods ask instead of "which kind is this?":
+    text_input = False  # takes token ids from a tokenizer (a Hugging Face text model)
+    trains_on_tensors = False  # a plain torch module the training loop feeds tensor batches (x, y)
+    fixed_dtype = False  # its dtype is fixed in the file (ONNX): no AMP, no dtype choice
 
     def __init__(self, *, format: str = "object", path: str | Path | None = None, example_inputs: tuple | None = None,
                  meta: dict | None = None, owned: bool = False):

@@ -15,6 +15,8 @@ from compressor.wrappers.torch_model import TorchModel, plain_copy
 
 class HFModel(TorchModel):
     kind = "hf"
+    text_input = True
+    trains_on_tensors = False
     saved_as = "hf_folder"  # the file kind save() writes
 
     @classmethod

@@ -14,6 +14,7 @@ from compressor.wrappers.base import Model
 
 class OnnxModel(Model):
     kind = "onnx"
+    fixed_dtype = True
     saved_as = "onnx"  # the file kind save() writes
 
     @classmethod

@@ -69,6 +69,7 @@ def save_torch(module: nn.Module, path: Path, example_inputs: tuple | None = Non
 
 class TorchModel(Model):
     kind = "torch"
+    trains_on_tensors = True
     saved_as = "state_dict"  # the file kind save() writes
 
     @classmethod
