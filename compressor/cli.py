@@ -229,7 +229,7 @@ def recipes_list():
     """Shipped recipes with their stages."""
     from compressor.recipe import load_recipe, shipped_recipes
 
-    t = Table(title="shipped recipes (recipes/)", title_justify="left")
+    t = Table(title="shipped recipes (compressor/recipes/)", title_justify="left")
     t.add_column("name")
     t.add_column("stages")
     t.add_column("description")

@@ -74,7 +74,7 @@ def test_recipe_end_to_end(tmp_path, trained_cnn):
     from compressor.api import compress
     from compressor.recipe import load_recipe
 
-    rec = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "channel-prune-50.yaml")
+    rec = load_recipe("channel-prune-50")
     res = compress(trained_cnn, rec, "digits", tmp_path / "out", overwrite=True)
     stage = res.report["stages"][0] if isinstance(res.report.get("stages"), list) else None
     assert (tmp_path / "out" / "report.json").exists()

@@ -70,3 +70,17 @@ def test_kind_check():
     r = load_recipe({"name": "x", "stages": [{"method": "finetune"}]})
     with pytest.raises(RecipeError, match="does not work on onnx"):
         check_kinds(r, "onnx")
+
+
+def test_shipped_recipes_are_package_data_found_from_any_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import compressor
+
+    on_disk = sorted(p.stem for p in (Path(compressor.__file__).parent / "recipes").glob("*.yaml"))
+    monkeypatch.chdir(tmp_path)  # nothing relative to the working directory
+    assert sorted(shipped_recipes()) == on_disk and len(on_disk) >= 10
+    assert load_recipe("demo").name == load_recipe("demo.yaml").name
+    own = write(tmp_path, "name: mine\nstages:\n  - method: export\n", name="demo.yaml")
+    assert load_recipe(own).name == "mine"  # a user's own file (even named like a shipped one) is theirs
+    assert load_recipe("./demo.yaml").name == "mine"

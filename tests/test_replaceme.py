@@ -270,8 +270,9 @@ def test_recipe_on_hf_folder_writes_pruned_folder(tmp_path):
 
     from compressor.api import compress
     from compressor.hf import corpus_sentences, load_minilm
+    from compressor.recipe import shipped_recipes
 
-    rec = yaml.safe_load(open("recipes/replaceme-2.yaml"))
+    rec = yaml.safe_load(shipped_recipes()["replaceme-2"].read_text(encoding="utf-8"))
     assert rec["stages"][0] == {**rec["stages"][0], "method": "replaceme", "n_blocks": 2, "estimator": "ls"}
     model, tok = load_minilm()
     src = tmp_path / "minilm"
