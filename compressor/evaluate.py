@@ -287,8 +287,9 @@ def ort_session(path_or_bytes, threads: int | None = None):
     if threads:
         so.intra_op_num_threads = threads
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    src = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
-    return ort.InferenceSession(src, so, providers=providers)
+    from compressor.onnx_utils import runtime_source
+
+    return ort.InferenceSession(runtime_source(path_or_bytes), so, providers=providers)
 
 
 def latency_onnx(path_or_bytes, feeds: dict[str, np.ndarray], runs: int = 30, warmup: int = 5, threads: int | None = None) -> float:

@@ -141,8 +141,9 @@ def ort_session(path: str | Path | bytes, threads: int | None = None, prefer_cud
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    src = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(src, so, providers=ort_providers(prefer_cuda))
+    from compressor.onnx_utils import runtime_source
+
+    return ort.InferenceSession(runtime_source(path), so, providers=ort_providers(prefer_cuda))
 
 
 def ort_run_batched(path_or_session, x: np.ndarray | Tensor, batch_size: int = 256) -> np.ndarray:
