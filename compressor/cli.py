@@ -403,7 +403,10 @@ def sweep_cmd(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: `compress MODEL ...` → `compress run MODEL ...`."""
-    import click
+    try:  # typer >= 0.2x ships its own copy of click (and no longer depends on click); older typer uses click
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click.exceptions import ClickException
 
     argv = list(sys.argv[1:] if argv is None else argv)
     names = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
@@ -411,12 +414,12 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(0, "run")
     try:
         rv = app(args=argv, prog_name="compress", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:  # click's Exit / Abort themselves in older typer
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("[red]aborted[/]")
         sys.exit(130)
-    except click.exceptions.ClickException as e:
+    except ClickException as e:
         e.show()
         sys.exit(2)
     if isinstance(rv, int) and rv:  # click returns a typer.Exit code instead of raising when not standalone
