@@ -97,7 +97,8 @@ def before_after_table(before: dict, after: dict, title: str) -> Table:
         change = ""
         if isinstance(b, int | float) and isinstance(a, int | float) and b:
             if key in ("params", "nonzero_params", "macs", "size_bytes", "file_bytes", "latency_ms"):
-                change = f"{b / a:.2f}× smaller" if a and a < b else f"{a / b:.2f}×"
+                change = ((f"{b / a:.2f}× smaller" if a else "to zero") if a < b
+                          else f"{a / b:.2f}× larger" if a > b else "same")
                 if key == "latency_ms" and a:
                     change = f"{b / a:.2f}× faster" if a < b else f"{a / b:.2f}× slower"
             elif key == "accuracy":

@@ -121,6 +121,38 @@ def runtime_source(src):
     return runtime_bytes(onnx.load(path))
 
 
+def _tensors(graph):
+    """Every TensorProto of a graph: initializers, sparse initializers, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield from (sp.values, sp.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(g)
+
+
+def onnx_file_bytes(path: str | Path) -> int:
+    """Bytes on disk of an ONNX model: the .onnx file plus every external-data file it references (read from
+    the model's tensor records; the weights themselves are not loaded)."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for t in _tensors(model.graph)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    files = {(path.parent / loc).resolve() for loc in locations}
+    return path.stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
+
+
 def graph_inputs(model) -> list:
     inits = {i.name for i in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]

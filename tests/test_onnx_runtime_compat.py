@@ -90,3 +90,33 @@ def test_an_opset_newer_than_onnxruntime_runs_is_refused_in_one_line(tmp_path):
     (tmp_path / "b.onnx").write_bytes(m.SerializeToString())
     with pytest.raises(InputError, match="b.onnx uses ONNX opset"):
         run_onnx(tmp_path / "b.onnx", {})
+
+
+def test_file_size_counts_external_data(tmp_path):
+    from compressor.cli import before_after_table
+    from compressor.evaluate import file_size
+
+    m, _ = _gemm_model(onnx_utils.ort_max_ir_version())
+    big = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    m.graph.initializer.append(numpy_helper.from_array(big, "unused_big"))
+    (tmp_path / "m").mkdir()
+    onnx.save_model(m, str(tmp_path / "m" / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "m").iterdir())  # model.onnx + model.onnx.data
+    assert (tmp_path / "m" / "model.onnx.data").stat().st_size >= big.nbytes
+    assert onnx_utils.onnx_file_bytes(tmp_path / "m" / "model.onnx") == on_disk
+    assert file_size(tmp_path / "m" / "model.onnx") == on_disk
+
+    onnx.save(m, str(tmp_path / "one.onnx"))  # everything in one file: no data file to add
+    assert file_size(tmp_path / "one.onnx") == (tmp_path / "one.onnx").stat().st_size
+
+    from io import StringIO
+
+    from rich.console import Console
+
+    def change(before, after):
+        out = StringIO()
+        Console(file=out, width=200).print(before_after_table({"file_bytes": before}, {"file_bytes": after}, "t"))
+        return out.getvalue()
+
+    assert "2.00× larger" in change(100, 200) and "4.00× smaller" in change(400, 100) and "same" in change(5, 5)
