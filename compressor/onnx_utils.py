@@ -48,7 +48,7 @@ def ort_max_ir_version() -> int:
     import onnx
 
     for ir in range(onnx.IR_VERSION, 2, -1):
-        if _accepted(ir, 7):  # opset 7: understood by every onnxruntime that onnx >= 1.15 pairs with
+        if _accepted(ir, 7):  # opset 7: understood by every onnxruntime release this project supports
             return ir
     raise RuntimeError("onnxruntime loads no ONNX IR version at all; the installation is broken")
 
