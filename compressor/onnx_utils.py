@@ -42,12 +42,15 @@ def _accepted(ir_version: int, opset: int) -> bool:
     return True
 
 
+_BEYOND = 8  # how far past the installed onnx's own limits to ask (onnxruntime may be the newer of the two)
+
+
 @functools.cache
 def ort_max_ir_version() -> int:
-    """The newest model IR version the installed onnxruntime loads (at most the installed onnx's)."""
+    """The newest model IR version the installed onnxruntime loads (it may be newer than the installed onnx's)."""
     import onnx
 
-    for ir in range(onnx.IR_VERSION, 2, -1):
+    for ir in range(onnx.IR_VERSION + _BEYOND, 2, -1):
         if _accepted(ir, 7):  # opset 7: understood by every onnxruntime release this project supports
             return ir
     raise RuntimeError("onnxruntime loads no ONNX IR version at all; the installation is broken")
@@ -55,11 +58,12 @@ def ort_max_ir_version() -> int:
 
 @functools.cache
 def ort_max_opset() -> int:
-    """The newest default-domain (ai.onnx) opset the installed onnxruntime implements (at most onnx's)."""
+    """The newest default-domain (ai.onnx) opset the installed onnxruntime implements (it may be newer than
+    the installed onnx's)."""
     import onnx
 
     ir = ort_max_ir_version()
-    for opset in range(onnx.defs.onnx_opset_version(), 6, -1):
+    for opset in range(onnx.defs.onnx_opset_version() + _BEYOND, 6, -1):
         if _accepted(ir, opset):
             return opset
     raise RuntimeError("onnxruntime loads no ai.onnx opset >= 7; the installation is broken")
