@@ -98,7 +98,8 @@ def before_after_table(before: dict, after: dict, title: str) -> Table:
         change = ""
         if isinstance(b, int | float) and isinstance(a, int | float) and b:
             if key in ("params", "nonzero_params", "macs", "size_bytes", "file_bytes", "latency_ms"):
-                change = f"{b / a:.2f}× smaller" if a and a < b else f"{a / b:.2f}×"
+                change = ((f"{b / a:.2f}× smaller" if a else "to zero") if a < b
+                          else f"{a / b:.2f}× larger" if a > b else "same")
                 if key == "latency_ms" and a:
                     change = f"{b / a:.2f}× faster" if a < b else f"{a / b:.2f}× slower"
             elif key == "accuracy":
@@ -223,7 +224,7 @@ def recipes_list():
     import compressor.methods  # noqa: F401  (registers every method)
     from compressor.recipe import load_recipe, shipped_recipes
 
-    t = Table(title="shipped recipes (recipes/)", title_justify="left")
+    t = Table(title="shipped recipes (compressor/recipes/)", title_justify="left")
     t.add_column("name")
     t.add_column("stages")
     t.add_column("description")
@@ -401,7 +402,10 @@ def sweep_cmd(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: `compress MODEL ...` → `compress run MODEL ...`."""
-    import click
+    try:  # typer >= 0.2x ships its own copy of click (and no longer depends on click); older typer uses click
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click.exceptions import ClickException
 
     argv = list(sys.argv[1:] if argv is None else argv)
     names = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
@@ -409,12 +413,12 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(0, "run")
     try:
         rv = app(args=argv, prog_name="compress", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:  # click's Exit / Abort themselves in older typer
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("[red]aborted[/]")
         sys.exit(130)
-    except click.exceptions.ClickException as e:
+    except ClickException as e:
         e.show()
         sys.exit(2)
     if isinstance(rv, int) and rv:  # click returns a typer.Exit code instead of raising when not standalone

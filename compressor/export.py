@@ -114,8 +114,9 @@ def run_onnx(path_or_bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    src = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    from compressor.onnx_utils import runtime_source
+
+    sess = ort.InferenceSession(runtime_source(path_or_bytes), so, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
@@ -200,7 +201,9 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, input_nam
             )
     finally:
         model.train(was_training)
-    data = buf.getvalue()
+    from compressor.onnx_utils import runtime_bytes
+
+    data = runtime_bytes(buf.getvalue())
     report = {"path": str(path), "bytes": len(data), "opset": opset, "exporter": "torchscript"}
     if verify:
         report.update(verify_onnx(data, model, example_inputs, input_names=names, atol=atol, rtol=rtol,

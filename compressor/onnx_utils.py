@@ -1,15 +1,160 @@
-"""Small ONNX helpers shared by the API and stages: example feeds from graph inputs, verified saving."""
+"""Small ONNX helpers shared by the API and stages: example feeds from graph inputs, verified saving, and the
+one place that makes a model fit the installed onnxruntime.
+
+onnx and onnxruntime are released separately and pip accepts any pair, so `onnx.helper.make_model` (and any
+tool built on onnx) may stamp an IR version the installed onnxruntime refuses ("Unsupported model IR version:
+14, max supported IR version: 13"). Every model the project writes or hands to onnxruntime goes through
+`runtime_bytes` (what is written) or `runtime_source` (what onnxruntime loads): they lower the IR version to
+the newest one the installed onnxruntime accepts (probed once at run time, not a table) and refuse, in one
+line, a model whose operator set is newer than onnxruntime implements.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import VerificationError
+from compressor.errors import InputError, VerificationError
 from compressor.utils.atomic import atomic_path
 
 _NP = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64, 9: np.bool_}
+
+
+def _accepted(ir_version: int, opset: int) -> bool:
+    """Does the installed onnxruntime load a one-node model stamped with this IR version and opset?"""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime's own exception types (Fail / InvalidGraph / ...)
+        return False
+    return True
+
+
+_BEYOND = 8  # how far past the installed onnx's own limits to ask (onnxruntime may be the newer of the two)
+
+
+@functools.cache
+def ort_max_ir_version() -> int:
+    """The newest model IR version the installed onnxruntime loads (it may be newer than the installed onnx's)."""
+    import onnx
+
+    for ir in range(onnx.IR_VERSION + _BEYOND, 2, -1):
+        if _accepted(ir, 7):  # opset 7: understood by every onnxruntime release this project supports
+            return ir
+    raise RuntimeError("onnxruntime loads no ONNX IR version at all; the installation is broken")
+
+
+@functools.cache
+def ort_max_opset() -> int:
+    """The newest default-domain (ai.onnx) opset the installed onnxruntime implements (it may be newer than
+    the installed onnx's)."""
+    import onnx
+
+    ir = ort_max_ir_version()
+    for opset in range(onnx.defs.onnx_opset_version() + _BEYOND, 6, -1):
+        if _accepted(ir, opset):
+            return opset
+    raise RuntimeError("onnxruntime loads no ai.onnx opset >= 7; the installation is broken")
+
+
+def default_opset(model) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def check_runtime_opset(model, source: str = "the model") -> None:
+    """InputError (one line) when the model's ai.onnx opset is newer than the installed onnxruntime's."""
+    import onnxruntime as ort
+
+    opset, limit = default_opset(model), ort_max_opset()
+    if opset > limit:
+        raise InputError(f"{source} uses ONNX opset {opset}; the installed onnxruntime {ort.__version__} runs opsets up to {limit}",
+                         f"upgrade onnxruntime (pip install -U onnxruntime) or re-export the model with opset <= {limit}")
+
+
+@contextlib.contextmanager
+def _runtime_stamp(model):
+    """The model temporarily stamped with an IR version onnxruntime accepts (restored afterwards, so a
+    caller's model is never changed); the operator set is checked first."""
+    check_runtime_opset(model)
+    old = model.ir_version
+    model.ir_version = min(old, ort_max_ir_version()) if old else ort_max_ir_version()
+    try:
+        yield model
+    finally:
+        model.ir_version = old
+
+
+def runtime_bytes(model) -> bytes:
+    """The serialized model, stamped with an IR version onnxruntime accepts: what every save path writes."""
+    if isinstance(model, bytes):
+        import onnx
+
+        parsed = onnx.ModelProto.FromString(model)
+        if parsed.ir_version and parsed.ir_version <= ort_max_ir_version():
+            check_runtime_opset(parsed)
+            return model
+        model = parsed
+    with _runtime_stamp(model) as m:
+        return m.SerializeToString()
+
+
+def runtime_source(src):
+    """What to hand to onnxruntime.InferenceSession for bytes, a ModelProto or a file path: unchanged when
+    onnxruntime accepts it, else the model re-stamped (a file is then read with its external data)."""
+    if isinstance(src, bytes) or hasattr(src, "SerializeToString"):
+        return runtime_bytes(src)
+    import onnx
+
+    path = str(src)
+    head = onnx.load(path, load_external_data=False)
+    check_runtime_opset(head, Path(path).name)
+    if head.ir_version and head.ir_version <= ort_max_ir_version():
+        return path
+    return runtime_bytes(onnx.load(path))
+
+
+def _tensors(graph):
+    """Every TensorProto of a graph: initializers, sparse initializers, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield from (sp.values, sp.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(g)
+
+
+def onnx_file_bytes(path: str | Path) -> int:
+    """Bytes on disk of an ONNX model: the .onnx file plus every external-data file it references (read from
+    the model's tensor records; the weights themselves are not loaded)."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for t in _tensors(model.graph)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    files = {(path.parent / loc).resolve() for loc in locations}
+    return path.stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
 
 
 def graph_inputs(model) -> list:
@@ -57,6 +202,7 @@ def save_onnx_verified(model, path: Path, feeds: dict | None = None) -> dict:
     """Check an ONNX model, run it in onnxruntime, then write it atomically."""
     import onnx
 
+    check_runtime_opset(model)
     try:
         onnx.checker.check_model(model)
         outs = run(model, feeds if isinstance(feeds, dict) else example_feeds(model))
@@ -64,7 +210,7 @@ def save_onnx_verified(model, path: Path, feeds: dict | None = None) -> dict:
         raise VerificationError(f"the ONNX model does not validate or run: {str(e).splitlines()[0][:200]}", "nothing was written; report this as a bug") from e
     if not all(np.all(np.isfinite(o)) for o in outs if np.issubdtype(o.dtype, np.floating)):
         raise VerificationError("the ONNX model produces non-finite outputs", "nothing was written")
-    data = model.SerializeToString()
+    data = runtime_bytes(model)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return {"path": str(path), "bytes": len(data)}

@@ -12,7 +12,9 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -20,7 +22,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from compressor.errors import RecipeError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+
+def recipes_dir() -> Traversable:
+    """The shipped recipes: package data (compressor/recipes/*.yaml), found through importlib.resources so an
+    installed wheel, an editable install and a source checkout all see the same files."""
+    return files("compressor") / "recipes"
 
 
 @dataclass
@@ -130,11 +139,16 @@ def _require_registry() -> None:
         raise RuntimeError("no recipe methods are registered: import compressor.methods before parsing recipes")
 
 
-def shipped_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))} if RECIPES_DIR.is_dir() else {}
+def shipped_recipes() -> dict[str, Traversable]:
+    """{name: file} of the shipped recipes (a Path for an ordinary install; read them with .read_text)."""
+    d = recipes_dir()
+    if not d.is_dir():
+        return {}
+    found = [p for p in d.iterdir() if p.name.endswith(".yaml") and p.is_file()]
+    return {p.name.removesuffix(".yaml"): p for p in sorted(found, key=lambda p: p.name)}
 
 
-def resolve_recipe_path(spec: str | Path) -> Path:
+def resolve_recipe_path(spec: str | Path) -> Path | Traversable:
     p = Path(spec).expanduser()
     if p.is_file():
         return p
@@ -151,7 +165,7 @@ def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
     """Validate a recipe given as a dict (already parsed YAML)."""
     _require_registry()
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe must be a mapping with 'name' and 'stages'", "see recipes/*.yaml for examples")
+        raise RecipeError(f"{source}: a recipe must be a mapping with 'name' and 'stages'", "see `compress recipes list` / `compress recipes show NAME` for examples")
     try:
         rf = _RecipeFile.model_validate(data)
     except ValidationError as e:

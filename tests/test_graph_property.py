@@ -4,13 +4,16 @@ and depthwise convs, flatten → FC), pruning any random selection of prunable c
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.graph import analyze, prune_onnx
 from compressor.onnx_utils import example_feeds
 from graphs import zero_oracle
+
+pytest.importorskip("hypothesis", reason="hypothesis (the dev extra) is not installed")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 class Builder:

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+import pytest
 
 from compressor.graph import symbolic as S
+
+pytest.importorskip("hypothesis", reason="hypothesis (the dev extra) is not installed")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 class _Node:

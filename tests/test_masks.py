@@ -206,6 +206,7 @@ def test_prunable_weights_patterns():
 
 
 def test_prunable_weights_hf_conv1d_and_tied():
+    pytest.importorskip("transformers", reason="transformers (the hf extra) is not installed")
     from transformers.pytorch_utils import Conv1D
 
     m = nn.Sequential(Conv1D(12, 8), nn.Linear(12, 12))

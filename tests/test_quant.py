@@ -8,13 +8,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from compressor.errors import InputError, VerificationError
 from compressor.quant import QuantConfig, compression_ratio, post_training_quantize, quantize, quantize_tensor
 from compressor.quant.onnx_export import build_quantized_onnx, export_quantized
+
+pytest.importorskip("hypothesis", reason="hypothesis (the dev extra) is not installed")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)

@@ -135,3 +135,17 @@ def test_method_module_missing_an_optional_package_is_skipped_with_the_reason(tm
     import sys
 
     assert "fake_methods_optional.good" in sys.modules
+
+
+def test_shipped_recipes_are_package_data_found_from_any_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import compressor
+
+    on_disk = sorted(p.stem for p in (Path(compressor.__file__).parent / "recipes").glob("*.yaml"))
+    monkeypatch.chdir(tmp_path)  # nothing relative to the working directory
+    assert sorted(shipped_recipes()) == on_disk and len(on_disk) >= 10
+    assert load_recipe("demo").name == load_recipe("demo.yaml").name
+    own = write(tmp_path, "name: mine\nstages:\n  - method: export\n", name="demo.yaml")
+    assert load_recipe(own).name == "mine"  # a user's own file (even named like a shipped one) is theirs
+    assert load_recipe("./demo.yaml").name == "mine"

@@ -48,7 +48,7 @@ def test_knee_of_flat_then_steep_curve_is_the_corner(k, grid):
 
 @pytest.mark.parametrize("k", [0.3, 0.5, 0.65])
 def test_knee_agrees_with_kneed(k):
-    kneed = pytest.importorskip("kneed")
+    kneed = pytest.importorskip("kneed", reason="kneed (the dev extra) is not installed")
     for curve in (piecewise(FINE, k), piecewise(FINE, k, flat_slope=5.0, steep=60.0)):
         x, y = zip(*curve, strict=True)
         ref = kneed.KneeLocator(list(x), list(y), curve="concave", direction="decreasing").knee
@@ -58,7 +58,7 @@ def test_knee_agrees_with_kneed(k):
 @pytest.mark.parametrize("power", [2, 3, 4, 6])
 def test_knee_of_smooth_concave_curve_matches_kneed_and_theory(power):
     """y = 100 − 60 p^a on a fine grid: Kneedle's knee is where the slope equals the chord's slope."""
-    kneed = pytest.importorskip("kneed")
+    kneed = pytest.importorskip("kneed", reason="kneed (the dev extra) is not installed")
     grid = [round(0.01 * i, 10) for i in range(91)]
     curve = [(p, 100 - 60 * p**power) for p in grid]
     x, y = zip(*curve, strict=True)

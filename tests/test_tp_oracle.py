@@ -22,6 +22,8 @@ TP_TIMEOUT = 20.0
 
 def _tp(name):
     e = graphs.ZOO[name]
+    if "hf" in e.tags:
+        pytest.importorskip("transformers", reason="Hugging Face zoo models need transformers (the hf extra)")
     model, inputs = e.build()
     return model, tp_groups(model, inputs, ignored=e.ignored, timeout_s=TP_TIMEOUT)
 
@@ -105,6 +107,8 @@ def analysed(tmp_path_factory):
 
     def get(name):
         if name not in cache:
+            if "hf" in graphs.ZOO[name].tags:
+                pytest.importorskip("transformers", reason="Hugging Face zoo models need transformers (the hf extra)")
             graphs.export(name, root / f"{name}.onnx")
             model, _ = graphs.ZOO[name].build()
             cache[name] = (model, graph.analyze(root / f"{name}.onnx"))

@@ -123,6 +123,7 @@ def test_whole_zoo_exports_quickly(exported):
 def test_export_dedup_hazard_is_real(tmp_path):
     """Why the zoo re-draws HF parameters: with HF's own init (zero biases, unit LayerNorm scales) the exporter
     merges equal-valued parameters into one initializer, so unrelated layers would share a tensor."""
+    pytest.importorskip("transformers", reason="transformers (the hf extra) is not installed")
     from transformers import BertConfig, BertModel
 
     from compressor.export import export_onnx

@@ -140,6 +140,10 @@ def file_size(path: str | Path) -> int:
     p = Path(path)
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    if p.suffix.lower() == ".onnx" and p.is_file():  # with its external-data file(s)
+        from compressor.onnx_utils import onnx_file_bytes
+
+        return onnx_file_bytes(p)
     return p.stat().st_size if p.exists() else 0
 
 

@@ -168,8 +168,9 @@ def ort_session(path: str | Path | bytes, threads: int | None = None, device=Non
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    src = path if isinstance(path, bytes) else path.SerializeToString() if hasattr(path, "SerializeToString") else str(path)
-    return ort.InferenceSession(src, so, providers=ort_providers(device))
+    from compressor.onnx_utils import runtime_source
+
+    return ort.InferenceSession(runtime_source(path), so, providers=ort_providers(device))
 
 
 def session_label(session) -> str:

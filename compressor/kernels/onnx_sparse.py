@@ -166,7 +166,9 @@ def _session(data: bytes):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    from compressor.onnx_utils import runtime_source
+
+    return ort.InferenceSession(runtime_source(data), so, providers=["CPUExecutionProvider"])
 
 
 def compact_onnx(src: str | Path, dst: str | Path, *, min_sparsity: float = 0.5, method: str = "auto",
@@ -189,7 +191,9 @@ def compact_onnx(src: str | Path, dst: str | Path, *, min_sparsity: float = 0.5,
     if any(i.data_location == 1 for i in model.graph.initializer):
         raise InputError(f"{src} stores weights as external data", fix="load it and save it as one file first (models < 2 GB)")
     compact, rows = compact_model(model, min_sparsity=min_sparsity, method=method)
-    data = compact.SerializeToString()
+    from compressor.onnx_utils import runtime_bytes
+
+    data = runtime_bytes(compact)
     feeds = feeds if feeds is not None else random_feeds(model)
     ref = _session(dense_bytes).run(None, feeds)
     out = _session(data).run(None, feeds)

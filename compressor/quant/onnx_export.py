@@ -19,7 +19,6 @@ anything is written:
 
 from __future__ import annotations
 
-import io
 import tempfile
 from pathlib import Path
 
@@ -344,9 +343,9 @@ def export_quantized(model: nn.Module, qtensors: dict[str, QuantizedTensor], exa
                 arr = state[key].detach().cpu().numpy().astype(numpy_helper.to_array(init).dtype)
                 fp32.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
     qmodel, info = build_quantized_onnx(fp32, qtensors, fmt)
-    buf = io.BytesIO()
-    buf.write(qmodel.SerializeToString())
-    data = buf.getvalue()
+    from compressor.onnx_utils import runtime_bytes
+
+    data = runtime_bytes(qmodel)
     try:
         check = verify_onnx(data, model, example_inputs, atol=atol, rtol=rtol)
     except VerificationError as e:
@@ -370,7 +369,9 @@ def _unoptimized_diff(data: bytes, model: nn.Module, example_inputs) -> float:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    from compressor.onnx_utils import runtime_source
+
+    sess = ort.InferenceSession(runtime_source(data), so, providers=["CPUExecutionProvider"])
     feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)}
     got = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})
     ref = _to_numpy(module(*args))
