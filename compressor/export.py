@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compressor.errors import VerificationError
+from compressor.onnx_utils import run_onnx  # noqa: F401  (re-exported: callers run exports with it)
 from compressor.utils.atomic import atomic_path
 
 OPSET = 17
@@ -107,18 +108,6 @@ def compare(onnx_outputs: list[np.ndarray], torch_outputs: list[np.ndarray], ato
             )
         worst = max(worst, diff)
     return worst
-
-
-def run_onnx(path_or_bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    from compressor.onnx_utils import runtime_source
-
-    sess = ort.InferenceSession(runtime_source(path_or_bytes), so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
 def verify_onnx(path_or_bytes, model: nn.Module, example_inputs, *, input_names=None, atol: float = 1e-4,

@@ -191,9 +191,18 @@ def example_feeds(model, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[s
     return feeds
 
 
-def run(model_or_bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from compressor.export import run_onnx
+def run_onnx(path_or_bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of an ONNX model (path or bytes) in onnxruntime on the CPU; feeds it does not take are dropped."""
+    import onnxruntime as ort
 
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(runtime_source(path_or_bytes), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def run(model_or_bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     src = model_or_bytes if isinstance(model_or_bytes, bytes | str | Path) else model_or_bytes.SerializeToString()
     return run_onnx(src, feeds)
 

@@ -93,7 +93,7 @@ def test_an_opset_newer_than_onnxruntime_runs_is_refused_in_one_line(tmp_path):
 
 def test_file_size_counts_external_data(tmp_path):
     from compressor.cli import before_after_table
-    from compressor.evaluate import file_size
+    from compressor.eval import file_size
 
     m, _ = _gemm_model(onnx_utils.ort_max_ir_version())
     big = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
