@@ -24,7 +24,7 @@ from compressor.utils.atomic import write_text_atomic
 from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, load_data
 from compressor.io.models import load_model
-from compressor.recipe import Recipe, StageContext, check_kinds, load_recipe, run_recipe
+from compressor.recipe import Recipe, StageContext, check_data, check_kinds, load_recipe, run_recipe
 from compressor.train import barrier, is_writer
 from compressor.wrappers import Model
 
@@ -149,6 +149,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     if out_dir is not None:
         _check_output(out_dir, loaded, overwrite, resume)
     bundle, example = _inputs(loaded, data, input_shape, seed)
+    check_data(rec, bundle)  # a training stage without labels is refused now, not after the stages before it ran
     teacher_model = None
     if teacher is not None:
         teacher_model = load_model(teacher, arch=arch, trust_pickle=trust_pickle).module

@@ -39,22 +39,28 @@ class MethodSpec:
     fn: Callable
     help: str = ""
     kinds: tuple[str, ...] = ("torch", "hf", "onnx")
+    # "train": the stage trains on labelled data; "train+test": it also evaluates on a labelled test split;
+    # a callable decides from the stage's parameters (e.g. qdistill trains only when epochs > 0); None: no need.
+    needs_labels: str | Callable[[BaseModel], str | None] | None = None
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, params: type[BaseModel], help: str = "", kinds: tuple[str, ...] = ("torch", "hf", "onnx")):
+def register_method(name: str, params: type[BaseModel], help: str = "", kinds: tuple[str, ...] = ("torch", "hf", "onnx"),
+                    needs_labels: str | Callable[[BaseModel], str | None] | None = None):
     """Decorator: make `fn(ctx: StageContext, params) -> dict` available to recipes as `method: name`.
 
     `kinds` lists the model kinds the method accepts ("torch", "hf", "onnx"); the runner refuses others
-    before anything runs.
+    before anything runs. `needs_labels` ("train" / "train+test" / a function of the params) lets the runner
+    refuse missing labelled data before anything runs too (:func:`check_data`).
     """
 
     def deco(fn: Callable) -> Callable:
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise RuntimeError(f"recipe method {name!r} registered twice")
-        REGISTRY[name] = MethodSpec(name, params, fn, help or (fn.__doc__ or "").strip().splitlines()[0] if (help or fn.__doc__) else "", tuple(kinds))
+        REGISTRY[name] = MethodSpec(name, params, fn, help or (fn.__doc__ or "").strip().splitlines()[0] if (help or fn.__doc__) else "", tuple(kinds),
+                                    needs_labels)
         return fn
 
     return deco
@@ -225,6 +231,22 @@ def check_kinds(recipe: Recipe, kind: str) -> None:
                 f"{recipe.source}: stage {i} ({st.method}) does not work on {kind} models",
                 f"it accepts: {', '.join(spec.kinds)}",
             )
+
+
+def check_data(recipe: Recipe, data) -> None:
+    """Refuse, before anything runs or is written, a recipe whose stages train on labelled data the user did not
+    give (the stages check again when called on their own)."""
+    has_train = data is not None and getattr(data, "task", None) == "classification" and data.train is not None
+    has_test = has_train and data.test is not None
+    for i, st in enumerate(recipe.stages, start=1):
+        need = REGISTRY[st.method].needs_labels
+        need = need(st.params) if callable(need) else need
+        if need is None or (has_train and (need == "train" or has_test)):
+            continue
+        given = "no data" if data is None else f"{getattr(data, 'source', '') or 'data'} without {'labels' if not has_train else 'a test split'}"
+        what = "labelled data" if need == "train" else "labelled data with a test split"
+        raise RecipeError(f"{recipe.source}: stage {i} ({st.method}) needs {what}, and got {given}",
+                          "pass --data digits or --data npz:FILE with x and y arrays")
 
 
 def run_recipe(recipe: Recipe, ctx: StageContext, on_stage: Callable[[int, Stage], None] | None = None) -> list[dict]:

@@ -129,3 +129,27 @@ def test_console_script_usage_mistake_exits_2_without_traceback(argv, capsys):
         main(argv)
     assert e.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stages,data,needs", [
+    ("  - method: magnitude\n    sparsity: 0.5\n  - method: finetune\n    epochs: 1\n", "random", "labelled data,"),
+    ("  - method: qdistill\n    bits: 4\n    epochs: 1\n", "random", "labelled data,"),
+    ("  - method: imp_rewind\n", "random", "labelled data with a test split"),
+])
+def test_training_stage_without_labels_is_refused_before_anything_runs(tmp_path, cnn_state_file, stages, data, needs):
+    """One line, exit 2, no output folder: the refusal comes before stage 1 runs (not after a 'stage 1/2' line)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: needs-labels\nstages:\n" + stages)
+    out = tmp_path / "out"
+    r = invoke("run", str(cnn_state_file), "--arch", "compressor.models:digits_cnn", "-r", str(recipe), "-d", data,
+               "--input-shape", "1,8,8", "-o", str(out))
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needs in lines[0] and "Traceback" not in r.output, r.output
+    assert not out.exists()
+
+
+def test_qdistill_post_training_needs_no_labels():
+    from compressor.recipe import check_data, parse_recipe
+
+    check_data(parse_recipe({"name": "ptq", "stages": [{"method": "qdistill", "bits": 4, "epochs": 0}]}), None)

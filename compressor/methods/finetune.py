@@ -15,7 +15,8 @@ class FinetuneParams(SGDParams):
     schedule: CosineOrConstant = "cosine"
 
 
-@register_method("finetune", FinetuneParams, help="fine-tune the current model on the labelled training data", kinds=("torch",))
+@register_method("finetune", FinetuneParams, help="fine-tune the current model on the labelled training data", kinds=("torch",),
+                 needs_labels="train")
 def run_finetune(ctx: StageContext, p: FinetuneParams) -> dict:
     from compressor.eval import accuracy
     from compressor.train import train

@@ -137,7 +137,7 @@ class GradualParams(SGDParams):
 
 
 @register_method("gradual", GradualParams, help="gradual magnitude pruning during training (Zhu & Gupta cubic schedule)",
-                 kinds=("torch",))
+                 kinds=("torch",), needs_labels="train")
 def run_gradual(ctx: StageContext, p: GradualParams) -> dict:
     from compressor.methods.magnitude import _accuracy_fn
 

@@ -306,7 +306,7 @@ class IMPParams(SGDParams):
 
 
 @register_method("imp_rewind", IMPParams, help="iterative magnitude pruning with weight/LR rewinding (lottery tickets)",
-                 kinds=("torch",))
+                 kinds=("torch",), needs_labels="train+test")
 def run_imp_rewind(ctx: StageContext, p: IMPParams) -> dict:
     out = imp_rewind(ctx.model, ctx.data, levels=p.levels, fraction=p.fraction, target_sparsity=p.target_sparsity,
                      rewind_steps=p.rewind_steps, rewind_epochs=p.rewind_epochs, variant=p.variant, epochs=p.epochs,

@@ -50,7 +50,8 @@ def _build_student(spec: str):
     return student
 
 
-@register_method("qdistill", QDistillParams, help="quantized distillation (2-8 bit) + QDQ / MatMulNBits ONNX export", kinds=("torch", "hf"))
+@register_method("qdistill", QDistillParams, help="quantized distillation (2-8 bit) + QDQ / MatMulNBits ONNX export", kinds=("torch", "hf"),
+                 needs_labels=lambda p: "train" if p.epochs > 0 else None)
 def run_qdistill(ctx: StageContext, p: QDistillParams) -> dict:
     from compressor.eval import accuracy
     from compressor.quant.diffq import differentiable_quantization

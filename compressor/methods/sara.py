@@ -52,7 +52,8 @@ class SaRAParams(TrainParams):
         return self
 
 
-@register_method("sara", SaRAParams, help="SaRA: fine-tune only the smallest-|w| weights (sparse, low-rank penalty)", kinds=("torch",))
+@register_method("sara", SaRAParams, help="SaRA: fine-tune only the smallest-|w| weights (sparse, low-rank penalty)", kinds=("torch",),
+                 needs_labels="train")
 def run_sara(ctx: StageContext, p: SaRAParams) -> dict:
     import math
     import time
