@@ -225,6 +225,22 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     return Result(ctx.model, ctx.onnx_model, report, out_dir, files)
 
 
+def prune(model, ratio: float, data: str | DataBundle | None = None, output: str | Path | None = None, *,
+          importance: str = "l2", scope: str = "local", round_to: int | str = "auto", heads: bool = False,
+          target: str = "channels", arch: str | None = None, trust_pickle: bool = False, seed: int = 0,
+          overwrite: bool = False, input_shape: tuple[int, ...] | None = None, device: str | None = "auto",
+          measure_latency: bool = True, on_stage=None) -> Result:
+    """Structured group pruning of any model kind in one call: a one-stage `structured` recipe run by
+    :func:`compress` (so it is verified, measured and saved like every recipe). ONNX input is cut in the graph;
+    torch / Hugging Face input is cut in the module (and checked against the cut ONNX export)."""
+    stage = {"method": "structured", "ratio": ratio, "importance": importance, "scope": scope, "round_to": round_to,
+             "heads": heads, "target": target}
+    recipe = {"name": f"prune-{ratio:g}", "description": f"structured group pruning of {ratio:.0%} of the channels",
+              "stages": [stage]}
+    return compress(model, recipe, data, output, arch=arch, trust_pickle=trust_pickle, seed=seed, overwrite=overwrite,
+                    input_shape=input_shape, device=device, measure_latency=measure_latency, on_stage=on_stage)
+
+
 def _example_after(ctx: StageContext, example):
     """A stage may change the model's inputs (e.g. ONNX pruning keeps them; HF stays token ids): reuse."""
     return ctx.example_inputs if ctx.example_inputs is not None else example

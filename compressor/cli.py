@@ -176,6 +176,45 @@ def run_cmd(
     print_result(result, f"{Path(model).name} · recipe {rec.name}", output)
 
 
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="model: .onnx, .pt2, TorchScript, state dict/.safetensors (+ --arch), HF folder"),
+    ratio: float = typer.Option(..., "--ratio", help="fraction of each group's channels to remove (of MACs with --target macs)"),
+    importance: str = typer.Option("l2", "--importance", help="l2 | l1 | bn | taylor | random"),
+    scope: str = typer.Option("local", "--scope", help="local (rank inside each group) | global (one threshold)"),
+    round_to: str = typer.Option("auto", "--round-to", help="kept widths are multiples of N (auto: 8 on CUDA fp16/bf16, else 1)"),
+    heads: bool = typer.Option(False, "--heads", help="also remove whole attention heads"),
+    target: str = typer.Option("channels", "--target", help="channels | macs: what --ratio measures"),
+    data: str = typer.Option(None, "--data", "-d", help="digits | npz:PATH | text:PATH | random (importance, quality)"),
+    output: Path = typer.Option(None, "--output", "-o", help="output folder (default: compressed/<model>-prune-<ratio>)"),
+    arch: str = typer.Option(None, "--arch", help="package.module:factory that builds the model for a state dict"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled module (runs code from the file)"),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous result in --output"),
+    input_shape: str = typer.Option(None, "--input-shape", help="input shape without batch, e.g. 1,8,8 (when no --data)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print report.json instead of the table"),
+):
+    """Structured group pruning of any model in one command: verified, measured, saved with report.json."""
+    from compressor.api import prune
+
+    rounded: int | str = round_to
+    if round_to != "auto":
+        try:
+            rounded = int(round_to)
+        except ValueError:
+            raise CompressorError(f"--round-to {round_to!r} is not an integer or 'auto'", "e.g. --round-to 8") from None
+    if output is None:
+        output = Path("compressed") / f"{Path(model).stem}-prune-{ratio:g}"
+    result = prune(model, ratio, data, output, importance=importance, scope=scope, round_to=rounded, heads=heads,
+                   target=target, arch=arch, trust_pickle=trust_pickle, seed=seed, overwrite=overwrite,
+                   input_shape=_parse_shape(input_shape), device=device)
+    if as_json:
+        print(json.dumps(result.report, indent=2))
+        return
+    print_result(result, f"{Path(model).name} · prune {ratio:g}", output)
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="model path (any supported format)"),

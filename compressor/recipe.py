@@ -229,7 +229,8 @@ def check_kinds(recipe: Recipe, kind: str) -> None:
         if kind not in spec.kinds:
             raise RecipeError(
                 f"{recipe.source}: stage {i} ({st.method}) does not work on {kind} models",
-                f"it accepts: {', '.join(spec.kinds)}",
+                f"it accepts: {', '.join(spec.kinds)}; to prune channels of any model without training: "
+                "compress prune MODEL --ratio R",
             )
 
 
