@@ -23,6 +23,7 @@ from compressor import eval as ev
 from compressor.utils.atomic import write_text_atomic
 from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, load_data
+from compressor.io.sources import from_torch
 from compressor.io.models import load_model
 from compressor.recipe import Recipe, StageContext, check_data, check_kinds, load_recipe, run_recipe
 from compressor.train import barrier, is_writer
@@ -97,7 +98,10 @@ def probe(loaded: Model, example) -> None:
 def _inputs(loaded: Model, data, input_shape, seed: int):
     """(data bundle, example inputs) for a loaded model, checked to fit it."""
     known = tuple(input_shape) if input_shape is not None else loaded.input_shape()
-    bundle = data if isinstance(data, DataBundle) or data is None else load_data(data, input_shape=known, seed=seed)
+    if data is None or isinstance(data, (DataBundle, str)):
+        bundle = data if not isinstance(data, str) else load_data(data, input_shape=known, seed=seed)
+    else:  # a torch Dataset, DataLoader or iterable of batches
+        bundle = from_torch(data, seed=seed)
     example = loaded.make_example(bundle, input_shape)
     check_compatible(bundle, loaded.input_shape(example))
     loaded.probe(example)

@@ -68,7 +68,7 @@ def test_random_needs_shape():
     assert d.input_shape() == (1, 8, 8)
 
 
-@pytest.mark.parametrize("spec", ["imagenet", "npz", "csv:foo.csv"])
+@pytest.mark.parametrize("spec", ["imagenet", "npz", "parquet:foo.parquet"])
 def test_unknown_spec(spec):
     with pytest.raises(InputError, match="unknown data source"):
         load_data(spec)
