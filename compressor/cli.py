@@ -18,6 +18,11 @@ from rich.table import Table
 from compressor.device import DEVICE_HELP
 from compressor.errors import CompressorError
 
+# the sources of compressor.io.data.DATA_SPECS (kept literal here: io.data imports torch, the CLI's --help need not)
+DATA_HELP = ("digits | npz:PATH | text:PATH | imagefolder:DIR | csv:PATH | jsonl:PATH | random; options after ?, e.g. "
+             "imagefolder:DIR?size=32,32&mode=RGB, csv:PATH?label=y&features=a,b; labelled data: 25 % held out by a "
+             "seeded permutation (text: odd lines)")
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -146,7 +151,7 @@ def _parse_shape(s: str | None) -> tuple[int, ...] | None:
 def run_cmd(
     model: str = typer.Argument(..., help="model: .onnx, .pt2, TorchScript, state dict/.safetensors (+ --arch), HF folder"),
     recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML path or shipped name (compress recipes list)"),
-    data: str = typer.Option(None, "--data", "-d", help="digits | npz:PATH | text:PATH | random"),
+    data: str = typer.Option(None, "--data", "-d", help=DATA_HELP),
     output: Path = typer.Option(None, "--output", "-o", help="output folder (default: compressed/<model>-<recipe>)"),
     arch: str = typer.Option(None, "--arch", help="package.module:factory that builds the model for a state dict"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled module (runs code from the file)"),
@@ -185,7 +190,7 @@ def prune_cmd(
     round_to: str = typer.Option("auto", "--round-to", help="kept widths are multiples of N (auto: 8 on CUDA fp16/bf16, else 1)"),
     heads: bool = typer.Option(False, "--heads", help="also remove whole attention heads"),
     target: str = typer.Option("channels", "--target", help="channels | macs: what --ratio measures"),
-    data: str = typer.Option(None, "--data", "-d", help="digits | npz:PATH | text:PATH | random (importance, quality)"),
+    data: str = typer.Option(None, "--data", "-d", help=DATA_HELP + " — used for importance and quality"),
     output: Path = typer.Option(None, "--output", "-o", help="output folder (default: compressed/<model>-prune-<ratio>)"),
     arch: str = typer.Option(None, "--arch", help="package.module:factory that builds the model for a state dict"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled module (runs code from the file)"),
@@ -218,7 +223,7 @@ def prune_cmd(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="model path (any supported format)"),
-    data: str = typer.Option(None, "--data", "-d", help="digits | npz:PATH | text:PATH | random"),
+    data: str = typer.Option(None, "--data", "-d", help=DATA_HELP),
     arch: str = typer.Option(None, "--arch"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
     input_shape: str = typer.Option(None, "--input-shape"),
@@ -389,7 +394,7 @@ def bench_kernels_cmd(
 @app.command("sweep")
 def sweep_cmd(
     model: str = typer.Argument(..., help="torch model (.pt2, TorchScript, state dict + --arch) or HF folder"),
-    data: str = typer.Option(None, "--data", "-d", help="digits | npz:PATH | text:PATH | random (HF text models: default shipped corpus)"),
+    data: str = typer.Option(None, "--data", "-d", help=DATA_HELP + " — HF text models default to the shipped corpus"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for sweep.json and sweep.png"),
     grid: str = typer.Option("0:0.9:0.1", "--grid", help="sparsities: start:stop:step or a,b,c (0.0 always added)"),
     pattern: list[str] = typer.Option(["unstructured"], "--pattern", "-p",

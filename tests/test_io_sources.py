@@ -187,3 +187,4 @@ def test_bad_data_one_line_exit_2(tmp_path, digit_samples, cnn_state_file):
         assert r.exit_code == 2, (spec, r.output)
         assert len(r.output.strip().splitlines()) == 1 and needle in r.output.replace("\n", ""), (spec, r.output)
         assert not out.exists()
+
