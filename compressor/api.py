@@ -22,7 +22,7 @@ from compressor import device as devices
 from compressor import eval as ev
 from compressor.utils.atomic import write_text_atomic
 from compressor.errors import InputError
-from compressor.io.data import DataBundle, check_compatible, load_data
+from compressor.io.data import DataBundle, check_compatible, check_label_range, load_data
 from compressor.io.sources import from_torch
 from compressor.io.models import load_model
 from compressor.recipe import Recipe, StageContext, check_data, check_kinds, load_recipe, run_recipe
@@ -105,6 +105,8 @@ def _inputs(loaded: Model, data, input_shape, seed: int):
     example = loaded.make_example(bundle, input_shape)
     check_compatible(bundle, loaded.input_shape(example))
     loaded.probe(example)
+    if bundle is not None and bundle.task == "classification" and isinstance(example, tuple) and len(example) == 1:
+        check_label_range(bundle, loaded.outputs(example[0][:1]))
     return bundle, example
 
 

@@ -165,6 +165,7 @@ def bad_cases(tmp, images, targets):
     lines[3] = lines[3].replace(",0.0,", ",abc,", 1)
     (tmp / "nan.csv").write_text("\n".join(lines) + "\n")
     (tmp / "neg.jsonl").write_text("\n".join(json.dumps({"a": 1.0, "label": lab}) for lab in (0, 1, -1, 0)) + "\n")
+    (tmp / "big.jsonl").write_text("\n".join(json.dumps({f"p{i}": 0.5 for i in range(64)} | {"label": lab}) for lab in (0, 1, 12, 0)) + "\n")
     (tmp / "frac.jsonl").write_text("\n".join(json.dumps({"a": 1.0, "label": lab}) for lab in (0, 1.5, 1, 0)) + "\n")
     return [
         (f"imagefolder:{root}", f"{root / 'zero' / 'broken.png'}"),
@@ -176,6 +177,7 @@ def bad_cases(tmp, images, targets):
         (f"jsonl:{tmp / 'neg.jsonl'}", f"{tmp / 'neg.jsonl'}:3:label"),
         (f"jsonl:{tmp / 'frac.jsonl'}", f"{tmp / 'frac.jsonl'}:2:label"),
         (f"imagefolder:{root}?colour=red", "unknown option"),
+        (f"jsonl:{tmp / 'big.jsonl'}", "labels go up to 12 but the model has 10 outputs"),
     ]
 
 

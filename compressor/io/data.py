@@ -137,3 +137,13 @@ def check_compatible(data: DataBundle | None, input_shape: tuple[int, ...] | Non
             f"data samples have shape {list(have)} but the model expects {list(input_shape)}",
             "give data shaped like the model input (without the batch dimension)",
         )
+
+
+def check_label_range(data: DataBundle | None, outputs: torch.Tensor | None) -> None:
+    """Refuse class ids the model cannot predict (a label ≥ its number of logits) before anything runs or is written.
+    Only 2-D outputs [batch, classes] are read as class logits."""
+    if data is None or data.task != "classification" or not data.num_classes or outputs is None or outputs.ndim != 2:
+        return
+    if data.num_classes > outputs.shape[1]:
+        raise InputError(f"{data.source}: labels go up to {data.num_classes - 1} but the model has {outputs.shape[1]} outputs",
+                         f"give class ids 0..{outputs.shape[1] - 1} (or a model with {data.num_classes} classes)")
