@@ -23,8 +23,8 @@ from compressor import eval as ev
 from compressor.utils.atomic import write_text_atomic
 from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, check_label_range, load_data
-from compressor.io.sources import from_torch
 from compressor.io.models import load_model
+from compressor.io.sources import from_torch
 from compressor.recipe import Recipe, StageContext, check_data, check_kinds, load_recipe, run_recipe
 from compressor.train import barrier, is_writer
 from compressor.wrappers import Model
@@ -75,7 +75,10 @@ def analyze(model, *, arch: str | None = None, trust_pickle: bool = False, data=
     loaded = wrap(model) if isinstance(model, nn.Module) else load_model(model, arch=arch, trust_pickle=trust_pickle)
     if loaded.onnx is not None:
         return analyze_onnx(loaded.onnx)
-    bundle = load_data(data) if isinstance(data, str) else data
+    if isinstance(data, str):
+        bundle = load_data(data)
+    else:  # a DataBundle, None, or a torch Dataset / DataLoader / iterable of batches
+        bundle = data if data is None or isinstance(data, DataBundle) else from_torch(data)
     example = loaded.make_example(bundle)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from typer.testing import CliRunner
 
 import compressor
@@ -34,7 +34,7 @@ def digit_samples():
 
 def write_folder(root, images, targets):
     """Digit c goes to folder CLASSES[c]; pixels scaled to 0..255 exactly (multiples of 16 → value*16 - 0)."""
-    for i, (img, t) in enumerate(zip(images, targets)):
+    for i, (img, t) in enumerate(zip(images, targets, strict=True)):
         folder = root / CLASSES[t]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((img * 15).astype(np.uint8), "L").save(folder / f"{i}.png")  # 16*15 = 240 ≤ 255
@@ -45,10 +45,10 @@ def write_table(path, images, targets, fmt):
     cols = [f"p{i}" for i in range(64)]
     if fmt == "csv":
         lines = [",".join(["id", *cols, "digit"])]
-        lines += [",".join([f"s{i}", *(str(v / 16) for v in img.ravel()), str(t)]) for i, (img, t) in enumerate(zip(images, targets))]
+        lines += [",".join([f"s{i}", *(str(v / 16) for v in img.ravel()), str(t)]) for i, (img, t) in enumerate(zip(images, targets, strict=True))]
     else:
-        lines = [json.dumps({"id": f"s{i}", **{c: v / 16 for c, v in zip(cols, img.ravel())}, "digit": int(t)})
-                 for i, (img, t) in enumerate(zip(images, targets))]
+        lines = [json.dumps({"id": f"s{i}", **{c: v / 16 for c, v in zip(cols, img.ravel(), strict=True)}, "digit": int(t)})
+                 for i, (img, t) in enumerate(zip(images, targets, strict=True))]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -66,8 +66,8 @@ def test_imagefolder_pixels_and_labels(tmp_path, digit_samples):
     assert x.shape == (60, 1, 8, 8) and len(b.test) == 15  # 25 % of 60 held out
     assert b.meta["classes"] == sorted(CLASSES)
     written = {tuple((img * 15 / 255).astype(np.float32).ravel().round(5)): sorted(CLASSES).index(CLASSES[t])
-               for img, t in zip(images, targets)}
-    for xi, yi in zip(x, y):
+               for img, t in zip(images, targets, strict=True)}
+    for xi, yi in zip(x, y, strict=True):
         assert written[tuple(xi.numpy().ravel().round(5))] == int(yi)
     # normalisation: (v - mean) / std on every pixel
     n = load_data(f"imagefolder:{root}?size=8,8&mode=L&mean=0.5&std=0.25")
@@ -80,7 +80,7 @@ def test_imagefolder_cli_and_api(tmp_path, digit_samples, cnn_state_file, traine
     images, targets = digit_samples
     # folders named by the digit, so the folder label ids are the digits the CNN predicts
     root = tmp_path / "imgs"
-    for i, (img, t) in enumerate(zip(images, targets)):
+    for i, (img, t) in enumerate(zip(images, targets, strict=True)):
         (root / f"d{t}").mkdir(parents=True, exist_ok=True)
         Image.fromarray((img * 15).astype(np.uint8), "L").save(root / f"d{t}" / f"{i}.png")
     r = cli("eval", str(cnn_state_file), *ARCH, "-d", f"imagefolder:{root}", "--input-shape", "1,8,8", "--json")
@@ -98,8 +98,8 @@ def test_tables_cli_and_api(tmp_path, digit_samples, cnn_state_file, trained_cnn
     assert len(b.train) + len(b.test) == 60 and len(b.test) == 15 and b.num_classes == 3
     assert b.meta["features"] == [f"p{i}" for i in range(64)]  # 'id' is text: not a feature by default
     x, y = b.test.tensors
-    rows = {tuple((img / 16).astype(np.float32).ravel().round(5)): t for img, t in zip(images, targets)}
-    assert all(rows[tuple(xi.numpy().ravel().round(5))] == int(yi) for xi, yi in zip(x, y))
+    rows = {tuple((img / 16).astype(np.float32).ravel().round(5)): t for img, t in zip(images, targets, strict=True)}
+    assert all(rows[tuple(xi.numpy().ravel().round(5))] == int(yi) for xi, yi in zip(x, y, strict=True))
     out = tmp_path / "out"
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: ft\nstages:\n  - method: finetune\n    epochs: 0.2\n")
@@ -117,7 +117,7 @@ def test_text_column(tmp_path):
     p.write_text("\n".join(json.dumps({"sentence": f"line {i}", "label": i % 2}) for i in range(8)) + "\n")
     b = load_data(f"jsonl:{p}?text=sentence")
     assert sorted(b.texts + b.test_texts) == sorted(f"line {i}" for i in range(8)) and len(b.test_texts) == 2
-    assert all(int(t.split()[1]) % 2 == lab for t, lab in zip(b.test_texts, b.meta["test_labels"]))
+    assert all(int(t.split()[1]) % 2 == lab for t, lab in zip(b.test_texts, b.meta["test_labels"], strict=True))
 
 
 class Digits(Dataset):
@@ -143,6 +143,8 @@ def test_torch_dataset_and_dataloader(tmp_path, digit_samples, trained_cnn):
     res = compressor.compress(trained_cnn, {"name": "ft", "stages": [{"method": "finetune", "epochs": 0.2}]},
                               data=DataLoader(ds, batch_size=16), output=tmp_path / "o", measure_latency=False)
     assert res.report["data"] == "torch:DataLoader" and (tmp_path / "o" / "report.json").exists()
+    groups = compressor.analyze(trained_cnn, data=DataLoader(ds, batch_size=8))  # example inputs from the loader
+    assert len(groups.groups) == len(compressor.analyze(trained_cnn, data="digits").groups) > 0
     from compressor.io.sources import from_torch
 
     b = from_torch(ds)
