@@ -174,7 +174,8 @@ def bench_torch(device: str, ratio: float, batches: list[int], size: int, repeat
     import torch_pruning as tp
 
     from compressor.device import label, resolve
-    from compressor.kernels.timing import paired_ms, runner
+    from compressor.kernels.calibrate import time_interleaved
+    from compressor.kernels.timing import runner
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from resnet50 import resnet50
@@ -199,7 +200,7 @@ def bench_torch(device: str, ratio: float, batches: list[int], size: int, repeat
     for b in batches:
         x = torch.randn(b, 3, size, size)
         run = {k: runner(m, (x,), dev, dtype=dtype, channels_last=True, cuda_graph=True) for k, m in models.items()}
-        ms = paired_ms(run, dev, repeats=repeats)
+        ms = time_interleaved(run, dev, repeats=repeats, warmup=3)
         for k in models:
             if k == "dense":
                 continue

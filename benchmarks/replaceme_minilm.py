@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from compressor.hf import corpus_sentences, embed, load_minilm
 from compressor import replaceme as R
+from compressor.hf import corpus_sentences, embed, load_minilm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replaceme_minilm.json"
 

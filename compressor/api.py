@@ -20,13 +20,13 @@ import torch
 import compressor.methods  # noqa: F401  (registers every recipe method)
 from compressor import device as devices
 from compressor import eval as ev
-from compressor.utils.atomic import write_text_atomic
 from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, check_label_range, load_data
 from compressor.io.models import load_model
 from compressor.io.sources import from_torch
 from compressor.recipe import Recipe, StageContext, check_data, check_kinds, load_recipe, run_recipe
 from compressor.train import barrier, is_writer
+from compressor.utils.atomic import write_text_atomic
 from compressor.wrappers import Model
 
 

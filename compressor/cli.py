@@ -165,8 +165,8 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json", help="print report.json instead of the table"),
 ):
     """Compress MODEL with a recipe; writes the compressed model and report.json to --output."""
-    from compressor.api import compress
     import compressor.methods  # noqa: F401  (registers every method)
+    from compressor.api import compress
     from compressor.recipe import load_recipe
 
     rec = load_recipe(recipe)
@@ -322,9 +322,9 @@ def demo_cmd(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Compress the embedded default model (a CNN trained on scikit-learn digits) with a shipped recipe."""
+    import compressor.methods  # noqa: F401  (registers every method)
     from compressor.api import compress
     from compressor.models import pretrained_digits_cnn
-    import compressor.methods  # noqa: F401  (registers every method)
     from compressor.recipe import load_recipe
 
     rec = load_recipe(recipe)

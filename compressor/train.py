@@ -47,11 +47,10 @@ def ddp_context(device: torch.device | str) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    if not dist.is_initialized():
-        device = torch.device(device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(D.process_group_backend(device))
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(D.process_group_backend(device))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -72,9 +71,7 @@ def training_device(model: nn.Module, device: torch.device | str | None = None) 
     Under torchrun with several ranks each rank must own its GPU: an explicit cuda:N that is not this rank's
     cuda:LOCAL_RANK would put every rank on one GPU, so it is refused with the fix.
     """
-    dev = D.resolve(device) if device is not None else D.module_device(model)
-    if dev.type == "cuda" and dev.index is None:
-        dev = D.resolve("cuda")
+    dev = D.resolve(device) if device is not None else D.module_device(model)  # both carry a CUDA index
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dev.type == "cuda" and device is not None:
         mine = D.resolve("cuda")

@@ -222,10 +222,9 @@ def _torchrun(n: int, tmp_path: Path) -> subprocess.CompletedProcess:
 def _ddp_worker(out_dir: str) -> None:
     import torch.distributed as dist
 
+    from compressor.device import process_group_backend
     from compressor.io.data import load_data
     from compressor.train import ddp_context, train, training_device
-
-    from compressor.device import process_group_backend
 
     m = _cnn()
     dev = training_device(m, "cuda")

@@ -79,8 +79,8 @@ TRAINING_METHODS = ["finetune", "gradual", "imp_rewind", "sara", "qdistill"]
 @pytest.mark.parametrize("field,bad", [("batch_size", 0), ("lr", 0), ("weight_decay", -1e-3), ("epochs", -1)])
 def test_training_stages_share_one_declaration_of_train_params(method, field, bad):
     """Every training stage extends TrainParams, so a shared field is checked the same way everywhere."""
-    from compressor.methods._params import TrainParams
     import compressor.methods  # noqa: F401
+    from compressor.methods._params import TrainParams
     from compressor.recipe import REGISTRY
 
     assert issubclass(REGISTRY[method].params, TrainParams)

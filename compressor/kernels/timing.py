@@ -5,8 +5,9 @@
   batches hides what pruning saves; issue 13 measured 0.97x for a 3.2x MAC cut in eager mode) is not timed.
   The model runs in ``dtype`` (bf16 by default: the tensor-core path) and, for 4-D inputs, channels_last.
 
-:func:`paired_ms` times several runners round-robin (``kernels.calibrate.time_interleaved``: medians of
-interleaved calls), so a ratio between two models is not faked by the machine drifting between them.
+:func:`runner` gives zero-argument callables; time several of them round-robin with
+``kernels.calibrate.time_interleaved`` (medians of interleaved calls), so a ratio between two models is not
+faked by the machine drifting between them.
 Which device is the caller's choice (``compressor.device``); nothing here picks one.
 """
 
@@ -69,10 +70,3 @@ def runner(model: nn.Module, args: tuple, device: torch.device | str, *, dtype: 
 
     return replay
 
-
-def paired_ms(runners: dict[str, Callable[[], object]], device: torch.device | str, *, repeats: int = 20,
-              warmup: int = 3, min_time_s: float = 0.0) -> dict[str, float]:
-    """Median ms per call of each runner, interleaved (drift hits every runner alike)."""
-    from compressor.kernels.calibrate import time_interleaved
-
-    return time_interleaved(runners, device, repeats=repeats, warmup=warmup, min_time_s=min_time_s)

@@ -145,7 +145,8 @@ def _latency_search(model, example_inputs, a, p: StructuredParams, head_dim: boo
     from compressor.device import label
     from compressor.export import _as_named
     from compressor.graph.torch_bridge import prune_torch
-    from compressor.kernels.timing import paired_ms, runner
+    from compressor.kernels.calibrate import time_interleaved
+    from compressor.kernels.timing import runner
 
     device = torch.device(device)
     module, args, _ = _as_named(model, example_inputs, None)
@@ -158,7 +159,8 @@ def _latency_search(model, example_inputs, a, p: StructuredParams, head_dim: boo
         sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to, ratio=ratio)
         cand, _, _ = _as_named(copy.deepcopy(model), example_inputs, None)
         prune_torch(cand, a, sel)
-        t = paired_ms({"dense": dense, "pruned": runner(cand, args, device, dtype=dtype, channels_last=cl)}, device)
+        t = time_interleaved({"dense": dense, "pruned": runner(cand, args, device, dtype=dtype, channels_last=cl)}, device,
+                             repeats=20, warmup=3)
         rel = t["pruned"] / t["dense"]
         history.append({"ratio": ratio, "dense_ms": t["dense"], "pruned_ms": t["pruned"], "relative": rel})
         reached = rel <= p.latency_target

@@ -17,8 +17,8 @@ from torch import nn
 
 from compressor import eval as ev
 from compressor.device import module_device
-from compressor.eval.runtime import first_tensor
 from compressor.errors import InputError
+from compressor.eval.runtime import first_tensor
 from compressor.task import is_causal_lm
 
 

@@ -7,8 +7,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from compressor.utils.atomic import atomic_path, write_text_atomic
 from compressor.errors import InputError
+from compressor.utils.atomic import atomic_path, write_text_atomic
 
 
 def check_outputs_free(out_dir: str | Path, overwrite: bool = False, names: Iterable[str] = ("sweep.json", "sweep.png")) -> None:
