@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from compressor.errors import VerificationError
-from compressor.onnx_utils import run_onnx  # noqa: F401  (re-exported: callers run exports with it)
-from compressor.utils.atomic import atomic_path
+from compressor.onnx_files import external_threshold, scratch_path, staged
+from compressor.onnx_utils import onnx_file_bytes, run_onnx, write_runtime
 
 OPSET = 17
 
@@ -163,6 +163,11 @@ def _traced_sdpa_flags():
         F.scaled_dot_product_attention = sdpa
 
 
+def _state_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers: what the export's initializers will hold."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, input_names: list[str] | None = None,
                 output_names: list[str] | None = None, dynamic_batch: bool = True, dynamic_axes: dict | None = None,
                 atol: float = 1e-4, rtol: float = 1e-3, verify: bool = True, opset: int = OPSET) -> dict:
@@ -179,24 +184,29 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, input_nam
         dynamic_axes = {n: {0: "batch"} for n in names}
         if isinstance(example_inputs, dict):  # token inputs: sequence length is dynamic too
             dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    buf = io.BytesIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _traced_sdpa_flags():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, args, buf, dynamo=False, do_constant_folding=False,
-                training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
-                input_names=names, output_names=output_names, dynamic_axes=dynamic_axes,
-            )
-    finally:
-        model.train(was_training)
-    from compressor.onnx_utils import runtime_bytes
+    with contextlib.ExitStack() as stack:
+        # torch writes a model past the external-data threshold to a file path (external data beside it for
+        # > 2 GiB; an in-memory buffer cannot hold it); onnx.load reads it back with its weights
+        target = stack.enter_context(scratch_path()) if _state_bytes(model) > external_threshold() else io.BytesIO()
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _traced_sdpa_flags():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module, args, target if isinstance(target, io.BytesIO) else str(target), dynamo=False,
+                    do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
+                    input_names=names, output_names=output_names, dynamic_axes=dynamic_axes,
+                )
+        finally:
+            model.train(was_training)
+        import onnx
 
-    data = runtime_bytes(buf.getvalue())
-    report = {"path": str(path), "bytes": len(data), "opset": opset, "exporter": "torchscript"}
-    if verify:
-        report.update(verify_onnx(data, model, example_inputs, input_names=names, atol=atol, rtol=rtol,
-                                  dynamic_batch=bool(dynamic_axes)))
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        proto = (onnx.ModelProto.FromString(target.getvalue()) if isinstance(target, io.BytesIO)
+                 else onnx.load(str(target)))
+    report = {"path": str(path), "opset": opset, "exporter": "torchscript"}
+    with staged(path) as tmp:  # written (as .onnx + .onnx.data when large), verified from disk, then moved in place
+        write_runtime(proto, tmp)
+        if verify:
+            report.update(verify_onnx(tmp, model, example_inputs, input_names=names, atol=atol, rtol=rtol,
+                                      dynamic_batch=bool(dynamic_axes)))
+    report["bytes"] = onnx_file_bytes(path)
     return report

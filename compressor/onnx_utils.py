@@ -7,6 +7,9 @@ tool built on onnx) may stamp an IR version the installed onnxruntime refuses ("
 `runtime_bytes` (what is written) or `runtime_source` (what onnxruntime loads): they lower the IR version to
 the newest one the installed onnxruntime accepts (probed once at run time, not a table) and refuse, in one
 line, a model whose operator set is newer than onnxruntime implements.
+
+Models past the external-data threshold (compressor/onnx_files.py) never go through bytes: `write_runtime`
+writes the .onnx + .onnx.data pair and `inference_session` opens a session from a path.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import InputError, VerificationError
-from compressor.utils.atomic import atomic_path
+from compressor.onnx_files import check_model, is_large, model_file, scratch_path, staged, tensors, write_model
 
 _NP = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64, 9: np.bool_}
 
@@ -97,7 +100,8 @@ def _runtime_stamp(model):
 
 
 def runtime_bytes(model) -> bytes:
-    """The serialized model, stamped with an IR version onnxruntime accepts: what every save path writes."""
+    """The serialized model, stamped with an IR version onnxruntime accepts (small models only: a model past
+    the external-data threshold is written with `write_runtime`)."""
     if isinstance(model, bytes):
         import onnx
 
@@ -106,13 +110,38 @@ def runtime_bytes(model) -> bytes:
             check_runtime_opset(parsed)
             return model
         model = parsed
+    elif is_large(model):  # decided by size, never by a failing SerializeToString
+        raise ValueError("a model past the external-data threshold has no bytes form; write it with write_runtime")
     with _runtime_stamp(model) as m:
         return m.SerializeToString()
 
 
+def write_runtime(model, path: Path) -> None:
+    """Write `model` (stamped as `runtime_bytes` does) to `path`, as .onnx + .onnx.data when it is large."""
+    if isinstance(model, bytes):
+        model = _parse(model)
+    with _runtime_stamp(model) as m:
+        write_model(m, path)
+
+
+@contextlib.contextmanager
+def runtime_file(model):
+    """A temporary path holding `model` as `write_runtime` writes it (deleted afterwards): for checking and
+    running a large model from one written copy."""
+    with scratch_path() as path:
+        write_runtime(model, path)
+        yield path
+
+
+def _parse(data: bytes):
+    import onnx
+
+    return onnx.ModelProto.FromString(data)
+
+
 def runtime_source(src):
-    """What to hand to onnxruntime.InferenceSession for bytes, a ModelProto or a file path: unchanged when
-    onnxruntime accepts it, else the model re-stamped (a file is then read with its external data)."""
+    """What to hand to onnxruntime.InferenceSession for bytes, a small ModelProto or a file path: unchanged
+    when onnxruntime accepts it, else the model re-stamped. Sessions of any size: `inference_session`."""
     if isinstance(src, bytes) or hasattr(src, "SerializeToString"):
         return runtime_bytes(src)
     import onnx
@@ -125,18 +154,32 @@ def runtime_source(src):
     return runtime_bytes(onnx.load(path))
 
 
-def _tensors(graph):
-    """Every TensorProto of a graph: initializers, sparse initializers, node attributes, subgraphs."""
-    yield from graph.initializer
-    for sp in graph.sparse_initializer:
-        yield from (sp.values, sp.indices)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _tensors(g)
+def inference_session(src, so=None, providers=("CPUExecutionProvider",)):
+    """onnxruntime.InferenceSession for bytes, a ModelProto or a file path, of any size, stamped with an IR
+    version onnxruntime accepts. A large ModelProto goes through a temporary .onnx + .onnx.data (onnxruntime
+    reads the weights while the session is built; the files are deleted after); a file whose IR version is too
+    new is re-stamped into a temporary pair, its weights copied tensor by tensor, never all in memory."""
+    import onnxruntime as ort
+
+    if so is None:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+    providers = list(providers)
+    if isinstance(src, bytes) or (hasattr(src, "SerializeToString") and not is_large(src)):
+        return ort.InferenceSession(runtime_bytes(src), so, providers=providers)
+    if hasattr(src, "SerializeToString"):
+        with _runtime_stamp(src) as m, model_file(m) as p:
+            return ort.InferenceSession(str(p), so, providers=providers)
+    import onnx
+
+    path = Path(src)
+    head = onnx.load(str(path), load_external_data=False)
+    check_runtime_opset(head, path.name)
+    if head.ir_version and head.ir_version <= ort_max_ir_version():
+        return ort.InferenceSession(str(path), so, providers=providers)
+    head.ir_version = ort_max_ir_version()
+    with model_file(head, base_dir=path.parent) as p:
+        return ort.InferenceSession(str(p), so, providers=providers)
 
 
 def onnx_file_bytes(path: str | Path) -> int:
@@ -148,7 +191,7 @@ def onnx_file_bytes(path: str | Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     locations = {
         entry.value
-        for t in _tensors(model.graph)
+        for t in tensors(model.graph)
         if t.data_location == onnx.TensorProto.EXTERNAL
         for entry in t.external_data
         if entry.key == "location"
@@ -191,35 +234,31 @@ def example_feeds(model, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[s
     return feeds
 
 
-def run_onnx(path_or_bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Outputs of an ONNX model (path or bytes) in onnxruntime on the CPU; feeds it does not take are dropped."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(runtime_source(path_or_bytes), so, providers=["CPUExecutionProvider"])
+def run_onnx(src, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of an ONNX model (path, bytes or ModelProto, any size) in onnxruntime on the CPU; feeds it does
+    not take are dropped."""
+    sess = inference_session(src)
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
 def run(model_or_bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    src = model_or_bytes if isinstance(model_or_bytes, bytes | str | Path) else model_or_bytes.SerializeToString()
-    return run_onnx(src, feeds)
+    return run_onnx(model_or_bytes, feeds)
 
 
 def save_onnx_verified(model, path: Path, feeds: dict | None = None) -> dict:
-    """Check an ONNX model, run it in onnxruntime, then write it atomically."""
-    import onnx
-
+    """Write an ONNX model (as .onnx + .onnx.data when large) to a staging folder beside `path`, check the
+    written file with onnx.checker and run it in onnxruntime, then move it into place."""
     check_runtime_opset(model)
-    try:
-        onnx.checker.check_model(model)
-        outs = run(model, feeds if isinstance(feeds, dict) else example_feeds(model))
-    except Exception as e:  # checker / ORT errors
-        raise VerificationError(f"the ONNX model does not validate or run: {str(e).splitlines()[0][:200]}", "nothing was written; report this as a bug") from e
-    if not all(np.all(np.isfinite(o)) for o in outs if np.issubdtype(o.dtype, np.floating)):
-        raise VerificationError("the ONNX model produces non-finite outputs", "nothing was written")
-    data = runtime_bytes(model)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return {"path": str(path), "bytes": len(data)}
+    path = Path(path)
+    feeds = feeds if isinstance(feeds, dict) else example_feeds(model)
+    with staged(path) as tmp:
+        write_runtime(model, tmp)
+        try:
+            check_model(tmp)
+            outs = run_onnx(tmp, feeds)
+        except Exception as e:  # checker / ORT errors
+            raise VerificationError(f"the ONNX model does not validate or run: {str(e).splitlines()[0][:200]}", "nothing was written; report this as a bug") from e
+        if not all(np.all(np.isfinite(o)) for o in outs if np.issubdtype(o.dtype, np.floating)):
+            raise VerificationError("the ONNX model produces non-finite outputs", "nothing was written")
+    return {"path": str(path), "bytes": onnx_file_bytes(path)}

@@ -129,32 +129,12 @@ def _infer(model):
     what its graph costs. Inference needs only their type and dims."""
     import onnx
 
-    g = model.graph
+    from compressor.onnx_files import weightless_view
+
     # sizes from dims (ByteSize() would encode every tensor to count its bytes)
-    big = [(i, math.prod(i.dims) * _ITEM_BYTES.get(i.data_type, 4)) for i in g.initializer]
-    big = [(i, b) for i, b in big if b > 4096]
-    if sum(b for _, b in big) > _VIEW_BYTES:
-        big = [i for i, _ in big]
-        view = onnx.ModelProto()
-        view.ir_version = model.ir_version
-        view.opset_import.extend(model.opset_import)
-        vg = view.graph
-        vg.node.extend(g.node)
-        vg.input.extend(g.input)
-        vg.output.extend(g.output)
-        vg.value_info.extend(g.value_info)
-        have = {i.name for i in g.input}
-        big_names = {i.name for i in big}
-        vg.initializer.extend(i for i in g.initializer if i.name not in big_names)
-        for i in big:
-            if i.name not in have:
-                vi = vg.input.add()
-                vi.name = i.name
-                tt = vi.type.tensor_type
-                tt.elem_type = i.data_type
-                for d in i.dims:
-                    tt.shape.dim.add().dim_value = d
-        model = view
+    big = [b for b in (math.prod(i.dims) * _ITEM_BYTES.get(i.data_type, 4) for i in model.graph.initializer) if b > 4096]
+    if sum(big) > _VIEW_BYTES:
+        model = weightless_view(model, min_bytes=4097)
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # inference is a best effort: unknown shapes freeze what they touch

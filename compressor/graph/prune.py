@@ -6,6 +6,7 @@ then check the model and run it in onnxruntime. The input model is never modifie
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -77,8 +78,6 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
     check: run onnx.checker and one onnxruntime pass (on `feeds`, default synthetic inputs).
     values: initializer values to use instead of the analysed ones (same names and shapes), e.g. the torch
     model's exact weights where the analysis ran on an export whose equal tensors were made distinct."""
-    from compressor.graph.ir import load_model
-
     removed = _atoms(selection)
     frozen = {a: r for g in analysis.groups for a, r in g.frozen.items()}
     bad = [a for a in removed if a in frozen]
@@ -88,23 +87,30 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
         if g.atoms and all(a in removed for a in g.atoms):
             raise PruneError(f"selection removes every channel of group {g.name}", "keep at least one per group")
     if model is not None:  # the analysis holds the graph to prune (with shared shape literals unshared)
-        given = load_model(model)
+        given = _graph_of(model)
         if [n.op_type for n in given.graph.node] != [n.op_type for n in analysis.ir.model.graph.node
                                                       if not n.name.endswith("__const")]:
             raise PruneError("the model is not the one the analysis was built from", "analyse this model first")
-    m = load_model(analysis.ir.model)
-    for i, init in enumerate(m.graph.initializer):
-        v = None if values is None else values.get(init.name)
-        if v is not None and tuple(v.shape) == tuple(init.dims):
-            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(v, dtype=helper.tensor_dtype_to_np_dtype(init.data_type)), init.name))
     plan = Plan(analysis, removed)
-    _slice_tensors(m, plan)
+    m = _sliced_copy(analysis.ir.model, plan, values)
     edits = _rewrite_nodes(m, plan)
     _apply_edits(m, edits, analysis, plan.replace)
     del m.graph.value_info[:]
     if check:
         verify(m, feeds)
     return m
+
+
+def _graph_of(model):
+    """The model's graph for comparing op types: a file is read without its weights, a ModelProto is not
+    copied (one more copy of a multi-GB model only to compare node lists)."""
+    from compressor.graph.ir import load_model
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, str | Path) and Path(model).is_file():
+        return onnx.load(str(model), load_external_data=False)
+    return load_model(model)
 
 
 def dry_run(analysis: Analysis, atoms: set[int], nodes: list | None = None, strict: bool = False) -> str | None:
@@ -163,20 +169,38 @@ def _slice(arr: np.ndarray, axes, plan: Plan) -> np.ndarray | None:
     return out if changed else None
 
 
-def _slice_tensors(m, plan: Plan) -> None:
+def _sliced_copy(src, plan: Plan, values: dict[str, np.ndarray] | None):
+    """A copy of `src` with every initializer and Constant that holds removed atoms sliced. Initializers are
+    built one at a time into the new model (a copy of the whole model, then slices on top, would hold the
+    weights twice over: protobuf frees a replaced field only with its message)."""
+    from compressor.onnx_files import copy_fields
+
+    m = onnx.ModelProto()
+    copy_fields(src, m, skip="graph")
+    copy_fields(src.graph, m.graph, skip="initializer")
     ctx = plan.a.ctx
-    for i, init in enumerate(m.graph.initializer):
+    for init in src.graph.initializer:
+        v = None if values is None else values.get(init.name)
+        if v is not None and tuple(v.shape) != tuple(init.dims):
+            v = None
         axes = ctx.axes.get(init.name)
-        if axes is None:
-            continue
-        new = _slice(numpy_helper.to_array(init), axes, plan)
-        if new is not None:
-            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, init.name))
+        new = None
+        if axes is not None:
+            new = _slice(numpy_helper.to_array(init) if v is None else v, axes, plan)
+        if new is None and v is not None:
+            new = v
+        if new is None:
+            m.graph.initializer.add().CopyFrom(init)
+        else:
+            dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+            m.graph.initializer.append(numpy_helper.from_array(np.asarray(new, dtype=dtype), init.name))
+        del new
     for node in m.graph.node:
         if node.op_type == "Constant" and node.output[0] in ctx.axes and node.output[0] in plan.a.ir.consts:
             new = _slice(plan.a.ir.consts[node.output[0]], ctx.axes[node.output[0]], plan)
             if new is not None:
                 _set_const(node, new)
+    return m
 
 
 def _set_const(node, arr: np.ndarray) -> None:
@@ -389,14 +413,19 @@ def _apply_edits(m, solver: Solver, analysis: Analysis, replace: dict[str, np.nd
 # ------------------------------------------------------------------------------------------ checks
 def verify(m, feeds: dict | None = None) -> list[np.ndarray]:
     """onnx.checker, then one onnxruntime run on example feeds; PruneError (with the cause) if either fails."""
-    from compressor.onnx_utils import example_feeds, run
+    from compressor.onnx_files import check_model, is_large
+    from compressor.onnx_utils import example_feeds, run, run_onnx, runtime_file
 
     if feeds is None:  # integer inputs (token ids, masks) as 0/1: valid for any vocabulary
         feeds = {k: (np.ones_like(v) if "mask" in k else np.zeros_like(v)) if np.issubdtype(v.dtype, np.integer) else v
                  for k, v in example_feeds(m).items()}
     try:
-        onnx.checker.check_model(m)
-        return run(m, feeds)
+        if not is_large(m):
+            onnx.checker.check_model(m)
+            return run(m, feeds)
+        with runtime_file(m) as path:  # past the external-data threshold: checked and run from one written copy
+            check_model(path)
+            return run_onnx(path, feeds)
     except PruneError:
         raise
     except Exception as e:
