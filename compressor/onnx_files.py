@@ -77,6 +77,12 @@ def is_large(model) -> bool:
     return weight_bytes(model) > external_threshold()
 
 
+def model_bytes(model) -> int:
+    """Serialised size: ModelProto.ByteSize() below the threshold, the tensor bytes above it (ByteSize encodes
+    the whole message, which protobuf refuses past 2 GiB; the graph itself adds a few KB to MB)."""
+    return weight_bytes(model) if is_large(model) else model.ByteSize()
+
+
 def data_name(path: str | os.PathLike) -> str:
     """The external-data file name of `path` ("model.onnx" -> "model.onnx.data")."""
     return Path(path).name + ".data"

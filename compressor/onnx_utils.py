@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import InputError, VerificationError
-from compressor.onnx_files import check_model, is_large, model_file, scratch_path, staged, tensors, write_model
+from compressor.onnx_files import (
+    check_model,
+    is_large,
+    model_file,
+    scratch_path,
+    staged,
+    tensors,
+    write_model,
+)
 
 _NP = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64, 9: np.bool_}
 

@@ -109,9 +109,9 @@ def count_macs(model: nn.Module, example_inputs) -> int:
 
 def onnx_macs(model_proto) -> int:
     """MACs per sample of Conv / Gemm / MatMul nodes from inferred shapes (symbolic dims count as 1)."""
-    from onnx import shape_inference
+    from compressor.onnx_files import infer_shapes
 
-    m = shape_inference.infer_shapes(model_proto)
+    m = infer_shapes(model_proto)  # a weightless view when the model is large
     shapes = {}
     for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]

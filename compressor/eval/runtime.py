@@ -161,16 +161,17 @@ def ort_providers(device=None) -> list[str]:
 
 
 def ort_session(path: str | Path | bytes, threads: int | None = None, device=None):
-    """onnxruntime InferenceSession on the providers of `device`; ``session.get_providers()`` says which ran."""
+    """onnxruntime InferenceSession (from a path, bytes or a ModelProto of any size) on the providers of
+    `device`; ``session.get_providers()`` says which ran."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    from compressor.onnx_utils import runtime_source
+    from compressor.onnx_utils import inference_session
 
-    return ort.InferenceSession(runtime_source(path), so, providers=ort_providers(device))
+    return inference_session(path, so, providers=ort_providers(device))
 
 
 def session_label(session) -> str:

@@ -92,8 +92,8 @@ def _load_onnx(path: Path) -> Model:
     import onnx
 
     try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # from the path: any size (the in-memory checker serialises)
+        model = onnx.load(str(path))  # with its external data
     except Exception as e:  # onnx raises DecodeError / ValidationError / others
         raise InputError(f"{path.name} is not a valid ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
                          "re-export the model, or check the file is not truncated") from e

@@ -161,14 +161,10 @@ def random_feeds(model, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str
     return feeds
 
 
-def _session(data: bytes):
-    import onnxruntime as ort
+def _session(model):
+    from compressor.onnx_utils import inference_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    from compressor.onnx_utils import runtime_source
-
-    return ort.InferenceSession(runtime_source(data), so, providers=["CPUExecutionProvider"])
+    return inference_session(model)  # bytes, path or ModelProto of any size
 
 
 def compact_onnx(src: str | Path, dst: str | Path, *, min_sparsity: float = 0.5, method: str = "auto",
@@ -181,33 +177,34 @@ def compact_onnx(src: str | Path, dst: str | Path, *, min_sparsity: float = 0.5,
     """
     import onnx
 
-    from compressor.utils.atomic import atomic_path
+    from compressor.onnx_files import is_large, staged
+    from compressor.onnx_utils import onnx_file_bytes, runtime_bytes, write_runtime
 
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise InputError(f"ONNX file not found: {src}")
-    dense_bytes = src.read_bytes()
-    model = onnx.load_model_from_string(dense_bytes)
-    if any(i.data_location == 1 for i in model.graph.initializer):
-        raise InputError(f"{src} stores weights as external data", fix="load it and save it as one file first (models < 2 GB)")
+    model = onnx.load(str(src))  # with its external data, if any
     compact, rows = compact_model(model, min_sparsity=min_sparsity, method=method)
-    from compressor.onnx_utils import runtime_bytes
-
-    data = runtime_bytes(compact)
     feeds = feeds if feeds is not None else random_feeds(model)
-    ref = _session(dense_bytes).run(None, feeds)
-    out = _session(data).run(None, feeds)
+    ref = _session(src).run(None, feeds)
+    del model
+    out = _session(compact).run(None, feeds)
     worst = max((float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()) if np.size(a) else 0.0)
                 for a, b in zip(out, ref, strict=True))
     if not all(np.allclose(a, b, atol=atol, rtol=rtol) for a, b in zip(out, ref, strict=True)):
         raise VerificationError(f"compact ONNX outputs differ from the dense model (max |diff| {worst:.3g})",
                                 fix="report this model; use method='sparse_initializer' or keep the dense file")
-    with atomic_path(dst) as tmp:
-        Path(tmp).write_bytes(data)
+    with staged(dst) as tmp:  # one file, or .onnx + .onnx.data past the external-data threshold
+        write_runtime(compact, tmp)
+    dense, small = onnx_file_bytes(src), onnx_file_bytes(dst)
+    # zlib sizes for reference, only for models that are one file in memory anyway
+    one_file = dense == src.stat().st_size and not is_large(compact)
+    dense_zlib = len(zlib.compress(src.read_bytes(), 6)) if one_file else None
+    compact_zlib = len(zlib.compress(runtime_bytes(compact), 6)) if one_file else None
     return {
-        "src": str(src), "dst": str(dst), "dense_bytes": len(dense_bytes), "compact_bytes": len(data),
-        "saving": 1.0 - len(data) / len(dense_bytes), "ratio": len(dense_bytes) / len(data),
-        "dense_zlib_bytes": len(zlib.compress(dense_bytes, 6)), "compact_zlib_bytes": len(zlib.compress(data, 6)),
+        "src": str(src), "dst": str(dst), "dense_bytes": dense, "compact_bytes": small,
+        "saving": 1.0 - small / dense, "ratio": dense / small,
+        "dense_zlib_bytes": dense_zlib, "compact_zlib_bytes": compact_zlib,
         "max_abs_diff": worst, "tensors": rows,
         "note": "file size only: onnxruntime densifies these weights when the session loads",
     }

@@ -29,8 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from compressor.errors import VerificationError
+from compressor.onnx_files import check_model, is_large, model_bytes, staged, weightless_view
 from compressor.quant.quantizer import QuantizedTensor
-from compressor.utils.atomic import atomic_path
 
 
 def _find_init(graph, name: str):
@@ -242,12 +242,10 @@ def build_quantized_onnx(fp32: onnx.ModelProto, qtensors: dict[str, QuantizedTen
     # opset 21 gives INT4/UINT4 codes and blocked DequantizeLinear; when the converter cannot lift the graph,
     # codes go in 8-bit containers and buckets are padded rows (still exact, larger file)
     try:
-        from onnx import version_converter
-
-        small, model = True, version_converter.convert_version(fp32, 21)
+        small, model = True, _convert_version(fp32, 21)
     except Exception:  # noqa: BLE001 - converter coverage varies by op
-        small, model = False, fp32
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+        small, model = False, onnx.ModelProto()
+        model.CopyFrom(fp32)  # the caller's model is never changed
     b = _Builder(model, small)
     g = model.graph
     layers: dict[str, str] = {}
@@ -307,13 +305,39 @@ def build_quantized_onnx(fp32: onnx.ModelProto, qtensors: dict[str, QuantizedTen
         elif n.output[0] not in remove_nodes:
             keep.append(n)
     # weight subgraphs read only initializers, so they go first; then the original order
-    keep = [onnx.NodeProto.FromString(n.SerializeToString()) for n in keep]
+    keep = [_copied(n) for n in keep]
     del g.node[:]
     g.node.extend(b.new_nodes + keep)
     if fmt == "nbits" and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.checker.check_model(model)
+    check_model(model)
     return model, {"layers": layers, "int4_containers": small}
+
+
+def _copied(node):
+    c = onnx.NodeProto()
+    c.CopyFrom(node)
+    return c
+
+
+def _convert_version(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx.version_converter.convert_version, on a weightless view when the model is large (the converter
+    serialises its input; it rewrites nodes, never weights): the weights are copied back afterwards."""
+    from onnx import version_converter
+
+    if not is_large(model):
+        return version_converter.convert_version(model, opset)
+    view = weightless_view(model)
+    declared = {i.name for i in view.graph.input} - {i.name for i in model.graph.input}
+    out = version_converter.convert_version(view, opset)
+    inputs = [i for i in out.graph.input if i.name not in declared]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    have = {i.name for i in out.graph.initializer}
+    for init in model.graph.initializer:
+        if init.name in declared and init.name not in have:
+            out.graph.initializer.add().CopyFrom(init)
+    return out
 
 
 def export_quantized(model: nn.Module, qtensors: dict[str, QuantizedTensor], example_inputs, path: str | Path, *,
@@ -335,7 +359,8 @@ def export_quantized(model: nn.Module, qtensors: dict[str, QuantizedTensor], exa
             base = export_onnx(model, example_inputs, fp, atol=atol, rtol=rtol)
             fp32 = onnx.load(str(fp))
     else:  # an export of the same architecture: refresh every initializer named like a parameter/buffer
-        fp32, base = onnx.ModelProto.FromString(fp32_onnx.SerializeToString()), {"bytes": fp32_onnx.ByteSize()}
+        fp32, base = onnx.ModelProto(), {"bytes": model_bytes(fp32_onnx)}
+        fp32.CopyFrom(fp32_onnx)
         state = {k: v for k, v in model.state_dict().items()}
         for i, init in enumerate(fp32.graph.initializer):
             key = init.name if init.name in state else init.name.removeprefix("model.")
@@ -343,21 +368,21 @@ def export_quantized(model: nn.Module, qtensors: dict[str, QuantizedTensor], exa
                 arr = state[key].detach().cpu().numpy().astype(numpy_helper.to_array(init).dtype)
                 fp32.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
     qmodel, info = build_quantized_onnx(fp32, qtensors, fmt)
-    from compressor.onnx_utils import runtime_bytes
+    del fp32
+    from compressor.onnx_utils import onnx_file_bytes, write_runtime
 
-    data = runtime_bytes(qmodel)
-    try:
-        check = verify_onnx(data, model, example_inputs, atol=atol, rtol=rtol)
-    except VerificationError as e:
-        raise VerificationError(f"{fmt} export disagrees with the torch quantized forward: {e.message}", e.fix) from e
-    check["max_abs_diff_unoptimized"] = _unoptimized_diff(data, model, example_inputs)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return {"path": str(path), "format": fmt, "bytes": len(data), "fp32_bytes": base["bytes"], **info, **check}
+    with staged(path) as tmp:  # written (as .onnx + .onnx.data when large), verified from disk, then moved in place
+        write_runtime(qmodel, tmp)
+        try:
+            check = verify_onnx(tmp, model, example_inputs, atol=atol, rtol=rtol)
+        except VerificationError as e:
+            raise VerificationError(f"{fmt} export disagrees with the torch quantized forward: {e.message}", e.fix) from e
+        check["max_abs_diff_unoptimized"] = _unoptimized_diff(tmp, model, example_inputs)
+    return {"path": str(path), "format": fmt, "bytes": onnx_file_bytes(path), "fp32_bytes": base["bytes"], **info, **check}
 
 
 @torch.no_grad()
-def _unoptimized_diff(data: bytes, model: nn.Module, example_inputs) -> float:
+def _unoptimized_diff(data, model: nn.Module, example_inputs) -> float:
     """Max |ORT - torch| with ORT graph optimizations off: what the file itself computes. (With them on,
     onnxruntime may fuse a weight-only int8 DequantizeLinear -> MatMul into MatMulNBits with
     accuracy_level 4, i.e. int8 activations: ~1e-3 relative, see docs/quantization.md.)"""
@@ -369,9 +394,9 @@ def _unoptimized_diff(data: bytes, model: nn.Module, example_inputs) -> float:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    from compressor.onnx_utils import runtime_source
+    from compressor.onnx_utils import inference_session
 
-    sess = ort.InferenceSession(runtime_source(data), so, providers=["CPUExecutionProvider"])
+    sess = inference_session(data, so)
     feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)}
     got = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})
     ref = _to_numpy(module(*args))

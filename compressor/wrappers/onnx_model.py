@@ -39,7 +39,7 @@ class OnnxModel(Model):
     def session(self, threads: int | None = None):
         from compressor.eval.runtime import ort_session
 
-        return ort_session(self.onnx.SerializeToString(), threads, device=self._device)
+        return ort_session(self.onnx, threads, device=self._device)  # from a path when large (onnx_files)
 
     # inputs ----------------------------------------------------------------------------------------------
 
@@ -96,7 +96,9 @@ class OnnxModel(Model):
         return onnx_macs(self.onnx)
 
     def size_bytes(self) -> int:
-        return len(self.onnx.SerializeToString())
+        from compressor.onnx_files import model_bytes
+
+        return model_bytes(self.onnx)
 
     # saving ----------------------------------------------------------------------------------------------
 
