@@ -186,7 +186,8 @@ def _write_big_model(folder: Path) -> Path:
             for start in range(0, rows, CHUNK):
                 f.write(_block(name, start, min(CHUNK, rows - start), cols).tobytes())
             t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
-            onnx.external_data_helper.set_external_data(t, "model.onnx.data", offset=offset, length=4 * rows * cols)
+            for k, v in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(4 * rows * cols))):
+                t.external_data.add(key=k, value=v)
             t.data_location = TensorProto.EXTERNAL
             inits.append(t)
             offset += 4 * rows * cols
