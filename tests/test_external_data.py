@@ -247,3 +247,21 @@ def test_over_2gib_model_analysed_pruned_and_run(tmp_path):
     np.testing.assert_allclose(got, _numpy_reference(src, x, keep), atol=1e-3, rtol=1e-3)
     if os.environ.get("COMPRESSOR_BIG_TEST_REPORT"):
         print(f"pruned pair: {out.stat().st_size} + {(out.parent / 'model.onnx.data').stat().st_size} bytes")
+
+
+def test_pair_with_too_new_ir_version_is_restamped_without_loading_it_whole(tmp_path, monkeypatch):
+    """onnxruntime refuses an IR version newer than it knows: the header is re-stamped into a temporary pair
+    whose data is copied tensor by tensor from the original .data (the original files are not touched)."""
+    from compressor.onnx_utils import ort_max_ir_version, run_onnx
+
+    monkeypatch.setenv(onnx_files.ENV_VAR, "1024")
+    w = np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)
+    path = tmp_path / "model.onnx"
+    onnx_files.save_model(_matmul_model(w), path)
+    head = onnx.load(str(path), load_external_data=False)
+    head.ir_version = ort_max_ir_version() + 1
+    path.write_bytes(head.SerializeToString())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    x = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(path, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-5)  # numpy oracle
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
