@@ -111,7 +111,11 @@ def _tensor_data(t, base_dir: Path | None) -> bytes:
         info = {e.key: e.value for e in t.external_data}
         if base_dir is None:
             raise ValueError(f"tensor {t.name!r} keeps its data in {info.get('location')!r}; pass base_dir to copy it")
-        with open(base_dir / info["location"], "rb") as f:
+        source = (base_dir / info["location"]).resolve()
+        if not source.is_relative_to(base_dir.resolve()):  # onnx's own rule: data lives beside the model
+            raise InputError(f"tensor {t.name!r} points outside the model's folder ({info['location']!r})",
+                             "re-save the model with its data file beside it")
+        with open(source, "rb") as f:
             f.seek(int(info.get("offset", 0)))
             return f.read(int(info["length"])) if "length" in info else f.read()
     if t.HasField("raw_data"):
@@ -150,7 +154,8 @@ def write_external(model, path: Path, *, base_dir: Path | None = None) -> None:
     with open(path.parent / location, "wb") as f:
         for t in model.graph.initializer:
             size = tensor_bytes(t)
-            if size < _INLINE_BYTES or t.data_type in (0, 8):  # small, or strings (no fixed-size bytes)
+            inline = size < _INLINE_BYTES or t.data_type in (0, 8)  # small, or strings (no fixed-size bytes)
+            if inline and t.data_location != EXTERNAL:
                 head.graph.initializer.add().CopyFrom(t)
                 continue
             if size >= _ALIGN_FROM and offset % _ALIGN:
