@@ -265,3 +265,31 @@ def test_pair_with_too_new_ir_version_is_restamped_without_loading_it_whole(tmp_
     x = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
     np.testing.assert_allclose(run_onnx(path, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-5)  # numpy oracle
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.slow  # two recipe runs: ~25 s of CPU
+def test_recipe_on_an_onnx_pair_writes_a_pair(tmp_path, monkeypatch, trained_cnn):
+    """compress() on an ONNX input kept as model + .data: structured pruning and export write a pair whose
+    onnxruntime outputs equal those of the same recipe run with one-file models."""
+    from compressor.api import compress
+    from compressor.export import export_onnx
+    from compressor.onnx_utils import run_onnx
+
+    recipe = {"name": "s", "stages": [{"method": "structured", "ratio": 0.3}, {"method": "export"}]}
+    outs = {}
+    for mode, threshold in (("memory", None), ("external", "1024")):
+        if threshold is None:
+            monkeypatch.delenv(onnx_files.ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(onnx_files.ENV_VAR, threshold)
+        src = tmp_path / mode / "in.onnx"
+        export_onnx(trained_cnn, (torch.zeros(2, 1, 8, 8),), src)
+        compress(src, recipe, "digits", tmp_path / mode / "out")
+        outs[mode] = tmp_path / mode / "out"
+    assert _files(outs["memory"]) == ["model.onnx", "report.json"]
+    assert _files(outs["external"]) == ["model.onnx", "model.onnx.data", "report.json"]
+    x = {"input": np.random.default_rng(5).standard_normal((4, 1, 8, 8)).astype(np.float32)}
+    got, ref = run_onnx(outs["external"] / "model.onnx", x)[0], run_onnx(outs["memory"] / "model.onnx", x)[0]
+    np.testing.assert_array_equal(got, ref)
+    dense = run_onnx(tmp_path / "memory" / "in.onnx", x)[0]
+    assert got.shape == dense.shape and np.abs(got - dense).max() > 0  # pruned, not a copy of the input
