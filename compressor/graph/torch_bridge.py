@@ -1,7 +1,9 @@
 """Apply an ONNX analysis to the torch model it was exported from, so the pruned model can be fine-tuned.
 
-compressor.export keeps parameter names as initializer names, so every group member (initializer, axis,
-positions) names a torch parameter or buffer. Standard layers are cut with torch-pruning's per-layer prune
+The analysis export (compressor.analysis_export) keeps parameter and buffer names as initializer names, so
+every group member (initializer, axis, positions) names a torch parameter or buffer, or a tensor the forward creates
+(torch.export's `lifted_tensor_N`): a group that slices one is probed (cut from a copy, compared with the ONNX cut)
+and frozen for the torch path unless the forward makes it at the new width. Standard layers are cut with torch-pruning's per-layer prune
 functions (they also fix in/out_channels, groups, running stats); anything else (free parameters, HF Conv1D,
 rotary buffers) is sliced directly. Hugging Face attention modules get their head counts updated.
 """
@@ -44,11 +46,20 @@ def _set(model: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> No
         mod._buffers[attr] = value.contiguous()
 
 
-def prune_torch(model: nn.Module, analysis: Analysis, selection) -> dict:
-    """Remove the selected atoms from `model` in place; returns {"tensors": n, "missing": [...]}."""
+def made_tensors(model: nn.Module, analysis: Analysis, prefix: str = "") -> set[str]:
+    """Initializers of the analysed export that are no parameter or buffer of `model`: tensors its forward
+    creates (torch.export lifts them as `<module>.lifted_tensor_N`; folded constants `val_N`)."""
+    tensors = {prefix + n for n, _ in model.named_parameters(remove_duplicate=False)} | {
+        prefix + n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return set(analysis.ir.initializers) - tensors
+
+
+def prune_torch(model: nn.Module, analysis: Analysis, selection, made: set[str] = frozenset()) -> dict:
+    """Remove the selected atoms from `model` in place; returns {"tensors": n}. `made`: initializers the forward
+    creates (made_tensors), skipped: the forward makes them at the new width or the caller's check fails."""
     import torch_pruning as tp
 
-    plan = cut_plan(analysis, selection)
+    plan = {n: v for n, v in cut_plan(analysis, selection).items() if n not in made}
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     known = params.keys() | buffers.keys()
@@ -60,7 +71,7 @@ def prune_torch(model: nn.Module, analysis: Analysis, selection) -> dict:
     missing = [n for n in plan if n not in params and n not in buffers]
     if missing:
         raise CompressorError(f"{len(missing)} pruned tensors have no torch counterpart (e.g. {missing[0]!r})",
-                              "export the model with compressor.export (it keeps parameter names)")
+                              "analyse an export made by compressor.analysis_export (it keeps parameter names)")
     for n in plan:
         t = params.get(n, buffers.get(n))
         if tuple(t.shape) != tuple(analysis.ir.initializers[analysis_names[n]].shape):
@@ -153,20 +164,26 @@ def torch_freezes(model: nn.Module, args: tuple, names: list[str], analysis: Ana
 
     values = exact_values(model, analysis, prefix)
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, args, strict=True)}
+    made = made_tensors(model, analysis, prefix)
     out: dict[int, str] = {}
     for g in groups:
         free = [x for x in g.atoms if x not in g.frozen]
         for probe in dict.fromkeys(free[k] for k in (0, len(free) // 2, -1)) if free else ():
             where = literal_rewrites(analysis, {probe})
-            failure = where and _probe_failure(model, args, feeds, analysis, probe, values, atol)
-            if failure:
+            sliced = sorted({m.name for m in g.members} & made)  # must come out of the forward at the new width
+            failure = (where or sliced) and _probe_failure(model, args, feeds, analysis, probe, values, atol, made)
+            if failure and where:
                 out[g.id] = (f"torch path: the cut rewrites the size constants of {', '.join(where[:3])}, which "
                              f"the torch module's forward holds as Python values ({failure})")
+            elif failure:
+                out[g.id] = (f"torch path: the cut slices {', '.join(sliced[:3])}, a tensor the forward creates "
+                             f"rather than a parameter or buffer ({failure})")
+            if failure:
                 break
     return out
 
 
-def _probe_failure(model, args, feeds, analysis, atom: int, values, atol: float) -> str | None:
+def _probe_failure(model, args, feeds, analysis, atom: int, values, atol: float, made=frozenset()) -> str | None:
     """Why cutting one atom from a copy of the torch model does not compute the same ONNX cut, or None."""
     import copy
 
@@ -176,7 +193,7 @@ def _probe_failure(model, args, feeds, analysis, atom: int, values, atol: float)
     try:
         ref = run(prune_onnx(None, analysis, {atom}, check=False, values=values), feeds)[0]
         cut = copy.deepcopy(model)
-        prune_torch(cut, analysis, {atom})
+        prune_torch(cut, analysis, {atom}, made)
         with torch.no_grad():
             got = cut(*args)
         got = (got if isinstance(got, torch.Tensor) else got[0]).detach().float().cpu().numpy()
