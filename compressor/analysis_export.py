@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import re
 import time
 import warnings
 
@@ -191,7 +192,9 @@ def export_for_analysis(model: nn.Module, example_inputs, exporter: str = "auto"
         except Exception as e:  # torch.export and onnxscript raise many types; the fallback below decides
             if exporter == "dynamo":
                 raise
-            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            note = f"torch's default exporter failed ({type(e).__name__}: {why}); analysed the TorchScript export"
+            cause = e.__cause__ or e  # torch.onnx wraps torch.export's error in a generic "step 1/3" one
+            why = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()  # no terminal colour codes in a report
+            why = why.splitlines()[0][:200] if why else ""
+            note = f"torch's default exporter failed ({type(cause).__name__}: {why}); analysed the TorchScript export"
             log.warning("note: %s", note)
     return AnalysisExport(torchscript_export(model, example_inputs), "torchscript", time.perf_counter() - t0, note)

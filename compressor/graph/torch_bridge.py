@@ -38,8 +38,18 @@ def _slice_tensor(t: torch.Tensor, cuts: dict[int, list[int]]) -> torch.Tensor:
     return t
 
 
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """utils.names.owner by attribute walk: a TorchScript module has no get_submodule."""
+    if not isinstance(model, torch.jit.ScriptModule):
+        return owner(model, name)
+    *path, attr = name.split(".")
+    for part in path:
+        model = getattr(model, part)
+    return model, attr
+
+
 def _set(model: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
-    mod, attr = owner(model, name)
+    mod, attr = _owner(model, name)
     if is_param:
         setattr(mod, attr, nn.Parameter(value.contiguous(), requires_grad=getattr(mod, attr).requires_grad))
     else:
@@ -77,6 +87,7 @@ def prune_torch(model: nn.Module, analysis: Analysis, selection, made: set[str] 
         if tuple(t.shape) != tuple(analysis.ir.initializers[analysis_names[n]].shape):
             raise CompressorError(f"{n}: torch shape {tuple(t.shape)} differs from the ONNX initializer",
                                   "analyse an export of this very model")
+    widths = _config_widths(model)
     aliases: dict[int, list[str]] = {}  # tied weights (GPT-2 lm_head = wte) must stay one tensor
     for n, prm in params.items():
         aliases.setdefault(id(prm), []).append(n)
@@ -131,14 +142,45 @@ def prune_torch(model: nn.Module, analysis: Analysis, selection, made: set[str] 
             if len(names) > 1 and changed:
                 for n in names:
                     if n not in changed:
-                        mod, attr = owner(model, n)
+                        mod, attr = _owner(model, n)
                         setattr(mod, attr, now[changed[0]])
         for mod in model.modules():
             for child in mod.children():  # HF GPT-2 Conv1D keeps its width in `nf`
                 if hasattr(child, "nf") and hasattr(child, "weight"):
                     child.nf = child.weight.shape[1]
         _update_attention(model)
+        _update_config(widths)
     return {"tensors": len(plan)}
+
+
+_FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
+
+
+def _config_widths(model: nn.Module) -> list[tuple[object, str, list[nn.Linear]]]:
+    """(HF config, key, the Linear layers whose output width is that key's value) before a cut, so that the
+    config written with the pruned weights (save_pretrained) describes their widths and the folder reloads."""
+    out = []
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is None or not hasattr(cfg, "to_dict"):
+            continue
+        for key in _FFN_KEYS:
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                layers = [m for m in mod.modules() if isinstance(m, nn.Linear) and m.out_features == v]
+                if layers:
+                    out.append((cfg, key, layers))
+        break  # the outermost model's config (a wrapper holds the HF model)
+    return out
+
+
+def _update_config(widths) -> None:
+    """Set each FFN width key to the layers' pruned width when they all share it (a Hugging Face config holds
+    one width for every layer; uneven widths are left for the caller's reload check to refuse)."""
+    for cfg, key, layers in widths:
+        now = {m.weight.shape[0] for m in layers}
+        if len(now) == 1:
+            setattr(cfg, key, now.pop())
 
 
 def exact_values(model: nn.Module, analysis: Analysis, prefix: str = "") -> dict[str, np.ndarray]:
