@@ -228,12 +228,22 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
         raise VerificationError(f"torch model pruned through the bridge disagrees with the pruned ONNX (|diff| {diff:.3g})",
                                 "report this as a bug; prune the ONNX export instead")
     rep = _report(a, sel, before, sum(t.numel() for t in model.parameters())) | exported.info()
+    batch = _static_batch(a, args)
+    if batch > 1:  # the dynamo analysis export has the example batch baked in: MACs per sample, as TorchScript's
+        rep["macs_before"], rep["macs_after"] = rep["macs_before"] // batch, rep["macs_after"] // batch
     rep["torch_vs_onnx_max_diff"] = diff
     rep["torch_frozen"] = [{"group": g.name, "reason": frozen[g.id]} for g in a.groups if g.id in frozen]
     rep["round_to"] = round_to
     if latency is not None:
         rep["latency_search"] = latency
     return rep
+
+
+def _static_batch(a, args) -> int:
+    """The batch size baked into the analysed graph (1 when its batch axis is dynamic)."""
+    first = a.ir.shape(a.ir.model.graph.input[0].name) if a.ir.model.graph.input else None
+    lead = args[0].shape[0] if args and hasattr(args[0], "shape") and args[0].dim() else 1
+    return lead if first and first[0] == lead else 1
 
 
 @register_method("structured", StructuredParams, help="group structured channel pruning over the ONNX dependency graph")
