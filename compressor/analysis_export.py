@@ -15,9 +15,9 @@ literals, index buffers), writes a GatherND whose indices end in 1 as the Gather
 the zero bias it gives a bias-free Conv.
 Shapes are static (the example inputs'): the analysis export is never run on another batch size.
 
-Measured on the Swin-like and ViT-like test models (docs/export.md): the TorchScript exporter's graph lets the
-analyser find 4 of 20 and 3 of 19 prunable groups, this export 14 of 24 and 10 of 16 (what the default export's
-ONNX file gives). If torch.export cannot capture the model (data-dependent control flow, unsupported ops) or
+Measured on the Swin-like and ViT-like test models (docs/export.md): the analyser finds 4 and 3 prunable groups
+on the TorchScript exporter's graph, 14 and 10 on this export (14 and 6 on the file torch.onnx.export writes with
+its defaults). If torch.export cannot capture the model (data-dependent control flow, unsupported ops) or
 its ONNX disagrees with torch, the TorchScript exporter (compressor.export) is used and the result says so.
 """
 
