@@ -36,7 +36,7 @@ import onnx
 from onnx import numpy_helper
 from torch import nn
 
-from compressor.errors import InputError
+from compressor.errors import CompressorError, InputError, VerificationError
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 log = logging.getLogger("compressor")
@@ -197,4 +197,15 @@ def export_for_analysis(model: nn.Module, example_inputs, exporter: str = "auto"
             why = why.splitlines()[0][:200] if why else ""
             note = f"torch's default exporter failed ({type(cause).__name__}: {why}); analysed the TorchScript export"
             log.warning("note: %s", note)
-    return AnalysisExport(torchscript_export(model, example_inputs), "torchscript", time.perf_counter() - t0, note)
+    try:
+        proto = torchscript_export(model, example_inputs)
+    except VerificationError:
+        raise
+    except Exception as e:  # e.g. a torch.export program (.pt2): the tracer cannot take its graph module
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+        if exporter == "torchscript":
+            raise InputError(f"the TorchScript exporter cannot export this model ({why})",
+                             "use --exporter auto (torch's default exporter)") from e
+        raise CompressorError(f"neither exporter can export this model for analysis: {note}; TorchScript: {why}",
+                              "export it to ONNX yourself and pass the .onnx file") from e
+    return AnalysisExport(proto, "torchscript", time.perf_counter() - t0, note)

@@ -69,6 +69,13 @@ def test_prune_pt2_program(tmp_path):
     pruned = load_model(out / "model.pt2")  # the written program loads and runs on new data (at the batch size it
     y = pruned.module(torch.randn(8, 1, 8, 8))  # was saved at: the save exports with static shapes)
     assert y.shape == (8, 10) and torch.isfinite(y).all()
+    r = invoke("analyze", src, "--json", "--data", "digits")  # --json names the export the analysis ran on
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.output)
+    assert j["export"]["exporter"] == "dynamo" and j["summary"]["prunable"] >= 2
+    # the TorchScript tracer cannot take a torch.export graph module: asked for, it is refused in one line
+    r = invoke("analyze", src, "--data", "digits", "--exporter", "torchscript")
+    assert r.exit_code == 2 and "TorchScript exporter cannot export" in r.output and "Traceback" not in r.output
 
 
 def test_prune_hf_folder(tmp_path, tiny_bert_folder):
