@@ -57,15 +57,14 @@ def example_inputs_for(loaded: Model, data: DataBundle | None, input_shape: tupl
     return loaded.make_example(data, input_shape, batch)
 
 
-def analyze(model, *, arch: str | None = None, trust_pickle: bool = False, data=None):
+def analyze(model, *, arch: str | None = None, trust_pickle: bool = False, data=None, exporter: str = "auto"):
     """Coupled channel groups of any model the CLI accepts (ONNX, torch checkpoint, HF folder, nn.Module): ONNX is
-    analysed directly, the rest is exported with compressor.export first (initializer names = torch parameter names)."""
-    import tempfile
-
+    analysed directly, the rest is exported first (compressor.analysis_export: torch's default exporter, the
+    TorchScript one as fallback; initializer names = torch parameter names). `Analysis.export` says which."""
     import onnx
     from torch import nn
 
-    from compressor.export import export_onnx
+    from compressor.analysis_export import export_for_analysis
     from compressor.graph import analyze as analyze_onnx
     from compressor.graph.torch_bridge import distinct_copy
     from compressor.wrappers import wrap
@@ -80,10 +79,10 @@ def analyze(model, *, arch: str | None = None, trust_pickle: bool = False, data=
     else:  # a DataBundle, None, or a torch Dataset / DataLoader / iterable of batches
         bundle = data if data is None or isinstance(data, DataBundle) else from_torch(data)
     example = loaded.make_example(bundle)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(distinct_copy(loaded.module), example, path)
-        return analyze_onnx(path)
+    exported = export_for_analysis(distinct_copy(loaded.module), example, exporter)
+    a = analyze_onnx(exported.model)
+    a.export = exported.info()
+    return a
 
 
 def load_for_device(model, device: str | None = "auto", *, arch: str | None = None, trust_pickle: bool = False) -> Model:
@@ -236,14 +235,15 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
 
 def prune(model, ratio: float, data: str | DataBundle | None = None, output: str | Path | None = None, *,
           importance: str = "l2", scope: str = "local", round_to: int | str = "auto", heads: bool = False,
-          target: str = "channels", arch: str | None = None, trust_pickle: bool = False, seed: int = 0,
+          target: str = "channels", exporter: str = "auto", arch: str | None = None, trust_pickle: bool = False, seed: int = 0,
           overwrite: bool = False, input_shape: tuple[int, ...] | None = None, device: str | None = "auto",
           measure_latency: bool = True, on_stage=None) -> Result:
     """Structured group pruning of any model kind in one call: a one-stage `structured` recipe run by
     :func:`compress` (so it is verified, measured and saved like every recipe). ONNX input is cut in the graph;
-    torch / Hugging Face input is cut in the module (and checked against the cut ONNX export)."""
+    torch / Hugging Face input is cut in the module (and checked against the cut ONNX export); `exporter` picks
+    the export the torch input is analysed on (auto: torch's default exporter, TorchScript as fallback)."""
     stage = {"method": "structured", "ratio": ratio, "importance": importance, "scope": scope, "round_to": round_to,
-             "heads": heads, "target": target}
+             "heads": heads, "target": target, "exporter": exporter}
     recipe = {"name": f"prune-{ratio:g}", "description": f"structured group pruning of {ratio:.0%} of the channels",
               "stages": [stage]}
     return compress(model, recipe, data, output, arch=arch, trust_pickle=trust_pickle, seed=seed, overwrite=overwrite,

@@ -25,6 +25,8 @@ DATA_HELP = ("digits | npz:PATH | text:PATH | imagefolder:DIR | csv:PATH | jsonl
 
 console = Console()
 err_console = Console(stderr=True)
+EXPORTER_HELP = ("torch input: the ONNX export the analysis runs on — auto (torch's default exporter, the TorchScript "
+                 "one if it fails, noted) | dynamo | torchscript")
 
 
 def _user_errors(fn):
@@ -190,6 +192,7 @@ def prune_cmd(
     round_to: str = typer.Option("auto", "--round-to", help="kept widths are multiples of N (auto: 8 on CUDA fp16/bf16, else 1)"),
     heads: bool = typer.Option(False, "--heads", help="also remove whole attention heads"),
     target: str = typer.Option("channels", "--target", help="channels | macs: what --ratio measures"),
+    exporter: str = typer.Option("auto", "--exporter", help=EXPORTER_HELP),
     data: str = typer.Option(None, "--data", "-d", help=DATA_HELP + " — used for importance and quality"),
     output: Path = typer.Option(None, "--output", "-o", help="output folder (default: compressed/<model>-prune-<ratio>)"),
     arch: str = typer.Option(None, "--arch", help="package.module:factory that builds the model for a state dict"),
@@ -212,7 +215,7 @@ def prune_cmd(
     if output is None:
         output = Path("compressed") / f"{Path(model).stem}-prune-{ratio:g}"
     result = prune(model, ratio, data, output, importance=importance, scope=scope, round_to=rounded, heads=heads,
-                   target=target, arch=arch, trust_pickle=trust_pickle, seed=seed, overwrite=overwrite,
+                   target=target, exporter=exporter, arch=arch, trust_pickle=trust_pickle, seed=seed, overwrite=overwrite,
                    input_shape=_parse_shape(input_shape), device=device)
     if as_json:
         print(json.dumps(result.report, indent=2))
@@ -266,19 +269,23 @@ def export_cmd(
 def recipes_list():
     """Shipped recipes with their stages."""
     import compressor.methods  # noqa: F401  (registers every method)
-    from compressor.recipe import load_recipe, shipped_recipes
+    from compressor.recipe import REGISTRY, load_recipe, shipped_recipes
 
     t = Table(title="shipped recipes (compressor/recipes/)", title_justify="left")
     t.add_column("name")
     t.add_column("stages")
+    t.add_column("fits")
     t.add_column("description")
+    order = ("torch", "hf", "onnx")  # the model kinds compressor.wrappers loads
     for name, path in shipped_recipes().items():
         try:
             r = load_recipe(path)
-            t.add_row(name, " → ".join(s.method for s in r.stages), r.description)
+            fits = [k for k in order if all(k in REGISTRY[s.method].kinds for s in r.stages)]
+            t.add_row(name, " → ".join(s.method for s in r.stages), ", ".join(fits) or "[red]none[/]", r.description)
         except CompressorError as e:
-            t.add_row(name, "[red]invalid[/]", str(e))
+            t.add_row(name, "[red]invalid[/]", "", str(e))
     console.print(t)
+    console.print("ONNX models: [bold]compress prune MODEL --ratio R[/] prunes channels of any model kind without training")
 
 
 @recipes_app.command("show")
@@ -345,11 +352,12 @@ def analyze_cmd(
     data: str = typer.Option(None, "--data", help="data spec for example inputs (torch checkpoints)"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled module"),
     all_groups: bool = typer.Option(False, "--all", help="also list groups that are entirely frozen"),
+    exporter: str = typer.Option("auto", "--exporter", help=EXPORTER_HELP),
 ):
     """Coupled channel groups of a model: size, members, prunable or why not."""
     from compressor.api import analyze as analyze_model
 
-    a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data)
+    a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data, exporter=exporter)
     if as_json:
         print(a.dumps())
         return
@@ -370,6 +378,8 @@ def analyze_cmd(
             note += " [dim](statistics span this axis: pruning is approximate)[/]"
         table.add_row(str(g.id), g.name, g.kind, str(g.size), state, note)
     console.print(table)
+    if a.export.get("exporter_note"):
+        console.print(f"[yellow]note:[/] {a.export['exporter_note']}")
     s = a.to_json()["summary"]
     console.print(f"{s['prunable']} of {s['groups']} groups prunable · {s['prunable_channels']} of {s['channels']} "
                   "channels removable" + ("" if all_groups else " (frozen groups hidden; --all lists them)"))

@@ -1,9 +1,10 @@
 """Export torch models to ONNX and verify the export numerically before it is written.
 
 Exporter choice: torch.onnx's TorchScript exporter (`dynamo=False`) with constant folding off and
-TrainingMode.EVAL. Measured on torch 2.13: it keeps parameter names as initializer names ("conv1.weight"),
-keeps BatchNormalization as its own node (the analyser needs both), and is ~20x faster than the dynamo
-exporter on small models. The exported file is run in onnxruntime against the torch model on the example
+TrainingMode.EVAL. Measured on torch 2.13: it keeps parameter names as initializer names ("conv1.weight") and
+BatchNormalization as its own node, and is 2-3x faster than the dynamo exporter on the small test models
+(benchmarks/bridge_exporters.py). The torch bridge's analysis export is compressor.analysis_export: torch's
+default (dynamo) exporter, which lets the analyser find more groups, with this exporter as its fallback. The exported file is run in onnxruntime against the torch model on the example
 inputs and on a second, different batch; if they disagree beyond tolerance nothing is written.
 """
 

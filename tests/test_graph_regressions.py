@@ -148,7 +148,7 @@ def test_stored_sizes_freeze_for_torch_only(name, nodes):
     a = analyze(_export(model, inputs, "torchscript"))
     rewritten = {w for g in a.prunable_groups for w in _rewrites(a, g)}
     assert set(nodes) <= rewritten
-    rep = structured_torch(model, inputs, StructuredParams(ratio=0.3, protect_output=False))
+    rep = structured_torch(model, inputs, StructuredParams(ratio=0.3, protect_output=False, exporter="torchscript"))
     reasons = " ".join(f["reason"] for f in rep["torch_frozen"])
     assert "torch path" in reasons and all(n in reasons for n in nodes)
     assert rep["removed_channels"] > 0 and rep["torch_vs_onnx_max_diff"] < 1e-5

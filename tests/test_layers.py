@@ -19,8 +19,8 @@ PACKAGE = ROOT / "compressor"
 # lowest first; an entry covers the module of that name and everything under it
 LAYERS: list[list[str]] = [
     ["compressor.errors", "compressor.utils", "compressor.device", "compressor.task"],
-    ["compressor.io", "compressor.onnx_utils", "compressor.onnx_files", "compressor.hf", "compressor.models", "compressor.blocks",
-     "compressor.export", "compressor.train"],
+    ["compressor.io", "compressor.onnx_utils", "compressor.onnx_files", "compressor.hf", "compressor.models",
+     "compressor.blocks", "compressor.export", "compressor.analysis_export", "compressor.train"],
     ["compressor.graph", "compressor.masks", "compressor.quant", "compressor.kernels", "compressor.sara"],
     # io.models loads files into wrappers, so it sits beside them (io.data stays in layer 1)
     ["compressor.wrappers", "compressor.io.models", "compressor.eval", "compressor.recipe"],

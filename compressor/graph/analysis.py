@@ -129,6 +129,7 @@ class Analysis:
     ctx: Ctx
     ir: GraphIR
     init_atoms: InitAtoms
+    export: dict = dataclasses.field(default_factory=dict)  # torch input: which exporter made the graph (api.analyze)
 
     @functools.cached_property
     def atom_positions(self) -> dict[str, list[list[tuple[int, ...]]]]:
@@ -165,7 +166,8 @@ class Analysis:
         return {"groups": [g.to_json() for g in self.groups],
                 "summary": {"groups": len(self.groups), "prunable": len(self.prunable_groups),
                             "channels": sum(g.size for g in self.groups),
-                            "prunable_channels": sum(g.size - len(g.frozen) for g in self.groups)}}
+                            "prunable_channels": sum(g.size - len(g.frozen) for g in self.groups)}} | (
+            {"export": self.export} if self.export else {})
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1)

@@ -1,7 +1,9 @@
 """Apply an ONNX analysis to the torch model it was exported from, so the pruned model can be fine-tuned.
 
-compressor.export keeps parameter names as initializer names, so every group member (initializer, axis,
-positions) names a torch parameter or buffer. Standard layers are cut with torch-pruning's per-layer prune
+The analysis export (compressor.analysis_export) keeps parameter and buffer names as initializer names, so
+every group member (initializer, axis, positions) names a torch parameter or buffer, or a tensor the forward creates
+(torch.export's `lifted_tensor_N`): a group that slices one is probed (cut from a copy, compared with the ONNX cut)
+and frozen for the torch path unless the forward makes it at the new width. Standard layers are cut with torch-pruning's per-layer prune
 functions (they also fix in/out_channels, groups, running stats); anything else (free parameters, HF Conv1D,
 rotary buffers) is sliced directly. Hugging Face attention modules get their head counts updated.
 """
@@ -36,19 +38,38 @@ def _slice_tensor(t: torch.Tensor, cuts: dict[int, list[int]]) -> torch.Tensor:
     return t
 
 
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """utils.names.owner by attribute walk: a TorchScript module has no get_submodule."""
+    if not isinstance(model, torch.jit.ScriptModule):
+        return owner(model, name)
+    *path, attr = name.split(".")
+    for part in path:
+        model = getattr(model, part)
+    return model, attr
+
+
 def _set(model: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
-    mod, attr = owner(model, name)
+    mod, attr = _owner(model, name)
     if is_param:
         setattr(mod, attr, nn.Parameter(value.contiguous(), requires_grad=getattr(mod, attr).requires_grad))
     else:
         mod._buffers[attr] = value.contiguous()
 
 
-def prune_torch(model: nn.Module, analysis: Analysis, selection) -> dict:
-    """Remove the selected atoms from `model` in place; returns {"tensors": n, "missing": [...]}."""
+def made_tensors(model: nn.Module, analysis: Analysis, prefix: str = "") -> set[str]:
+    """Initializers of the analysed export that are no parameter or buffer of `model`: tensors its forward
+    creates (torch.export lifts them as `<module>.lifted_tensor_N`; folded constants `val_N`)."""
+    tensors = {prefix + n for n, _ in model.named_parameters(remove_duplicate=False)} | {
+        prefix + n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return set(analysis.ir.initializers) - tensors
+
+
+def prune_torch(model: nn.Module, analysis: Analysis, selection, made: set[str] = frozenset()) -> dict:
+    """Remove the selected atoms from `model` in place; returns {"tensors": n}. `made`: initializers the forward
+    creates (made_tensors), skipped: the forward makes them at the new width or the caller's check fails."""
     import torch_pruning as tp
 
-    plan = cut_plan(analysis, selection)
+    plan = {n: v for n, v in cut_plan(analysis, selection).items() if n not in made}
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     known = params.keys() | buffers.keys()
@@ -60,12 +81,13 @@ def prune_torch(model: nn.Module, analysis: Analysis, selection) -> dict:
     missing = [n for n in plan if n not in params and n not in buffers]
     if missing:
         raise CompressorError(f"{len(missing)} pruned tensors have no torch counterpart (e.g. {missing[0]!r})",
-                              "export the model with compressor.export (it keeps parameter names)")
+                              "analyse an export made by compressor.analysis_export (it keeps parameter names)")
     for n in plan:
         t = params.get(n, buffers.get(n))
         if tuple(t.shape) != tuple(analysis.ir.initializers[analysis_names[n]].shape):
             raise CompressorError(f"{n}: torch shape {tuple(t.shape)} differs from the ONNX initializer",
                                   "analyse an export of this very model")
+    widths = _config_widths(model)
     aliases: dict[int, list[str]] = {}  # tied weights (GPT-2 lm_head = wte) must stay one tensor
     for n, prm in params.items():
         aliases.setdefault(id(prm), []).append(n)
@@ -120,14 +142,45 @@ def prune_torch(model: nn.Module, analysis: Analysis, selection) -> dict:
             if len(names) > 1 and changed:
                 for n in names:
                     if n not in changed:
-                        mod, attr = owner(model, n)
+                        mod, attr = _owner(model, n)
                         setattr(mod, attr, now[changed[0]])
         for mod in model.modules():
             for child in mod.children():  # HF GPT-2 Conv1D keeps its width in `nf`
                 if hasattr(child, "nf") and hasattr(child, "weight"):
                     child.nf = child.weight.shape[1]
         _update_attention(model)
+        _update_config(widths)
     return {"tensors": len(plan)}
+
+
+_FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
+
+
+def _config_widths(model: nn.Module) -> list[tuple[object, str, list[nn.Linear]]]:
+    """(HF config, key, the Linear layers whose output width is that key's value) before a cut, so that the
+    config written with the pruned weights (save_pretrained) describes their widths and the folder reloads."""
+    out = []
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is None or not hasattr(cfg, "to_dict"):
+            continue
+        for key in _FFN_KEYS:
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                layers = [m for m in mod.modules() if isinstance(m, nn.Linear) and m.out_features == v]
+                if layers:
+                    out.append((cfg, key, layers))
+        break  # the outermost model's config (a wrapper holds the HF model)
+    return out
+
+
+def _update_config(widths) -> None:
+    """Set each FFN width key to the layers' pruned width when they all share it (a Hugging Face config holds
+    one width for every layer; uneven widths are left for the caller's reload check to refuse)."""
+    for cfg, key, layers in widths:
+        now = {m.weight.shape[0] for m in layers}
+        if len(now) == 1:
+            setattr(cfg, key, now.pop())
 
 
 def exact_values(model: nn.Module, analysis: Analysis, prefix: str = "") -> dict[str, np.ndarray]:
@@ -153,20 +206,26 @@ def torch_freezes(model: nn.Module, args: tuple, names: list[str], analysis: Ana
 
     values = exact_values(model, analysis, prefix)
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, args, strict=True)}
+    made = made_tensors(model, analysis, prefix)
     out: dict[int, str] = {}
     for g in groups:
         free = [x for x in g.atoms if x not in g.frozen]
         for probe in dict.fromkeys(free[k] for k in (0, len(free) // 2, -1)) if free else ():
             where = literal_rewrites(analysis, {probe})
-            failure = where and _probe_failure(model, args, feeds, analysis, probe, values, atol)
-            if failure:
+            sliced = sorted({m.name for m in g.members} & made)  # must come out of the forward at the new width
+            failure = (where or sliced) and _probe_failure(model, args, feeds, analysis, probe, values, atol, made)
+            if failure and where:
                 out[g.id] = (f"torch path: the cut rewrites the size constants of {', '.join(where[:3])}, which "
                              f"the torch module's forward holds as Python values ({failure})")
+            elif failure:
+                out[g.id] = (f"torch path: the cut slices {', '.join(sliced[:3])}, a tensor the forward creates "
+                             f"rather than a parameter or buffer ({failure})")
+            if failure:
                 break
     return out
 
 
-def _probe_failure(model, args, feeds, analysis, atom: int, values, atol: float) -> str | None:
+def _probe_failure(model, args, feeds, analysis, atom: int, values, atol: float, made=frozenset()) -> str | None:
     """Why cutting one atom from a copy of the torch model does not compute the same ONNX cut, or None."""
     import copy
 
@@ -176,7 +235,7 @@ def _probe_failure(model, args, feeds, analysis, atom: int, values, atol: float)
     try:
         ref = run(prune_onnx(None, analysis, {atom}, check=False, values=values), feeds)[0]
         cut = copy.deepcopy(model)
-        prune_torch(cut, analysis, {atom})
+        prune_torch(cut, analysis, {atom}, made)
         with torch.no_grad():
             got = cut(*args)
         got = (got if isinstance(got, torch.Tensor) else got[0]).detach().float().cpu().numpy()

@@ -117,7 +117,10 @@ def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Model:
             raise InputError(f"{path.name} is not a torch.export program ({type(e).__name__})", "save it with torch.export.save") from e
         example = getattr(ep, "example_inputs", None)
         args = example[0] if isinstance(example, tuple) and len(example) == 2 else None
-        return _loaded("torch", "pt2", module=ep.module(), path=path, example_inputs=tuple(args) if args else None)
+        module = ep.module()
+        for name in ("train", "eval"):  # ep.module() makes both raise; its graph's mode is fixed at export, so
+            module.__dict__.pop(name, None)  # nn.Module's own (they set flags) are what every caller needs
+        return _loaded("torch", "pt2", module=module, path=path, example_inputs=tuple(args) if args else None)
     if _is_torchscript(path):
         try:
             module = torch.jit.load(str(path), map_location="cpu")

@@ -9,8 +9,6 @@ raises the channel ratio step by step until the pruned model's latency, measured
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -42,6 +40,9 @@ class StructuredParams(BaseModel):
     heads: bool = Field(False, description="also remove whole attention heads")
     head_dim: bool | None = Field(None, description="remove dims within heads (default: on for ONNX, off for torch)")
     taylor_batches: int = Field(4, ge=1, description="batches of calibration data for Taylor importance")
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        "auto", description="torch models: the exporter the analysis runs on (auto: torch's default exporter, the "
+                            "TorchScript one if that fails, noted in the report)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -144,7 +145,7 @@ def _latency_search(model, example_inputs, a, p: StructuredParams, head_dim: boo
 
     from compressor.device import label
     from compressor.export import _as_named
-    from compressor.graph.torch_bridge import prune_torch
+    from compressor.graph.torch_bridge import made_tensors, prune_torch
     from compressor.kernels.calibrate import time_interleaved
     from compressor.kernels.timing import runner
 
@@ -158,7 +159,7 @@ def _latency_search(model, example_inputs, a, p: StructuredParams, head_dim: boo
         ratio = round(ratio + p.latency_step, 6)
         sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to, ratio=ratio)
         cand, _, _ = _as_named(copy.deepcopy(model), example_inputs, None)
-        prune_torch(cand, a, sel)
+        prune_torch(cand, a, sel, made_tensors(cand, a))
         t = time_interleaved({"dense": dense, "pruned": runner(cand, args, device, dtype=dtype, channels_last=cl)}, device,
                              repeats=20, warmup=3)
         rel = t["pruned"] / t["dense"]
@@ -175,12 +176,14 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
     import torch
     from torch.nn.utils import parametrize
 
-    from compressor.export import _as_named, export_onnx
+    from compressor.analysis_export import export_for_analysis
+    from compressor.export import _as_named
     from compressor.graph import analyze, prune_onnx
     from compressor.graph.selection import candidates
     from compressor.graph.torch_bridge import (
         distinct_copy,
         exact_values,
+        made_tensors,
         prune_torch,
         taylor_grads,
         torch_freezes,
@@ -190,10 +193,8 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise RecipeError("the model carries pruning masks from an earlier stage",
                           "put the structured stage before magnitude/gradual stages")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "analysis.onnx"
-        export_onnx(distinct_copy(model), example_inputs, path)
-        a = analyze(path)
+    exported = export_for_analysis(distinct_copy(model), example_inputs, p.exporter)
+    a = analyze(exported.model)
     prefix = "model." if isinstance(example_inputs, dict) else ""  # export wraps keyword models in `.model`
     grads = None
     if p.importance == "taylor":
@@ -217,7 +218,7 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
     sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to)
     before = sum(t.numel() for t in model.parameters())
     pruned_onnx = prune_onnx(None, a, sel, values=exact_values(module, a))  # the torch weights, not the nudged
-    prune_torch(module, a, sel)
+    prune_torch(module, a, sel, made_tensors(module, a))
     with torch.no_grad():  # the torch cut must compute what the ONNX cut computes
         ref = module(*args)
     ref = ref if isinstance(ref, torch.Tensor) else ref[0]
@@ -226,13 +227,23 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
     if diff > 1e-3 + 1e-3 * float(np.max(np.abs(got))):
         raise VerificationError(f"torch model pruned through the bridge disagrees with the pruned ONNX (|diff| {diff:.3g})",
                                 "report this as a bug; prune the ONNX export instead")
-    rep = _report(a, sel, before, sum(t.numel() for t in model.parameters()))
+    rep = _report(a, sel, before, sum(t.numel() for t in model.parameters())) | exported.info()
+    batch = _static_batch(a, args)
+    if batch > 1:  # the dynamo analysis export has the example batch baked in: MACs per sample, as TorchScript's
+        rep["macs_before"], rep["macs_after"] = rep["macs_before"] // batch, rep["macs_after"] // batch
     rep["torch_vs_onnx_max_diff"] = diff
     rep["torch_frozen"] = [{"group": g.name, "reason": frozen[g.id]} for g in a.groups if g.id in frozen]
     rep["round_to"] = round_to
     if latency is not None:
         rep["latency_search"] = latency
     return rep
+
+
+def _static_batch(a, args) -> int:
+    """The batch size baked into the analysed graph (1 when its batch axis is dynamic)."""
+    first = a.ir.shape(a.ir.model.graph.input[0].name) if a.ir.model.graph.input else None
+    lead = args[0].shape[0] if args and hasattr(args[0], "shape") and args[0].dim() else 1
+    return lead if first and first[0] == lead else 1
 
 
 @register_method("structured", StructuredParams, help="group structured channel pruning over the ONNX dependency graph")
