@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from compressor.errors import VerificationError
 from compressor.onnx_utils import run_onnx  # noqa: F401  (re-exported: callers run exports with it)
+from compressor.utils import progress as bars
 from compressor.utils.atomic import atomic_path
 
 OPSET = 17
@@ -163,6 +164,7 @@ def _traced_sdpa_flags():
         F.scaled_dot_product_attention = sdpa
 
 
+@bars.step("exporting to ONNX")
 def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, input_names: list[str] | None = None,
                 output_names: list[str] | None = None, dynamic_batch: bool = True, dynamic_axes: dict | None = None,
                 atol: float = 1e-4, rtol: float = 1e-3, verify: bool = True, opset: int = OPSET) -> dict:

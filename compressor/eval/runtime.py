@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from compressor import device as devices
+from compressor.utils import progress as bars
 
 
 def forward(model: nn.Module, inputs):
@@ -112,26 +113,17 @@ def _run_batched(model: nn.Module, x: Tensor, batch_size: int, amp: bool, device
         except Exception:  # noqa: BLE001 - capture is an optimisation; eager gives the same numbers
             runner = None
     outs = []
-    bar = task = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("evaluating", total=n)
-    for i in range(0, n, batch_size):
-        xb = x[i : i + batch_size].to(device, non_blocking=True)
-        m = xb.shape[0]
-        if runner is not None:
-            y = runner(_pad(xb, batch_size) if m < batch_size else xb)[:m]
-        else:
-            with torch.autocast(device.type, dtype=dt or torch.float32, enabled=dt is not None):
-                y = first_tensor(fwd(xb))
-        outs.append(y.float().cpu())
-        if bar is not None:
-            bar.update(task, advance=m)
-    if bar is not None:
-        bar.stop()
+    with bars.progress("evaluating", total=n, show=progress) as bar:
+        for i in range(0, n, batch_size):
+            xb = x[i : i + batch_size].to(device, non_blocking=True)
+            m = xb.shape[0]
+            if runner is not None:
+                y = runner(_pad(xb, batch_size) if m < batch_size else xb)[:m]
+            else:
+                with torch.autocast(device.type, dtype=dt or torch.float32, enabled=dt is not None):
+                    y = first_tensor(fwd(xb))
+            outs.append(y.float().cpu())
+            bar.advance(m)
     return torch.cat(outs)
 
 

@@ -23,7 +23,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 DEFAULT_SIZE = (32, 32)  # when neither size= nor the model's input shape says otherwise
 MAX_TENSOR_BYTES = 2 << 30  # torch Datasets are materialised; refuse above 2 GiB of tensors
 OPTIONS = {"imagefolder": {"size", "mode", "mean", "std"}, "csv": {"label", "features", "text", "shape"},
-           "jsonl": {"label", "features", "text", "shape"}}
+           "jsonl": {"label", "features", "text", "shape"},
+           "hf": {"label", "image", "text", "features", "shape", "size", "mode", "mean", "std", "split", "limit"}}
 
 
 def parse_spec(source: str, rest: str) -> tuple[Path, dict[str, str]]:
@@ -45,6 +46,64 @@ def _numbers(source: str, key: str, value: str, kind=float) -> list:
         raise InputError(f"{source}: option {key}={value!r} is not a comma-separated list of numbers", f"e.g. {key}=0.5 or {key}=1,2,3") from None
 
 
+
+def image_size_mode(source: str, opts: dict[str, str], input_shape=None) -> tuple[tuple[int, int], str]:
+    """(H, W) and Pillow mode of decoded images: size=/mode= when given, else the model's input shape (C in 1, 3),
+    else 32×32 RGB."""
+    shape = tuple(input_shape) if input_shape is not None and len(input_shape) == 3 and input_shape[0] in (1, 3) else None
+    size = tuple(_numbers(source, "size", opts["size"], int)) if "size" in opts else (shape[1:] if shape else DEFAULT_SIZE)
+    if len(size) != 2 or min(size) < 1:
+        raise InputError(f"{source}: size={opts.get('size')} is not H,W", "e.g. size=32,32")
+    mode = opts.get("mode", "L" if shape and shape[0] == 1 else "RGB")
+    if mode not in ("L", "RGB"):
+        raise InputError(f"{source}: mode={mode} is not L or RGB", "mode=L (grayscale, 1 channel) or mode=RGB (3 channels)")
+    return size, mode
+
+
+class open_image:
+    """`with open_image(file_or_bytes, what) as im`: a Pillow image, or a one-line InputError naming `what`."""
+
+    def __init__(self, src, what: str):
+        self.src, self.what = src, what
+
+    def __enter__(self):
+        from PIL import Image
+
+        try:
+            self.im = Image.open(self.src)
+            self.im.load()
+        except Exception as e:  # Pillow raises several types for a broken or non-image file
+            raise InputError(f"cannot read {self.what} ({type(e).__name__})", "remove or replace it") from e
+        return self.im
+
+    def __exit__(self, *exc):
+        self.im.close()
+
+
+def decode_image(im, size: tuple[int, int], mode: str) -> np.ndarray:
+    """A Pillow image converted to `mode`, resized (bilinear) to `size` H,W, scaled to [0, 1]: [H, W] or [H, W, 3]."""
+    from PIL import Image
+
+    return np.asarray(im.convert(mode).resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32) / 255.0
+
+
+def image_tensor(images: list[np.ndarray], source: str, opts: dict[str, str], mode: str) -> torch.Tensor:
+    """Decoded images → [N, C, H, W], normalised with mean=/std= when given (one value or one per channel)."""
+    x = torch.from_numpy(np.stack(images))
+    x = x.unsqueeze(1) if mode == "L" else x.permute(0, 3, 1, 2).contiguous()
+    channels = x.shape[1]
+    if "mean" in opts or "std" in opts:
+        mean = _numbers(source, "mean", opts.get("mean", "0"))
+        std = _numbers(source, "std", opts.get("std", "1"))
+        for key, vals in (("mean", mean), ("std", std)):
+            if len(vals) not in (1, channels):
+                raise InputError(f"{source}: {key} has {len(vals)} values for {channels} channels", f"give 1 or {channels} values")
+        if any(s <= 0 for s in std):
+            raise InputError(f"{source}: std values must be positive", "e.g. std=0.5")
+        x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    return x
+
+
 # ------------------------------------------------------------------------------------------ imagefolder
 
 
@@ -52,45 +111,22 @@ def imagefolder(root: Path, opts: dict[str, str], input_shape=None, test_fractio
     """One sub-folder per class (sorted names → label ids 0..C-1), images decoded with Pillow, resized to size=H,W
     (default: the model's input H×W, else 32×32) in mode L (1 channel) or RGB (3; default: the model's channel
     count, else RGB), scaled to [0, 1]; normalised with mean=/std= only when given (one value or one per channel)."""
-    from PIL import Image
-
     if not root.is_dir():
         raise InputError(f"image folder not found: {root}", "give a folder holding one sub-folder of images per class")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(f"{root} has no class sub-folders", "put the images of each class in its own sub-folder (DIR/cat/1.png, DIR/dog/2.png)")
-    shape = tuple(input_shape) if input_shape is not None and len(input_shape) == 3 and input_shape[0] in (1, 3) else None
-    size = tuple(_numbers("imagefolder", "size", opts["size"], int)) if "size" in opts else (shape[1:] if shape else DEFAULT_SIZE)
-    if len(size) != 2 or min(size) < 1:
-        raise InputError(f"imagefolder: size={opts.get('size')} is not H,W", "e.g. size=32,32")
-    mode = opts.get("mode", "L" if shape and shape[0] == 1 else "RGB")
-    if mode not in ("L", "RGB"):
-        raise InputError(f"imagefolder: mode={mode} is not L or RGB", "mode=L (grayscale, 1 channel) or mode=RGB (3 channels)")
+    size, mode = image_size_mode("imagefolder", opts, input_shape)
     images, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise InputError(f"class folder {root / name} holds no images", f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder")
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert(mode).resize((size[1], size[0]), Image.BILINEAR)
-                    images.append(np.asarray(im, dtype=np.float32) / 255.0)
-            except Exception as e:  # Pillow raises several types for a broken or non-image file
-                raise InputError(f"cannot read image {f} ({type(e).__name__})", "remove or replace the file") from e
+            with open_image(f, f"image {f}") as im:
+                images.append(decode_image(im, size, mode))
             labels.append(label)
-    x = torch.from_numpy(np.stack(images))
-    x = x.unsqueeze(1) if mode == "L" else x.permute(0, 3, 1, 2).contiguous()
-    channels = x.shape[1]
-    if "mean" in opts or "std" in opts:
-        mean = _numbers("imagefolder", "mean", opts.get("mean", "0"))
-        std = _numbers("imagefolder", "std", opts.get("std", "1"))
-        for key, vals in (("mean", mean), ("std", std)):
-            if len(vals) not in (1, channels):
-                raise InputError(f"imagefolder: {key} has {len(vals)} values for {channels} channels", f"give 1 or {channels} values")
-        if any(s <= 0 for s in std):
-            raise InputError("imagefolder: std values must be positive", "e.g. std=0.5")
-        x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    x = image_tensor(images, "imagefolder", opts, mode)
     if x.shape[0] < 2:
         raise InputError(f"{root} holds {x.shape[0]} image; at least 2 are needed (one is held out)", "add images")
     train, test = _split(x, torch.tensor(labels, dtype=torch.long), test_fraction, seed)
