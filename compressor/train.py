@@ -148,7 +148,7 @@ def train(
         if epochs is None:
             raise ValueError("train() needs steps or epochs")
         steps = int(round(epochs * ipe))
-    loss_fn = loss_fn or classification_loss
+    loss_fn = loss_fn or getattr(dataset, "loss", None) or classification_loss  # Batches carry the caller's loss
     if lr_lambda is None and cosine:
         total = max(steps, 1)
         lr_lambda = lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))  # noqa: E731

@@ -23,6 +23,8 @@ def held_out_texts(data, n: int = 128) -> list[str]:
 def make_reference(model, data, example) -> dict:
     """What a compressed model's quality is measured against, computed from the original `model` (a wrapper):
     held-out texts (+ the original's embeddings for encoders), or inputs and the original's outputs."""
+    if hasattr(getattr(data, "test", None), "quality") and model.module is not None:  # io.bundle.Batches
+        return {"outputs": data.test.outputs(model.module)}
     metric = model.quality_metric(data)
     if metric == "accuracy":  # labels are the reference
         return {}
@@ -42,6 +44,8 @@ def make_reference(model, data, example) -> dict:
 def quality(model, data, reference: dict | None) -> dict:
     """The quality metric of `model` on `data`: accuracy on labels, perplexity on held-out text, or fidelity /
     output agreement against `reference` (None: only metrics that need no reference)."""
+    if hasattr(getattr(data, "test", None), "quality") and model.module is not None:  # io.bundle.Batches
+        return data.test.quality(model.module, reference)
     metric = model.quality_metric(data)
     reference = reference or {}
     if metric == "accuracy":

@@ -9,15 +9,18 @@ the npz rule: a seeded permutation holds out 25 % of the rows.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from compressor.errors import InputError
-from compressor.io.bundle import DataBundle, _split
+from compressor.io.bundle import LABEL_KEYS, Batches, DataBundle, _split, split_batches
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_SIZE = (32, 32)  # when neither size= nor the model's input shape says otherwise
@@ -234,10 +237,13 @@ def _is_number(value) -> bool:
 # ------------------------------------------------------------------------------------------------ torch
 
 
-def from_torch(obj, test_fraction: float = 0.25, seed: int = 0, cap_bytes: int = MAX_TENSOR_BYTES) -> DataBundle:
+def from_torch(obj, test_fraction: float = 0.25, seed: int = 0, cap_bytes: int = MAX_TENSOR_BYTES, *,
+               forward_fn=None, loss_fn=None) -> DataBundle:
     """A map-style torch Dataset (items (x, y) or x), a DataLoader or any iterable of batches ((x, y) or x) →
     a DataBundle. The items are materialised into tensors, because the toolkit's stages train and evaluate on
-    TensorDatasets: this suits datasets that fit in memory; above cap_bytes of tensors it is refused."""
+    TensorDatasets: this suits datasets that fit in memory; above cap_bytes of tensors it is refused.
+    Batches of another structure (a dict, a tuple such as (x, mask, y)), or any data with forward_fn / loss_fn,
+    become io.bundle.Batches (see its contract)."""
     from torch.utils.data import DataLoader, Dataset
 
     batched = not (isinstance(obj, Dataset) and hasattr(obj, "__len__") and not isinstance(obj, DataLoader))
@@ -248,6 +254,11 @@ def from_torch(obj, test_fraction: float = 0.25, seed: int = 0, cap_bytes: int =
     else:
         raise InputError(f"data of type {type(obj).__name__} is not a data spec, DataBundle, Dataset, DataLoader or iterable of batches",
                          "pass e.g. data='digits', a torch Dataset or a DataLoader")
+    first = next(items, None)
+    items = itertools.chain([first], items) if first is not None else iter(())
+    if forward_fn is not None or loss_fn is not None or isinstance(first, Mapping) or (
+            isinstance(first, tuple | list) and len(first) != 2):
+        return _structured(items, batched, type(obj).__name__, test_fraction, seed, cap_bytes, forward_fn, loss_fn)
     xs, ys, total = [], [], 0
     for n, item in enumerate(items):
         x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None)
@@ -279,3 +290,76 @@ def from_torch(obj, test_fraction: float = 0.25, seed: int = 0, cap_bytes: int =
         raise InputError("data labels are not one class id 0..C-1 per sample", "items (x, y) with y an integer class id")
     train, test = _split(x, y.long(), test_fraction, seed)
     return DataBundle("classification", train, test, num_classes=int(y.max()) + 1, source=f"torch:{type(obj).__name__}")
+
+
+def _structured(items, batched: bool, name: str, test_fraction: float, seed: int, cap_bytes: int, forward_fn, loss_fn) -> DataBundle:
+    """Items or batches of one structure (a dict of tensors, a tuple, a tensor) → Batches, one leaf per key or
+    position, concatenated along the batch dimension."""
+    keys, leaves, total = None, [], 0
+    for n, item in enumerate(items):
+        k, vals = (tuple(item), list(item.values())) if isinstance(item, Mapping) else (
+            None, list(item) if isinstance(item, tuple | list) else [item])
+        if n == 0:
+            keys, leaves = k, [[] for _ in vals]
+        elif k != keys or len(vals) != len(leaves):
+            raise InputError(f"item {n} of the data is {_shape_of(k, vals)}, unlike the first ({_shape_of(keys, leaves)})",
+                             "give every batch one structure (the same keys, or the same tuple length)")
+        for j, v in enumerate(vals):
+            what = f"{keys[j]!r}" if keys is not None else f"element {j}"
+            try:
+                t = torch.as_tensor(v)
+            except (TypeError, ValueError, RuntimeError):
+                raise InputError(f"{what} of data item {n} is a {type(v).__name__}, not a tensor",
+                                 "drop it from the batches (e.g. dataset.remove_columns) or turn it into a tensor") from None
+            t = t.unsqueeze(0) if not batched or t.ndim == 0 else t
+            total += t.nelement() * t.element_size()
+            if total > cap_bytes:
+                raise InputError(f"data is above {cap_bytes / 2**30:g} GiB of tensors (the in-memory cap) after {n + 1} items",
+                                 "pass a subset (torch.utils.data.Subset) or save it as npz")
+            leaves[j].append(t)
+    if not leaves:
+        raise InputError("the data holds no items", "pass a non-empty Dataset or DataLoader")
+    flat = []
+    for j, parts in enumerate(leaves):
+        try:
+            flat.append(torch.cat(parts))
+        except RuntimeError as e:
+            what = f"{keys[j]!r}" if keys is not None else f"element {j}"
+            raise InputError(f"data {what} differs in shape between items ({str(e).splitlines()[0][:80]})",
+                             "pad every item to one shape (e.g. padding='max_length')") from None
+    if len({t.shape[0] for t in flat}) != 1 or flat[0].shape[0] < 2:
+        raise InputError(f"the data's parts hold {sorted({t.shape[0] for t in flat})} samples; one count of at least 2 is needed",
+                         "give every key / element one row per sample")
+    label = next((keys.index(k) for k in LABEL_KEYS if k in keys), None) if keys is not None else (
+        len(flat) - 1 if len(flat) >= 2 and flat[-1].ndim == 1 and not flat[-1].is_floating_point() else None)
+    data = Batches(*flat, keys=keys, label=label, forward_fn=forward_fn, loss_fn=loss_fn)
+    train, test = split_batches(data, test_fraction, seed)
+    y = data.labels()
+    classes = int(y.max()) + 1 if y is not None and bool((y >= 0).all()) else None
+    task = "classification" if y is not None or loss_fn is not None else "calibration"
+    return DataBundle(task, train, test, num_classes=classes, source=f"torch:{name}",
+                      meta={"structure": list(keys) if keys is not None else f"tuple of {len(flat)}", "label": label})
+
+
+def _shape_of(keys, vals) -> str:
+    return f"a dict with keys {', '.join(map(str, keys))}" if keys is not None else f"{len(vals)} elements"
+
+
+def with_functions(bundle: DataBundle | None, forward_fn=None, loss_fn=None) -> DataBundle | None:
+    """The bundle with the caller's forward_fn / loss_fn attached: its (x, y) or x TensorDatasets become Batches
+    of tuples (labels: y), so every stage calls the functions."""
+    if bundle is None or (forward_fn is None and loss_fn is None):
+        return bundle
+    if bundle.train is None:
+        raise InputError(f"forward_fn / loss_fn need data with samples; {bundle.source} holds texts", "pass a Dataset or DataLoader")
+
+    def attach(ds):
+        if isinstance(ds, Batches):
+            return Batches(*ds.tensors, keys=ds.keys, label=ds.label, forward_fn=forward_fn, loss_fn=loss_fn)
+        return Batches(*ds.tensors, keys=None, label=1 if len(ds.tensors) == 2 else None, forward_fn=forward_fn, loss_fn=loss_fn)
+
+    bundle = dataclasses.replace(bundle)  # the caller's DataBundle is not modified
+    bundle.train, bundle.test = attach(bundle.train), attach(bundle.test) if bundle.test is not None else None
+    if loss_fn is not None:
+        bundle.task = "classification"
+    return bundle
