@@ -150,6 +150,24 @@ def test_text_and_numeric_columns(tmp_path):
     assert all(row.tolist() == [i, i, -i] and int(lab) == i % 2 for row, lab in zip(x, y, strict=True) for i in [int(row[0])])
 
 
+def test_hf_dataset_through_a_dataloader(digit_samples, trained_cnn):
+    """A `datasets` Dataset in torch format through a DataLoader: dict batches {image, label}; forward_fn says how
+    the model takes them (and the example inputs are what it passes to the model)."""
+    from torch.utils.data import DataLoader
+
+    images, targets = digit_samples
+    ds = image_dataset(images, targets).with_format("torch")
+    calls = []
+
+    def forward_fn(model, batch):
+        calls.append(sorted(batch))
+        return model(batch["image"].float().reshape(-1, 1, 8, 8) / 255)
+
+    m = compressor.evaluate_model(trained_cnn, data=DataLoader(ds, batch_size=16), forward_fn=forward_fn, latency=False)
+    assert m["accuracy"] > 0.9 and calls[0] == ["image", "label"]
+    assert m["macs"] == compressor.evaluate_model(trained_cnn, data="digits", latency=False)["macs"]  # traced on 1×8×8 inputs
+
+
 def bad_cases(tmp, images, targets):
     """(spec, needle) for each kind of bad data; the datasets are written here."""
     ds = image_dataset(images[:8], targets[:8])

@@ -86,8 +86,34 @@ class Batches(TensorDataset):
     def bound(self, leaves) -> BoundBatch:
         return BoundBatch(leaves, self)
 
-    def example(self, n: int = 8):
-        return self.inputs([t[:n].clone() for t in self.tensors])
+    def example(self, n: int = 8, model=None):
+        """Inputs to trace, time and verify with: what forward_fn passes to `model` for the first n samples (caught
+        by a pre-hook before the model runs), else the batch without its labels."""
+        leaves = [t[:n].clone() for t in self.tensors]
+        if self.forward_fn is None or model is None:
+            return self.inputs(leaves)
+        seen = {}
+
+        def grab(module, args, kwargs):
+            seen["call"] = (args, kwargs)
+            raise _Caught
+
+        handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.forward_fn(model, self.rebuild(leaves))
+        except _Caught:
+            pass
+        finally:
+            handle.remove()
+        if "call" not in seen:  # forward_fn never called the model itself
+            return self.inputs(leaves)
+        args, kwargs = seen["call"]
+        if not kwargs:
+            return tuple(args)
+        import inspect
+
+        return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
 
     def forward(self, model, leaves) -> torch.Tensor:
         from compressor.eval.runtime import first_tensor, forward
@@ -131,6 +157,10 @@ class Batches(TensorDataset):
 
             return output_agreement(out, reference["outputs"])
         return {}
+
+
+class _Caught(Exception):
+    """Stops the model once the call forward_fn makes is seen (Batches.example)."""
 
 
 class BoundBatch(tuple):
