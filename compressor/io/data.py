@@ -1,4 +1,5 @@
-"""Data sources: `digits`, `npz:PATH`, `text:PATH`, `random` (calibration only); file and torch sources in io.sources.
+"""Data sources: `digits`, `npz:PATH`, `text:PATH`, `random` (calibration only); file and torch sources in io.sources,
+`hf:PATH` (Hugging Face datasets on disk) in io.hf_datasets; every source with a worked example: docs/data.md.
 
 Nothing is downloaded. Splits are deterministic (fixed seed) so before/after metrics compare.
 """
