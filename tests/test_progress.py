@@ -23,20 +23,26 @@ def loud():
     bars.set_quiet(False)
 
 
-def tiny_training(steps=3):
+def tiny_training(steps=3, after_step=None):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     ds = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
-    return train(model, ds, steps=steps, batch_size=4, lr=0.01, description="training-bar")
+    return train(model, ds, steps=steps, batch_size=4, lr=0.01, description="training-bar", after_step=after_step)
 
 
 def test_bar_on_a_terminal_and_quiet(monkeypatch, capsys):
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich then treats stderr as a terminal
     monkeypatch.delenv("COMPRESSOR_QUIET", raising=False)
     assert bars.enabled()
-    tiny_training()
-    err = capsys.readouterr().err
-    assert "training-bar" in err and re.search(r"loss \d\.\d", err)  # the loss of a step, not the initial nan
+    seen = []
+
+    def state(model, step):  # the bar as the loop left it after step - 1 (rendering itself runs on a timer)
+        task = bars._live.tasks[0]
+        seen.append((task.completed, task.description))
+
+    tiny_training(after_step=state)
+    assert "training-bar" in capsys.readouterr().err
+    assert [c for c, _ in seen] == [0, 1, 2] and re.search(r"loss \d\.\d", seen[-1][1])  # a step's loss, not nan
     bars.set_quiet(True)
     tiny_training()
     assert capsys.readouterr().err == ""

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from compressor import device as devices
 from compressor.utils import progress as bars
+from compressor.utils.outputs import first_tensor  # noqa: F401  (here since eval was its only user)
 
 
 def forward(model: nn.Module, inputs):
@@ -27,17 +28,6 @@ def forward(model: nn.Module, inputs):
         return model(**devices.to_device(inputs, dev)), next(iter(inputs.values())).shape[0]
     args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
     return model(*devices.to_device(args, dev)), args[0].shape[0]
-
-
-def first_tensor(out) -> Tensor:
-    """The first tensor of a model output (a tensor, a tuple, or a Hugging Face ModelOutput)."""
-    if isinstance(out, Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if isinstance(value, Tensor):
-            return value
-    return out[0]
 
 
 def _inputs_of(dataset) -> Tensor:

@@ -116,11 +116,13 @@ class Batches(TensorDataset):
         return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
 
     def forward(self, model, leaves) -> torch.Tensor:
-        from compressor.eval.runtime import first_tensor, forward
+        from compressor import device as devices
+        from compressor.utils.outputs import first_tensor
 
         if self.forward_fn is not None:
             return first_tensor(self.forward_fn(model, self.rebuild(leaves)))
-        return first_tensor(forward(model, self.inputs(leaves))[0])
+        inputs = devices.to_device(self.inputs(leaves), devices.module_device(model))
+        return first_tensor(model(**inputs) if isinstance(inputs, dict) else model(*inputs))
 
     def loss(self, model, leaves) -> torch.Tensor:
         """The training loss of one batch of leaves (the signature compressor.train.train calls)."""
@@ -144,19 +146,6 @@ class Batches(TensorDataset):
         finally:
             model.train(was)
         return torch.cat(outs)
-
-    def quality(self, model, reference: dict | None) -> dict:
-        """Accuracy when the batches carry labels and the output is one logit row per sample; agreement with the
-        original model's outputs (reference["outputs"]) otherwise."""
-        out = self.outputs(model)
-        y = self.labels()
-        if y is not None and out.ndim == 2 and out.shape[0] == y.shape[0]:
-            return {"accuracy": float((out.argmax(1) == y).float().mean())}
-        if reference and reference.get("outputs") is not None:
-            from compressor.eval.metrics import output_agreement
-
-            return output_agreement(out, reference["outputs"])
-        return {}
 
 
 class _Caught(Exception):

@@ -77,7 +77,7 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
 
     def run_jobs(jobs, bar):
         for pat, p, curve in jobs:
-            bar.update(description=f"sweep {pat.label if curve == names[pat] else 'dense'} @ {p:.0%}")
+            bar.update(description=f"sweep {pat.label if curve == names.get(pat) else 'dense'} @ {p:.0%}")
             masks = pat.masks(dense, p, seed, transposed)
             with torch.no_grad():
                 for k, w in targets.items():
