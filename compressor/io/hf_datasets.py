@@ -28,6 +28,7 @@ import torch
 from compressor.errors import InputError
 from compressor.io.bundle import DataBundle, _split
 from compressor.io.sources import MAX_TENSOR_BYTES, decode_image, image_size_mode, image_tensor, open_image
+from compressor.utils import progress as bars
 
 IMAGE_COLUMNS, TEXT_COLUMNS, LABEL_COLUMNS = ("image", "img"), ("text", "sentence"), ("label", "labels")
 HELD_OUT = ("test", "validation", "valid", "val")
@@ -225,7 +226,7 @@ def _is_image(part: Part, col: str) -> bool:
 
 def _images(part: Part, col: str, size, mode, base: Path) -> list[np.ndarray]:
     out = []
-    for i, cell in enumerate(part.column(col)):
+    for i, cell in enumerate(bars.track(part.column(col), f"decoding images ({part.name})")):
         if isinstance(cell, dict) and cell.get("bytes"):
             src, what = io.BytesIO(cell["bytes"]), f"image in {part.where(i)}"
         elif isinstance(cell, dict) and cell.get("path"):

@@ -21,6 +21,7 @@ import torch
 
 from compressor.errors import InputError
 from compressor.io.bundle import LABEL_KEYS, Batches, DataBundle, _split, split_batches
+from compressor.utils import progress as bars
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_SIZE = (32, 32)  # when neither size= nor the model's input shape says otherwise
@@ -121,7 +122,7 @@ def imagefolder(root: Path, opts: dict[str, str], input_shape=None, test_fractio
         raise InputError(f"{root} has no class sub-folders", "put the images of each class in its own sub-folder (DIR/cat/1.png, DIR/dog/2.png)")
     size, mode = image_size_mode("imagefolder", opts, input_shape)
     images, labels = [], []
-    for label, name in enumerate(classes):
+    for label, name in enumerate(bars.track(classes, f"decoding images ({root})")):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise InputError(f"class folder {root / name} holds no images", f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) or remove the folder")
