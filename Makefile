@@ -8,8 +8,9 @@ VENV_MIN := .venv-min
 PY_MIN := $(VENV_MIN)/bin/python
 TORCH := torch==2.13.0
 # The lower bounds test-min installs, read from pyproject.toml so the two cannot drift apart. torch is not in
-# the list: its floor is the CPU wheel above (older CPU wheels are not on the configured indexes).
-MIN_PACKAGES := onnx onnxruntime transformers torch-pruning
+# the list: its floor is the CPU wheel above (older CPU wheels are not on the configured indexes). pyarrow's floor
+# comes from the dev extra (the hf: source's tests).
+MIN_PACKAGES := onnx onnxruntime transformers torch-pruning pyarrow
 
 .PHONY: demo test test-gpu test-min
 

@@ -23,7 +23,7 @@ from compressor import eval as ev
 from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, check_label_range, load_data
 from compressor.io.models import load_model
-from compressor.io.sources import from_torch
+from compressor.io.sources import from_torch, with_functions
 from compressor.recipe import Recipe, StageContext, check_data, check_kinds, load_recipe, run_recipe
 from compressor.train import barrier, is_writer
 from compressor.utils.atomic import write_text_atomic
@@ -97,13 +97,15 @@ def probe(loaded: Model, example) -> None:
     loaded.probe(example)
 
 
-def _inputs(loaded: Model, data, input_shape, seed: int):
-    """(data bundle, example inputs) for a loaded model, checked to fit it."""
+def _inputs(loaded: Model, data, input_shape, seed: int, forward_fn=None, loss_fn=None):
+    """(data bundle, example inputs) for a loaded model, checked to fit it; forward_fn / loss_fn (see
+    io.bundle.Batches) travel with the bundle's samples."""
     known = tuple(input_shape) if input_shape is not None else loaded.input_shape()
     if data is None or isinstance(data, (DataBundle, str)):
         bundle = data if not isinstance(data, str) else load_data(data, input_shape=known, seed=seed)
     else:  # a torch Dataset, DataLoader or iterable of batches
-        bundle = from_torch(data, seed=seed)
+        bundle = from_torch(data, seed=seed, forward_fn=forward_fn, loss_fn=loss_fn)
+    bundle = with_functions(bundle, forward_fn, loss_fn)
     example = loaded.make_example(bundle, input_shape)
     check_compatible(bundle, loaded.input_shape(example))
     loaded.probe(example)
@@ -138,10 +140,14 @@ def _save_final(result: Model, artifacts: dict, output: Path, example) -> dict:
 def compress(model, recipe, data: str | DataBundle | None = None, output: str | Path | None = None, *,
              arch: str | None = None, trust_pickle: bool = False, teacher=None, seed: int = 0, resume: bool = False,
              overwrite: bool = False, input_shape: tuple[int, ...] | None = None, device: str | None = None,
-             sparse_kernels: bool = False, measure_latency: bool = True, on_stage=None) -> Result:
+             sparse_kernels: bool = False, measure_latency: bool = True, on_stage=None, forward_fn=None, loss_fn=None) -> Result:
     """Compress `model` (path or nn.Module or onnx.ModelProto) with `recipe` (path, shipped name, dict or Recipe).
 
-    data: a data spec ("digits", "npz:PATH", "text:PATH", "random") or a DataBundle.
+    data: a data spec ("digits", "npz:PATH", "imagefolder:DIR", "hf:PATH", ... see docs/data.md), a DataBundle, or
+    a torch Dataset / DataLoader / iterable of batches (materialised in memory, 25 % held out).
+    forward_fn(model, batch) -> output and loss_fn(model, batch) -> loss: for batches that are not (x, y), e.g. dicts
+    for Hugging Face models or (x, mask, y); used by training stages, Taylor importance and the quality measure
+    (contract: compressor.io.bundle.Batches, docs/data.md).
     output: a folder for the model files and report.json; None keeps everything in memory (stages that need
     to write, like checkpoints, use a temporary folder).
     device: auto | cpu | cuda | cuda:N (compressor.device): where stages train and where the model is measured
@@ -156,7 +162,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     out_dir = Path(output).expanduser() if output is not None else None
     if out_dir is not None:
         _check_output(out_dir, loaded, overwrite, resume)
-    bundle, example = _inputs(loaded, data, input_shape, seed)
+    bundle, example = _inputs(loaded, data, input_shape, seed, forward_fn, loss_fn)
     check_data(rec, bundle)  # a training stage without labels is refused now, not after the stages before it ran
     teacher_model = None
     if teacher is not None:
@@ -237,7 +243,7 @@ def prune(model, ratio: float, data: str | DataBundle | None = None, output: str
           importance: str = "l2", scope: str = "local", round_to: int | str = "auto", heads: bool = False,
           target: str = "channels", exporter: str = "auto", arch: str | None = None, trust_pickle: bool = False, seed: int = 0,
           overwrite: bool = False, input_shape: tuple[int, ...] | None = None, device: str | None = "auto",
-          measure_latency: bool = True, on_stage=None) -> Result:
+          measure_latency: bool = True, on_stage=None, forward_fn=None, loss_fn=None) -> Result:
     """Structured group pruning of any model kind in one call: a one-stage `structured` recipe run by
     :func:`compress` (so it is verified, measured and saved like every recipe). ONNX input is cut in the graph;
     torch / Hugging Face input is cut in the module (and checked against the cut ONNX export); `exporter` picks
@@ -247,7 +253,8 @@ def prune(model, ratio: float, data: str | DataBundle | None = None, output: str
     recipe = {"name": f"prune-{ratio:g}", "description": f"structured group pruning of {ratio:.0%} of the channels",
               "stages": [stage]}
     return compress(model, recipe, data, output, arch=arch, trust_pickle=trust_pickle, seed=seed, overwrite=overwrite,
-                    input_shape=input_shape, device=device, measure_latency=measure_latency, on_stage=on_stage)
+                    input_shape=input_shape, device=device, measure_latency=measure_latency, on_stage=on_stage,
+                    forward_fn=forward_fn, loss_fn=loss_fn)
 
 
 def _example_after(ctx: StageContext, example):
@@ -272,12 +279,14 @@ def _jsonable(obj):
 
 
 def evaluate_model(model, data: str | DataBundle | None = None, *, arch: str | None = None, trust_pickle: bool = False,
-                   input_shape: tuple[int, ...] | None = None, seed: int = 0, latency: bool = True, device: str | None = None) -> dict:
+                   input_shape: tuple[int, ...] | None = None, seed: int = 0, latency: bool = True, device: str | None = None,
+                   forward_fn=None) -> dict:
     """Size, cost and quality of one model (quality needs labelled data, text for HF models), measured on
-    `device` (auto | cpu | cuda | cuda:N; a caller's module is copied there, never moved)."""
+    `device` (auto | cpu | cuda | cuda:N; a caller's module is copied there, never moved). forward_fn(model,
+    batch): how to run the model on batches that are not (x, y) (see :func:`compress`)."""
     dev = devices.resolve(device)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    bundle, example = _inputs(loaded, data, input_shape, seed)
+    bundle, example = _inputs(loaded, data, input_shape, seed, forward_fn)
     m = ev.measure(loaded.on(dev), bundle, None, example, latency=latency)
     if loaded.path is not None:
         m["file_bytes"] = ev.file_size(loaded.path)

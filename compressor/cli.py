@@ -19,9 +19,11 @@ from compressor.device import DEVICE_HELP
 from compressor.errors import CompressorError
 
 # the sources of compressor.io.data.DATA_SPECS (kept literal here: io.data imports torch, the CLI's --help need not)
-DATA_HELP = ("digits | npz:PATH | text:PATH | imagefolder:DIR | csv:PATH | jsonl:PATH | random; options after ?, e.g. "
-             "imagefolder:DIR?size=32,32&mode=RGB, csv:PATH?label=y&features=a,b; labelled data: 25 % held out by a "
-             "seeded permutation (text: odd lines)")
+DATA_HELP = ("digits | npz:PATH | text:PATH | imagefolder:DIR | csv:PATH | jsonl:PATH | hf:PATH | random; options after ?, "
+             "e.g. imagefolder:DIR?size=32,32&mode=RGB, csv:PATH?label=y&features=a,b, hf:PATH?image=img&label=y "
+             "(docs/data.md). Held out for quality: digits, npz, imagefolder, csv, jsonl, hf: 25 % by a permutation "
+             "seeded with --seed (default 0); hf: the test (else validation) split instead when the dataset has one; "
+             "text: the odd lines")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -60,6 +62,16 @@ app = App(name="compress", help="Compress PyTorch and ONNX models: prune, sparsi
           no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 recipes_app = App(help="List and show shipped recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+QUIET = ("--quiet", "-q")
+
+
+@app.callback()
+def global_options(quiet: bool = typer.Option(False, *QUIET, help="no progress bars (also off when stderr is not a terminal); "
+                                              "accepted anywhere on the command line")):
+    """Options of every command (before or after the command name)."""
+    from compressor.utils.progress import set_quiet
+
+    set_quiet(quiet)
 
 
 # --------------------------------------------------------------------------------------------- printing
@@ -462,9 +474,12 @@ def main(argv: list[str] | None = None) -> None:
         from click.exceptions import ClickException
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = [a for a in argv if a in QUIET][:1]  # a global option: moved before the command name, wherever it was
+    argv = [a for a in argv if a not in QUIET]
     names = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
     if argv and not argv[0].startswith("-") and argv[0] not in names:
         argv.insert(0, "run")
+    argv = quiet + argv
     try:
         rv = app(args=argv, prog_name="compress", standalone_mode=False)
     except typer.Exit as e:  # click's Exit / Abort themselves in older typer

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from compressor.errors import VerificationError
 from compressor.onnx_files import external_threshold, scratch_path, staged
 from compressor.onnx_utils import onnx_file_bytes, run_onnx, write_runtime
+from compressor.utils import progress as bars
 
 OPSET = 17
 
@@ -169,6 +170,7 @@ def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+@bars.step("exporting to ONNX")
 def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, input_names: list[str] | None = None,
                 output_names: list[str] | None = None, dynamic_batch: bool = True, dynamic_axes: dict | None = None,
                 atol: float = 1e-4, rtol: float = 1e-3, verify: bool = True, opset: int = OPSET) -> dict:

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from compressor import device as D
 from compressor.errors import InputError
+from compressor.utils import progress as bars
 
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
 
@@ -147,7 +148,7 @@ def train(
         if epochs is None:
             raise ValueError("train() needs steps or epochs")
         steps = int(round(epochs * ipe))
-    loss_fn = loss_fn or classification_loss
+    loss_fn = loss_fn or getattr(dataset, "loss", None) or classification_loss  # Batches carry the caller's loss
     if lr_lambda is None and cosine:
         total = max(steps, 1)
         lr_lambda = lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))  # noqa: E731
@@ -161,17 +162,10 @@ def train(
     amp_dtype = D.amp_dtype(device) if amp else None
     # fp16 (GPUs without bf16) needs loss scaling; with bf16 / fp32 the scaler is a pass-through
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    bar = None
-    if progress and rank == 0 and steps - start_step > 0:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-                       TimeRemainingColumn(), transient=True)
-        bar.start()
-        task = bar.add_task(description, total=steps - start_step, loss=float("nan"))
     step = start_step
     last_loss = float("nan")
-    try:
+    show = progress and rank == 0 and steps - start_step > 0
+    with bars.progress(description, total=steps - start_step, show=show, loss=float("nan")) as bar:
         while step < steps:
             epoch, offset = divmod(step, ipe)
             order = epoch_order(n, epoch, seed)[rank::world]
@@ -203,11 +197,7 @@ def train(
                     after_step(model, step)
                 step += 1
                 last_loss = float(loss.detach())
-                if bar is not None:
-                    bar.update(task, advance=1, loss=last_loss)
-    finally:
-        if bar is not None:
-            bar.stop()
+                bar.advance(1, loss=last_loss)
     model.eval()
     if caller_device != device:  # results on the caller's device, optimizer state next to its parameters
         model.to(caller_device)

@@ -185,7 +185,12 @@ def bad_cases(tmp, images, targets):
 
 def test_bad_data_one_line_exit_2(tmp_path, digit_samples, cnn_state_file):
     images, targets = digit_samples
-    for spec, needle in bad_cases(tmp_path, images, targets):
+    assert_refused(bad_cases(tmp_path, images, targets), cnn_state_file, tmp_path)
+
+
+def assert_refused(cases, cnn_state_file, tmp_path):
+    """Each (spec, needle): `compress run` on the digits CNN exits 2 with one line holding needle, writing nothing."""
+    for spec, needle in cases:
         out = tmp_path / "out"
         r = cli("run", str(cnn_state_file), *ARCH, "-r", "demo", "-d", spec, "--input-shape", "1,8,8", "-o", str(out))
         assert r.exit_code == 2, (spec, r.output)

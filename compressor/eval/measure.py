@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from compressor.eval.latency import latency as latency_of
-from compressor.eval.metrics import embedding_fidelity, output_agreement, perplexity, top1
+from compressor.eval.metrics import batches_quality, embedding_fidelity, output_agreement, perplexity, top1
+from compressor.io.bundle import Batches
 
 
 def held_out_texts(data, n: int = 128) -> list[str]:
@@ -23,6 +24,8 @@ def held_out_texts(data, n: int = 128) -> list[str]:
 def make_reference(model, data, example) -> dict:
     """What a compressed model's quality is measured against, computed from the original `model` (a wrapper):
     held-out texts (+ the original's embeddings for encoders), or inputs and the original's outputs."""
+    if isinstance(getattr(data, "test", None), Batches) and model.module is not None:  # the caller's batch structure
+        return {"outputs": data.test.outputs(model.module)}
     metric = model.quality_metric(data)
     if metric == "accuracy":  # labels are the reference
         return {}
@@ -42,6 +45,8 @@ def make_reference(model, data, example) -> dict:
 def quality(model, data, reference: dict | None) -> dict:
     """The quality metric of `model` on `data`: accuracy on labels, perplexity on held-out text, or fidelity /
     output agreement against `reference` (None: only metrics that need no reference)."""
+    if isinstance(getattr(data, "test", None), Batches) and model.module is not None:  # the caller's batch structure
+        return batches_quality(data.test, model.module, reference)
     metric = model.quality_metric(data)
     reference = reference or {}
     if metric == "accuracy":

@@ -15,6 +15,7 @@ from torch import nn
 
 from compressor import device as devices
 from compressor.eval.runtime import forward, ort_run_batched, predict
+from compressor.io.bundle import Batches
 
 # --------------------------------------------------------------------------------------------- size
 
@@ -158,6 +159,8 @@ def top1(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -
 
 def accuracy(model: nn.Module, dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of a torch classifier on a TensorDataset (x, y), on the model's device."""
+    if isinstance(dataset, Batches):  # the caller's forward_fn and label position
+        return batches_quality(dataset, model, None).get("accuracy", float("nan"))
     x, y = dataset.tensors[0], dataset.tensors[1]
     return top1(predict(model, x, batch_size), y)
 
@@ -201,3 +204,15 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], max_length: int = 
         nll -= float((lp * m).sum())
         count += int(m.sum())
     return float(np.exp(nll / max(count, 1)))
+
+
+def batches_quality(data: Batches, model: nn.Module, reference: dict | None) -> dict:
+    """Quality on batches of any structure (io.bundle.Batches): accuracy when they carry labels and the output
+    is one logit row per sample; agreement with the original model's outputs (reference["outputs"]) otherwise."""
+    out = data.outputs(model)
+    y = data.labels()
+    if y is not None and out.ndim == 2 and out.shape[0] == y.shape[0]:
+        return {"accuracy": top1(out, y)}
+    if reference and reference.get("outputs") is not None:
+        return output_agreement(out, reference["outputs"])
+    return {}

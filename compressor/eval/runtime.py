@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from compressor import device as devices
+from compressor.utils import progress as bars
+from compressor.utils.outputs import first_tensor  # noqa: F401  (here since eval was its only user)
 
 
 def forward(model: nn.Module, inputs):
@@ -26,17 +28,6 @@ def forward(model: nn.Module, inputs):
         return model(**devices.to_device(inputs, dev)), next(iter(inputs.values())).shape[0]
     args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
     return model(*devices.to_device(args, dev)), args[0].shape[0]
-
-
-def first_tensor(out) -> Tensor:
-    """The first tensor of a model output (a tensor, a tuple, or a Hugging Face ModelOutput)."""
-    if isinstance(out, Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if isinstance(value, Tensor):
-            return value
-    return out[0]
 
 
 def _inputs_of(dataset) -> Tensor:
@@ -112,26 +103,17 @@ def _run_batched(model: nn.Module, x: Tensor, batch_size: int, amp: bool, device
         except Exception:  # noqa: BLE001 - capture is an optimisation; eager gives the same numbers
             runner = None
     outs = []
-    bar = task = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("evaluating", total=n)
-    for i in range(0, n, batch_size):
-        xb = x[i : i + batch_size].to(device, non_blocking=True)
-        m = xb.shape[0]
-        if runner is not None:
-            y = runner(_pad(xb, batch_size) if m < batch_size else xb)[:m]
-        else:
-            with torch.autocast(device.type, dtype=dt or torch.float32, enabled=dt is not None):
-                y = first_tensor(fwd(xb))
-        outs.append(y.float().cpu())
-        if bar is not None:
-            bar.update(task, advance=m)
-    if bar is not None:
-        bar.stop()
+    with bars.progress("evaluating", total=n, show=progress) as bar:
+        for i in range(0, n, batch_size):
+            xb = x[i : i + batch_size].to(device, non_blocking=True)
+            m = xb.shape[0]
+            if runner is not None:
+                y = runner(_pad(xb, batch_size) if m < batch_size else xb)[:m]
+            else:
+                with torch.autocast(device.type, dtype=dt or torch.float32, enabled=dt is not None):
+                    y = first_tensor(fwd(xb))
+            outs.append(y.float().cpu())
+            bar.advance(m)
     return torch.cat(outs)
 
 

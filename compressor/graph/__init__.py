@@ -14,8 +14,10 @@ from compressor.graph.analysis import Analysis, Group, Member, build
 from compressor.graph.ir import GraphIR, load_model
 from compressor.graph.prune import PruneError, prune_onnx
 from compressor.graph.selection import Selection, select
+from compressor.utils import progress as bars
 
 
+@bars.step("analysing the graph")
 def analyze(model_or_path, *, validate: bool = True, strict: bool = False) -> Analysis:
     """Coupled channel groups of an ONNX model (path, bytes or ModelProto; never modified).
 

@@ -284,6 +284,9 @@ def taylor_grads(model: nn.Module, batches, loss_fn=None) -> dict[str, np.ndarra
     model.eval()
     model.zero_grad(set_to_none=True)
     for batch in batches:
+        if callable(getattr(batch, "loss", None)):  # a batch that knows its loss (methods.structured: io.bundle.Batches)
+            batch.loss(model).backward()
+            continue
         inputs, target = (batch[:-1], batch[-1]) if len(batch) > 1 else (batch, None)
         out = model(*inputs)
         out = out if isinstance(out, torch.Tensor) else out[0]

@@ -1,4 +1,5 @@
-"""Data sources: `digits`, `npz:PATH`, `text:PATH`, `random` (calibration only); file and torch sources in io.sources.
+"""Data sources: `digits`, `npz:PATH`, `text:PATH`, `random` (calibration only); file and torch sources in io.sources,
+`hf:PATH` (Hugging Face datasets on disk) in io.hf_datasets; every source with a worked example: docs/data.md.
 
 Nothing is downloaded. Splits are deterministic (fixed seed) so before/after metrics compare.
 """
@@ -13,7 +14,7 @@ import torch
 from compressor.errors import InputError
 from compressor.io.bundle import DataBundle, _split  # noqa: F401  (DataBundle is part of this module's interface)
 
-DATA_SPECS = "digits, npz:PATH, text:PATH, imagefolder:DIR, csv:PATH, jsonl:PATH, random"
+DATA_SPECS = "digits, npz:PATH, text:PATH, imagefolder:DIR, csv:PATH, jsonl:PATH, hf:PATH, random"
 # split rule of every labelled source, stated in --help and docs/cli.md
 SPLIT_RULE = "25 % held out by a seeded permutation"
 
@@ -117,10 +118,14 @@ def load_data(spec: str | None, *, input_shape: tuple[int, ...] | None = None, s
         return npz(Path(rest).expanduser(), seed=seed)
     if sep and source == "text":
         return text(Path(rest).expanduser())
-    if sep and source in ("imagefolder", "csv", "jsonl"):
+    if sep and source in ("imagefolder", "csv", "jsonl", "hf"):
         from compressor.io import sources
 
         path, opts = sources.parse_spec(source, rest)
+        if source == "hf":
+            from compressor.io import hf_datasets
+
+            return hf_datasets.load(str(path), opts, input_shape, seed=seed)
         if source == "imagefolder":
             return sources.imagefolder(path, opts, input_shape, seed=seed)
         return sources.table(path, source, opts, input_shape, seed=seed)

@@ -23,6 +23,7 @@ from compressor.errors import InputError, VerificationError
 from compressor.kernels import calibrate as KC
 from compressor.kernels import formats as KF
 from compressor.kernels.sparse_linear import SparseLinear
+from compressor.utils import progress as bars
 from compressor.utils.names import join_name, set_module
 from compressor.utils.selectors import selected
 
@@ -168,7 +169,7 @@ def swap_sparse_kernels(model: nn.Module, example_inputs, min_sparsity: float = 
     originals: dict[str, nn.Module] = {}
     any_half = False
     try:
-        for name, lin in linears.items():
+        for name, lin in bars.track(linears.items(), "calibrating sparse kernels"):
             w = lin.weight.detach()
             s = KF.sparsity(w)
             r = rows.get(name, 1)

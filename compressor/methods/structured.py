@@ -82,7 +82,7 @@ def _batches(ctx: StageContext, n: int) -> list[tuple]:
     ds = getattr(ctx.data, "train", None) if ctx.data is not None else None
     if ds is not None and hasattr(ds, "tensors"):
         loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False)
-        return [tuple(b) for _, b in zip(range(n), loader, strict=False)]
+        return [ds.bound(b) if hasattr(ds, "bound") else tuple(b) for _, b in zip(range(n), loader, strict=False)]
     ex = ctx.example_inputs
     return [tuple(ex.values()) if isinstance(ex, dict) else tuple(ex)]
 

@@ -25,6 +25,7 @@ from compressor.replaceme.memory import PeakMemory
 from compressor.replaceme.quality import count_params
 from compressor.replaceme.walk import _Capture, block_distances
 from compressor.task import is_causal_lm
+from compressor.utils import progress as bars
 
 Estimator = Literal["ls", "cosine", "none"]
 
@@ -132,6 +133,7 @@ def _check_cut(n_blocks: int, start: int | None, L: int) -> None:
                              f"use start between 1 and {L - n_blocks}")
 
 
+@bars.step("ReplaceMe calibration")
 def _calibrate(adapter: BlockAdapter, cal: Calibration, n_blocks: int, estimator: str, o: ReplaceMeOptions, device,
                how: str, report: dict) -> tuple[int, _Stats | None, tuple | None]:
     """Pass 1 (distances → the cut start s) and, with an estimator, pass 2 (the statistics of T), under one

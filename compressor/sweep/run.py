@@ -16,6 +16,7 @@ from compressor.sweep.evaluators import Evaluator, make_evaluator
 from compressor.sweep.grid import Pattern, parse_grid, parse_patterns, refine_points
 from compressor.sweep.knee import analyze_curve
 from compressor.sweep.targets import default_targets
+from compressor.utils import progress as bars
 
 
 def _curve_names(patterns: Sequence[Pattern]) -> dict[Pattern, str]:
@@ -74,10 +75,9 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
     n_weights = sum(w.numel() for w in dense.values())
     curves: dict[str, list[dict]] = {}
 
-    def run_jobs(jobs, bar=None, task=None):
+    def run_jobs(jobs, bar):
         for pat, p, curve in jobs:
-            if bar is not None:
-                bar.update(task, description=f"{pat.label if curve == names[pat] else 'dense'} @ {p:.0%}")
+            bar.update(description=f"sweep {pat.label if curve == names.get(pat) else 'dense'} @ {p:.0%}")
             masks = pat.masks(dense, p, seed, transposed)
             with torch.no_grad():
                 for k, w in targets.items():
@@ -92,16 +92,13 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
             curves.setdefault(curve, []).append(point)
             if on_level is not None:
                 on_level(point)
-            if bar is not None:
-                bar.advance(task)
+            bar.advance()
 
     names = _curve_names(pats)
     jobs = _level_jobs(pats, grid, names)
-    bar = _progress_bar(progress, len(jobs))
-    task = bar.add_task("sweep", total=len(jobs)) if bar is not None else None
     refined: list[float] = []
-    try:
-        run_jobs(jobs, bar, task)
+    with bars.progress("sweep", total=len(jobs), show=progress and len(jobs) > 1) as bar:
+        run_jobs(jobs, bar)
         grid_pats = [p for p in pats if p.on_grid]
         if refine is not None and grid_pats:
             a = analyze_curve(curves[grid_pats[0].curve], eps, relative)
@@ -110,14 +107,10 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
                 refined = refine_points(grid, center, refine)
             if refined:
                 extra = _level_jobs(grid_pats, refined)
-                if bar is not None:
-                    bar.update(task, total=len(jobs) + len(extra))
-                run_jobs(extra, bar, task)
+                bar.update(total=len(jobs) + len(extra))
+                run_jobs(extra, bar)
                 for c in {p.curve for p in grid_pats}:
                     curves[c].sort(key=lambda d: d["target"])
-    finally:
-        if bar is not None:
-            bar.stop()
     analysis = {c: analyze_curve(pts, eps, relative) for c, pts in curves.items()}
     for a in analysis.values():
         a.pop("curve")
@@ -138,16 +131,6 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
         "analysis": analysis,
         "seconds": time.perf_counter() - t0,
     }
-
-
-def _progress_bar(enabled: bool, total: int):
-    if not enabled or total <= 1:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-    bar.start()
-    return bar
 
 
 def sweep(model, data=None, *, tokenizer=None, grid=None, patterns=None, eps: float = 1.0,

@@ -93,6 +93,8 @@ class TorchModel(Model):
     # inputs ------------------------------------------------------------------------------------------
 
     def make_example(self, data, input_shape=None, batch: int = 8):
+        if data is not None and hasattr(data.test, "example"):  # batches of another structure (io.bundle.Batches)
+            return data.test.example(batch, self.module)
         if data is not None and data.test is not None:
             return (data.test.tensors[0][:batch].clone(),)
         if self.example_inputs is not None:
