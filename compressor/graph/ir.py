@@ -163,16 +163,24 @@ def _infer(model):
 
 class LazyArrays(Mapping):
     """name -> ndarray of TensorProtos, decoded on first access: the analysis itself needs only the dims of
-    the weights (and the values of small shape constants), so a large model is not copied into numpy."""
+    the weights (and the values of small shape constants), so a large model is not copied into numpy.
 
-    def __init__(self, tensors: dict[str, object]):
+    external: where tensors whose data lives outside the proto are read from (name -> ndarray), e.g. a
+    checkpoint's safetensors shards for a weightless graph (compressor.skeleton). Those are read on every
+    access and never kept, so scoring a model holds one tensor at a time."""
+
+    def __init__(self, tensors: dict[str, object], external=None):
         self._tensors = tensors
         self._arrays: dict[str, np.ndarray] = {}
+        self._external = external
 
     def __getitem__(self, name: str) -> np.ndarray:
         arr = self._arrays.get(name)
         if arr is None:
-            arr = self._arrays[name] = tensor_to_array(self._tensors[name])
+            t = self._tensors[name]
+            if self._external is not None and t.data_location == 1:
+                return self._external(name)
+            arr = self._arrays[name] = tensor_to_array(t)
         return arr
 
     def __contains__(self, name) -> bool:
@@ -209,7 +217,7 @@ class _Consts(Mapping):
 class GraphIR:
     """Nodes in topological order, tensor shapes and element types, constant values, initializer aliases."""
 
-    def __init__(self, model):
+    def __init__(self, model, external=None):
         g = model.graph
         # Every pass below reads node fields; protobuf builds new strings on each read, so read them once.
         recs = [[n, n.op_type, list(n.input), list(n.output)] for n in g.node]
@@ -222,10 +230,11 @@ class GraphIR:
         self.nodes = [r[0] for r in recs]
         inferred = _infer(model)
         init_protos = {i.name: i for i in g.initializer}
-        self.initializers = LazyArrays(init_protos)  # name -> ndarray
+        self.initializers = LazyArrays(init_protos, external)  # name -> ndarray
         self.const_values: dict[str, np.ndarray] = {}  # Constant node outputs
         self.consts = _Consts(self.initializers, self.const_values)  # initializers + Constant node outputs
         self.init_dims: dict[str, tuple[int, ...]] = {n: tuple(i.dims) for n, i in init_protos.items()}
+        self.init_types: dict[str, int] = {n: i.data_type for n, i in init_protos.items()}
         self.const_nodes: dict[str, object] = {}  # Constant output name -> node
         self.alias: dict[str, str] = {}  # Identity output -> initializer name
         self.shapes: dict[str, Shape] = {}
@@ -297,6 +306,19 @@ class GraphIR:
             a = self.alias.get(name)
             d = self.init_dims.get(a) if a else None
         return d
+
+    def const_kind(self, name: str) -> str | None:
+        """numpy dtype kind ("f", "i", "u", "b"...) of a constant, without decoding it; None if not one."""
+        v = self.const_values.get(name)
+        if v is not None:
+            return v.dtype.kind
+        init = self.init_of(name)
+        if init is None:
+            return None
+        dt = _RAW_DTYPES.get(self.init_types[init])
+        if dt is not None:
+            return np.dtype(dt).kind
+        return "b" if self.init_types[init] == 9 else "f"  # bool; bfloat16 and the 8-bit floats
 
     def value(self, name: str) -> np.ndarray | None:
         """Constant value of an initializer / Constant / Identity-of-initializer, else None."""

@@ -1,0 +1,181 @@
+"""Weightless ONNX graphs of Hugging Face models: the structure of a checkpoint without its weights.
+
+The model is built from its config on the meta device (no storage), traced by torch.export and translated by
+the dynamo ONNX exporter; every tensor that has no data (parameters, buffers built on meta) becomes an
+initializer with its name, dtype and dims and an external-data reference to nothing. The proto holds no
+weight bytes, so a 70 B layout is a few MB of graph and protobuf's 2 GiB limit never applies. Graph
+constants the exporter writes itself (reshape targets, shape arithmetic) keep their values.
+
+Initializer names are the checkpoint's state-dict names (``model.layers.0.mlp.up_proj.weight``, no wrapper
+prefix). A tied weight (``lm_head.weight`` = ``model.embed_tokens.weight``) is one initializer, under the
+first name the module lists; ``aliases`` maps every other name to it.
+
+Values, when a caller needs them (importance: L2 norms), come from the folder's safetensors shards one tensor
+at a time (``CheckpointArrays``); a bare config.json has none (``NoWeights`` says so in one line).
+
+    proto, aliases = skeleton_onnx(load_config(path))        # path: HF folder or config.json
+    values = weights_of(path)                                 # Mapping name -> np.ndarray, lazy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.errors import InputError
+from compressor.task import hf_task
+
+OPSET = 18  # the dynamo exporter's own opset (it would convert down otherwise)
+NOWHERE = "weightless"  # the external-data location of every weight: no file of that name is ever written
+
+
+def config_path(path: str | Path) -> Path:
+    """The config.json of an HF folder, or the file itself."""
+    p = Path(path)
+    c = p / "config.json" if p.is_dir() else p
+    if not c.is_file() or c.name != "config.json" and c.suffix != ".json":
+        raise InputError(f"{path}: no config.json", "pass a Hugging Face folder or its config.json")
+    return c
+
+
+def is_config_only(path: str | Path) -> bool:
+    """A config.json, or a folder with a config.json and no safetensors weights."""
+    p = Path(path)
+    if p.is_file():
+        return p.suffix == ".json"
+    return p.is_dir() and (p / "config.json").is_file() and not any(p.glob("*.safetensors"))
+
+
+def load_config(path: str | Path):
+    from compressor.hf import _require_transformers
+
+    transformers = _require_transformers()
+    c = config_path(path)
+    try:
+        return transformers.AutoConfig.from_pretrained(c.parent if c.name == "config.json" else c,
+                                                       local_files_only=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise InputError(f"{c}: not a usable transformers config ({str(e).splitlines()[0][:120]})",
+                         "check model_type and the fields of config.json") from e
+
+
+def meta_model(config) -> nn.Module:
+    """The transformers model of `config` (the head its task calls for, eager attention, float32, eval) with
+    every parameter and buffer on the meta device: no memory for weights."""
+    from compressor.hf import _require_transformers
+
+    transformers = _require_transformers()
+    cls = {"causal-lm": transformers.AutoModelForCausalLM, "classifier": transformers.AutoModelForSequenceClassification,
+           "encoder": transformers.AutoModel}[hf_task(config)]
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # checkpoints are analysed (and scored) as float32, as load_hf_folder does
+    try:
+        with torch.device("meta"):
+            try:
+                model = cls.from_config(config, attn_implementation="eager", torch_dtype=torch.float32)
+            except (ValueError, TypeError):
+                model = cls.from_config(config, torch_dtype=torch.float32)
+    finally:
+        torch.set_default_dtype(was)
+    _real_buffers(model)
+    return model.eval()
+
+
+def _real_buffers(model: nn.Module) -> None:
+    """Give the non-persistent buffers (rotary inv_freq, position ids: small, computed from the config, not in
+    the checkpoint) their real values on the CPU, as transformers' loader does: the trace then keeps them as
+    constants with values. Parameter initialisation on meta costs nothing."""
+    named = getattr(model, "named_non_persistent_buffers", None)
+    if named is None:
+        return
+    for key, buf in list(named()):
+        mod, _, attr = key.rpartition(".")
+        owner = model.get_submodule(mod) if mod else model
+        owner._buffers[attr] = torch.empty_like(buf, device="cpu")
+    with torch.no_grad():
+        model.initialize_weights()
+
+
+class _Tokens(nn.Module):
+    """Token ids and mask in, the first output out (last_hidden_state / logits), as compressor.export feeds HF
+    models; `net` is stripped from the initializer names afterwards."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, input_ids, attention_mask):
+        out = self.net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        for key in ("last_hidden_state", "logits"):
+            v = getattr(out, key, None)
+            if v is not None:
+                return v
+        return out[0]
+
+
+def aliases_of(model: nn.Module) -> dict[str, str]:
+    """{other name: the name the graph uses} for tied tensors (one storage under several names)."""
+    out: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        k = id(t)
+        if k in first:
+            out[name] = first[k]
+        else:
+            first[k] = name
+    return out
+
+
+def skeleton_onnx(config, *, batch: int = 2, sequence: int = 8):
+    """(onnx.ModelProto without weight bytes, aliases) of the model `config` describes; inputs input_ids and
+    attention_mask with dynamic batch and sequence. Raises whatever the trace raises (callers fall back)."""
+    import onnx_ir
+
+    model = meta_model(config)
+    aliases = aliases_of(model)
+    ids = torch.zeros(batch, sequence, dtype=torch.long, device="meta")
+    mask = torch.ones(batch, sequence, dtype=torch.long, device="meta")
+    b = s = torch.export.Dim.DYNAMIC  # ranges (a maximum sequence from the position table) are inferred
+    with _quiet():
+        ep = torch.export.export(_Tokens(model), (ids, mask), strict=False,
+                                 dynamic_shapes={"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}})
+        program = torch.onnx.export(ep, dynamo=True, optimize=False, opset_version=OPSET,
+                                    input_names=["input_ids", "attention_mask"], verbose=False)
+    graph = program.model.graph
+    for value in list(graph.initializers.values()):
+        t = value.const_value
+        name = value.name[len("net."):] if value.name.startswith("net.") else value.name
+        if t is not None and getattr(t, "raw", None) is not None and getattr(t.raw, "is_meta", False):
+            value.const_value = onnx_ir.ExternalTensor(NOWHERE, offset=0, length=t.nbytes, dtype=t.dtype,
+                                                       shape=t.shape, name=name)
+        if name != value.name:
+            graph.initializers.pop(value.name)
+            value.name = name
+            graph.initializers[name] = value
+    proto = onnx_ir.serde.serialize_model(program.model)
+    return proto, aliases
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter logs and warns per op (torchvision missing, deprecations): none of it is the user's."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
