@@ -339,7 +339,7 @@ def demo_cmd(
 
 @app.command("analyze")
 def analyze_cmd(
-    model: str = typer.Argument(..., help="ONNX file, torch checkpoint or HF folder"),
+    model: str = typer.Argument(..., help="ONNX file, torch checkpoint, HF folder or its config.json (analysed without loading weights)"),
     as_json: bool = typer.Option(False, "--json", help="print the full analysis as JSON (groups with members)"),
     arch: str = typer.Option(None, "--arch", help="package.module:Factory for state dicts / safetensors"),
     data: str = typer.Option(None, "--data", help="data spec for example inputs (torch checkpoints)"),
@@ -349,7 +349,8 @@ def analyze_cmd(
     """Coupled channel groups of a model: size, members, prunable or why not."""
     from compressor.api import analyze as analyze_model
 
-    a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data)
+    a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data,
+                      note=lambda m: err_console.print(f"[yellow]{m}[/]"))
     if as_json:
         print(a.dumps())
         return

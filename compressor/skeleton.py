@@ -13,18 +13,20 @@ first name the module lists; ``aliases`` maps every other name to it.
 Values, when a caller needs them (importance: L2 norms), come from the folder's safetensors shards one tensor
 at a time (``CheckpointArrays``); a bare config.json has none (``NoWeights`` says so in one line).
 
-    proto, aliases = skeleton_onnx(load_config(path))        # path: HF folder or config.json
-    values = weights_of(path)                                 # Mapping name -> np.ndarray, lazy
+    sk = skeleton_onnx(load_config(path))       # path: HF folder or config.json; sk.proto, sk.aliases
+    read = CheckpointReader(folder, sk.aliases, sk.prefix)   # name -> float32 ndarray, one tensor per call
+
+compressor.graph.weightless.analyze_hf(path) turns both into an Analysis.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +137,26 @@ def aliases_of(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def skeleton_onnx(config, *, batch: int = 2, sequence: int = 8):
-    """(onnx.ModelProto without weight bytes, aliases) of the model `config` describes; inputs input_ids and
-    attention_mask with dynamic batch and sequence. Raises whatever the trace raises (callers fall back)."""
+@dataclasses.dataclass
+class Skeleton:
+    proto: object  # onnx.ModelProto: inputs input_ids, attention_mask (dynamic batch, sequence); no weight bytes
+    aliases: dict[str, str]  # tied names -> the initializer name (lm_head.weight -> model.embed_tokens.weight)
+    prefix: str  # the base model's attribute in the head class ("model", "transformer", "bert"; "" if none)
+
+    def weightless(self) -> dict[str, tuple[int, ...]]:
+        """{initializer: dims} of every tensor without data (what a checkpoint must provide)."""
+        return {i.name: tuple(i.dims) for i in self.proto.graph.initializer if i.data_location == 1}
+
+
+def skeleton_onnx(config, *, batch: int = 2, sequence: int = 8) -> Skeleton:
+    """The weightless ONNX graph of the model `config` describes. Raises whatever the trace raises (callers
+    fall back to a full export)."""
     import onnx_ir
 
     model = meta_model(config)
     aliases = aliases_of(model)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    prefix = prefix if prefix and hasattr(model, prefix) else ""
     ids = torch.zeros(batch, sequence, dtype=torch.long, device="meta")
     mask = torch.ones(batch, sequence, dtype=torch.long, device="meta")
     b = s = torch.export.Dim.DYNAMIC  # ranges (a maximum sequence from the position table) are inferred
@@ -154,6 +169,7 @@ def skeleton_onnx(config, *, batch: int = 2, sequence: int = 8):
     for value in list(graph.initializers.values()):
         t = value.const_value
         name = value.name[len("net."):] if value.name.startswith("net.") else value.name
+        name = aliases.get(name, name)  # a tied weight goes by its first name, the one checkpoints store
         if t is not None and getattr(t, "raw", None) is not None and getattr(t.raw, "is_meta", False):
             value.const_value = onnx_ir.ExternalTensor(NOWHERE, offset=0, length=t.nbytes, dtype=t.dtype,
                                                        shape=t.shape, name=name)
@@ -162,7 +178,76 @@ def skeleton_onnx(config, *, batch: int = 2, sequence: int = 8):
             value.name = name
             graph.initializers[name] = value
     proto = onnx_ir.serde.serialize_model(program.model)
-    return proto, aliases
+    _drop_metadata(proto)
+    return Skeleton(proto, aliases, prefix)
+
+
+def _drop_metadata(proto) -> None:
+    """The exporter records a stack trace and fx node text on every node: most of the proto's bytes."""
+    for n in proto.graph.node:
+        del n.metadata_props[:]
+    for vi in (*proto.graph.value_info, *proto.graph.input, *proto.graph.output):
+        del vi.metadata_props[:]
+    for t in proto.graph.initializer:
+        del t.metadata_props[:]
+
+
+class CheckpointReader:
+    """name -> float32 ndarray of one tensor of a folder's safetensors shards, read on each call (the file is
+    opened, the tensor copied out and the file closed again, so nothing of the checkpoint stays mapped).
+
+    Graph names are the model class's state-dict names; a checkpoint saved from the base model lacks the head
+    class's prefix (``layers.0...`` for ``model.layers.0...``) or has one the base model lacks
+    (``bert.encoder...``): both are tried, and a tied name reads the tensor it is tied to."""
+
+    def __init__(self, folder: str | Path, aliases: dict[str, str] | None = None, prefix: str = ""):
+        self.folder = Path(folder)
+        self.aliases = dict(aliases or {})
+        self.prefix = f"{prefix}." if prefix else ""
+        self.where: dict[str, Path] = {}  # checkpoint key -> shard
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            self.where = {k: self.folder / v for k, v in weight_map.items()}
+        else:
+            from safetensors import safe_open
+
+            for shard in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(shard, framework="pt") as f:
+                    self.where.update(dict.fromkeys(f.keys(), shard))
+
+    def key(self, name: str) -> str | None:
+        """The checkpoint key that holds graph tensor `name`, or None."""
+        for n in (name, self.aliases.get(name)):
+            if n is None:
+                continue
+            cands = [n]
+            if self.prefix:
+                cands += [n[len(self.prefix):]] if n.startswith(self.prefix) else [self.prefix + n]
+            for c in cands:
+                if c in self.where:
+                    return c
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return self.key(name) is not None
+
+    def __call__(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        k = self.key(name)
+        if k is None:
+            raise InputError(f"{self.folder}: the checkpoint has no tensor {name!r}",
+                             "check that the shards match config.json (model_type, layer count)")
+        with safe_open(self.where[k], framework="pt") as f:
+            t = f.get_tensor(k)
+        return t.float().numpy() if t.is_floating_point() else t.numpy()
+
+
+def no_weights(name: str) -> np.ndarray:
+    """The value reader of a graph built from config.json alone: there is nothing to read."""
+    raise InputError(f"no weights: {name!r} was analysed from config.json alone",
+                     "pass the folder with its safetensors shards to rank channels by weight")
 
 
 @contextlib.contextmanager

@@ -20,8 +20,10 @@ from compressor.errors import InputError
 Shape = list  # list[int | None]; None = dynamic
 
 
-def load_model(model_or_path):
-    """ModelProto from a path, bytes or ModelProto (copied, so the caller's object is never touched)."""
+def load_model(model_or_path, *, external_data: bool = True):
+    """ModelProto from a path, bytes or ModelProto (copied, so the caller's object is never touched).
+    external_data=False: initializers whose data is in another file keep their reference (nothing read;
+    see ExternalData) unless a node attribute holds such data."""
     import onnx
 
     if isinstance(model_or_path, onnx.ModelProto):
@@ -37,7 +39,7 @@ def load_model(model_or_path):
     if not path.exists():
         raise InputError(f"ONNX file not found: {path}", "check the path")
     try:
-        m = _load_path(path)
+        m = _load_path(path, external_data)
     except Exception as e:
         raise InputError(f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e)[:120]})",
                          "re-export the model; the file may be truncated or corrupt") from e
@@ -46,9 +48,9 @@ def load_model(model_or_path):
     return m
 
 
-def _load_path(path: Path):
+def _load_path(path: Path, external_data: bool = True):
     """onnx.load, reading the file once: the external-data pass (a Python walk over every tensor) runs only
-    when some tensor actually says its data lives in another file."""
+    when some tensor actually says its data lives in another file (and external_data asks for it)."""
     import onnx
 
     m = onnx.ModelProto()
@@ -57,7 +59,7 @@ def _load_path(path: Path):
             m.ParseFromString(view)  # the message copies what it keeps (checked: nothing aliases the map)
     else:
         m.ParseFromString(path.read_bytes())
-    if _has_external_data(m):
+    if external_data and _has_external_data(m) or not external_data and _graph_attr_external(m.graph):
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(m, str(path.parent))
@@ -191,6 +193,23 @@ class LazyArrays(Mapping):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+
+class ExternalData:
+    """name -> ndarray of an initializer whose data is in a file beside the model, read on each call: an
+    analysis of a multi-GB ONNX file reads a weight only when a score needs it (GraphIR's `external`)."""
+
+    def __init__(self, model, folder: str | Path):
+        self.folder = str(folder)
+        self._tensors = {i.name: i for i in model.graph.initializer if i.data_location == 1}
+
+    def __bool__(self) -> bool:
+        return bool(self._tensors)
+
+    def __call__(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self._tensors[name], self.folder)
 
 
 class _Consts(Mapping):

@@ -95,6 +95,8 @@ def prune_onnx(model, analysis: Analysis, selection: Iterable[int], *, check: bo
     m = load_model(analysis.ir.model)
     for i, init in enumerate(m.graph.initializer):
         v = None if values is None else values.get(init.name)
+        if v is None and init.data_location == 1:  # analysed without reading it (external data, a checkpoint)
+            v = analysis.ir.initializers[init.name]
         if v is not None and tuple(v.shape) == tuple(init.dims):
             m.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(v, dtype=helper.tensor_dtype_to_np_dtype(init.data_type)), init.name))
     plan = Plan(analysis, removed)
