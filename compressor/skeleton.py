@@ -21,7 +21,9 @@ compressor.graph.weightless.analyze_hf(path) turns both into an Analysis.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -148,15 +150,33 @@ class Skeleton:
         return {i.name: tuple(i.dims) for i in self.proto.graph.initializer if i.data_location == 1}
 
 
-def skeleton_onnx(config, *, batch: int = 2, sequence: int = 8) -> Skeleton:
+def skeleton_onnx(config, *, repeat: bool = True) -> Skeleton:
     """The weightless ONNX graph of the model `config` describes. Raises whatever the trace raises (callers
-    fall back to a full export)."""
-    import onnx_ir
+    fall back to a full export).
 
+    repeat: when the layers are one module repeated (same class, same tensor shapes, no per-layer types), trace
+    two of them and copy the second for the others (compressor's graph of a deep model in the time of a
+    two-layer one); anything that does not line up falls back to tracing every layer."""
     model = meta_model(config)
     aliases = aliases_of(model)
     prefix = getattr(model, "base_model_prefix", "") or ""
     prefix = prefix if prefix and hasattr(model, prefix) else ""
+    proto = None
+    path = _layer_stack(model, config) if repeat else None
+    if path is not None:
+        small = meta_model(_with_layers(config, 2))
+        proto = repeat_layers(_trace(small, aliases_of(small)), path, len(model.get_submodule(path)))
+    if proto is None:
+        proto = _trace(model, aliases)
+    _drop_metadata(proto)
+    return Skeleton(proto, aliases, prefix)
+
+
+def _trace(model: nn.Module, aliases: dict[str, str], batch: int = 2, sequence: int = 8):
+    """ONNX proto of `model` (meta tensors) through torch.export and the dynamo exporter; weights become
+    external references to nothing, named by their state-dict names; node metadata kept (name scopes)."""
+    import onnx_ir
+
     ids = torch.zeros(batch, sequence, dtype=torch.long, device="meta")
     mask = torch.ones(batch, sequence, dtype=torch.long, device="meta")
     b = s = torch.export.Dim.DYNAMIC  # ranges (a maximum sequence from the position table) are inferred
@@ -177,9 +197,101 @@ def skeleton_onnx(config, *, batch: int = 2, sequence: int = 8) -> Skeleton:
             graph.initializers.pop(value.name)
             value.name = name
             graph.initializers[name] = value
-    proto = onnx_ir.serde.serialize_model(program.model)
-    _drop_metadata(proto)
-    return Skeleton(proto, aliases, prefix)
+    return onnx_ir.serde.serialize_model(program.model)
+
+
+def _layer_stack(model: nn.Module, config) -> str | None:
+    """Path of the ModuleList of the model's layers ("model.layers") when its layers are interchangeable:
+    more than two, one class, the same tensor names and shapes, and no per-layer types in the config."""
+    n = getattr(config, "num_hidden_layers", None)
+    types = getattr(config, "layer_types", None)
+    if not isinstance(n, int) or n <= 2 or (types and len(set(types)) > 1):
+        return None
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            shapes = [[(k, tuple(t.shape)) for k, t in layer.state_dict(keep_vars=True).items()] for layer in mod]
+            if len({type(layer) for layer in mod}) == 1 and all(x == shapes[0] for x in shapes):
+                return path
+            return None
+    return None
+
+
+def _with_layers(config, n: int):
+    c = copy.deepcopy(config)
+    c.num_hidden_layers = n
+    if getattr(c, "layer_types", None):
+        c.layer_types = c.layer_types[:n]
+    return c
+
+
+def _layer_of(node, scope: str) -> int | None:
+    """The layer index of a traced node (from the exporter's name scopes: "net.model.layers.1"), else None."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            for sc in ast.literal_eval(p.value):
+                if sc.startswith(scope):
+                    head = sc[len(scope):].split(".", 1)[0]
+                    if head.isdigit():
+                        return int(head)
+            return None
+    return None
+
+
+def repeat_layers(proto, path: str, n: int):
+    """The two-layer proto with layer 1 copied as layers 2..n-1 (weights renamed ``{path}.1.`` ->
+    ``{path}.{k}.``, values suffixed), wired in sequence: a copy reads from the previous layer what layer 1 read
+    from layer 0, and what followed layer 1 reads the last copy. None when the layers do not line up."""
+    g = proto.graph
+    scope = f"net.{path}."
+    layer = [_layer_of(node, scope) for node in g.node]
+    l0 = [node for node, k in zip(g.node, layer, strict=True) if k == 0]
+    l1 = [node for node, k in zip(g.node, layer, strict=True) if k == 1]
+    if not l0 or [x.op_type for x in l0] != [x.op_type for x in l1] or any(
+            len(a.output) != len(b.output) for a, b in zip(l0, l1, strict=True)):
+        return None
+    out1 = {o for node in l1 for o in node.output}
+    twin = {o0: o1 for a, b in zip(l0, l1, strict=True) for o0, o1 in zip(a.output, b.output, strict=True)}
+    w1 = f"{path}.1."
+    inits = [t for t in g.initializer if t.name.startswith(w1)]
+
+    def name_in(k: int, v: str) -> str:
+        return v if k == 1 else f"{v}__layer{k}"
+
+    copies = []
+    for k in range(2, n):
+        for node in l1:
+            c = type(node)()
+            c.CopyFrom(node)
+            c.name = f"{node.name}__layer{k}"
+            del c.metadata_props[:]
+            for i, v in enumerate(node.input):
+                if v in out1:
+                    c.input[i] = name_in(k, v)
+                elif v in twin:
+                    c.input[i] = name_in(k - 1, twin[v])
+                elif v.startswith(w1):
+                    c.input[i] = f"{path}.{k}.{v[len(w1):]}"
+            for i, v in enumerate(node.output):
+                c.output[i] = name_in(k, v)
+            copies.append(c)
+        for t in inits:
+            c = g.initializer.add()
+            c.CopyFrom(t)
+            c.name = f"{path}.{k}.{t.name[len(w1):]}"
+    last = n - 1
+    for node, k in zip(g.node, layer, strict=True):
+        if k is None:  # after the layers: read the last copy
+            for i, v in enumerate(node.input):
+                if v in out1:
+                    node.input[i] = name_in(last, v)
+    for o in g.output:
+        if o.name in out1:
+            o.name = name_in(last, o.name)
+    at = max(i for i, k in enumerate(layer) if k == 1) + 1  # copies right after layer 1: the graph stays sorted
+    nodes = [*g.node[:at], *copies, *g.node[at:]]
+    del g.node[:]
+    g.node.extend(nodes)
+    return proto
 
 
 def _drop_metadata(proto) -> None:
