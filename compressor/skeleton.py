@@ -244,13 +244,16 @@ def repeat_layers(proto, path: str, n: int):
     g = proto.graph
     scope = f"net.{path}."
     layer = [_layer_of(node, scope) for node in g.node]
-    l0 = [node for node, k in zip(g.node, layer, strict=True) if k == 0]
     l1 = [node for node, k in zip(g.node, layer, strict=True) if k == 1]
-    if not l0 or [x.op_type for x in l0] != [x.op_type for x in l1] or any(
-            len(a.output) != len(b.output) for a, b in zip(l0, l1, strict=True)):
+    # the exporter writes a literal once, where it is first used, and later layers reuse it: constants are not
+    # part of the correspondence (layer 1's own are copied with it, layer 0's stay shared)
+    a0 = [node for node, k in zip(g.node, layer, strict=True) if k == 0 and node.op_type != "Constant"]
+    a1 = [node for node in l1 if node.op_type != "Constant"]
+    if not a0 or [x.op_type for x in a0] != [x.op_type for x in a1] or any(
+            len(a.output) != len(b.output) for a, b in zip(a0, a1, strict=True)):
         return None
     out1 = {o for node in l1 for o in node.output}
-    twin = {o0: o1 for a, b in zip(l0, l1, strict=True) for o0, o1 in zip(a.output, b.output, strict=True)}
+    twin = {o0: o1 for a, b in zip(a0, a1, strict=True) for o0, o1 in zip(a.output, b.output, strict=True)}
     w1 = f"{path}.1."
     inits = [t for t in g.initializer if t.name.startswith(w1)]
 

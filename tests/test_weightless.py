@@ -8,6 +8,8 @@ ONNX file with its weights inline.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,31 @@ def test_api_analyses_hf_folders_weightless_and_falls_back_in_one_line(tiny_bert
     assert not any(i.data_location == 1 for i in b.ir.model.graph.initializer)  # the full export
     with pytest.raises(InputError, match="without weights"):
         api.analyze(tiny_bert_folder / "config.json")
+
+
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow),
+                                  pytest.param("bert", marks=pytest.mark.slow)])
+def test_copied_layers_equal_the_traced_ones(arch):
+    """Two traced layers copied to four give the graph (and groups) of all four traced."""
+    from compressor.skeleton import skeleton_onnx
+
+    cfg = CONFIGS[arch]()
+    cfg.num_hidden_layers = 4
+    got, want = skeleton_onnx(cfg, repeat=True), skeleton_onnx(cfg, repeat=False)
+    assert _depths(got.proto) == _depths(want.proto)  # the same ops at the same distances: wired in sequence
+    assert sorted(i.name for i in got.proto.graph.initializer if i.data_location == 1) == \
+        sorted(i.name for i in want.proto.graph.initializer if i.data_location == 1)
+    assert signature(analyze(got.proto, strict=True)) == signature(analyze(want.proto, strict=True))
+
+
+def _depths(proto) -> Counter:
+    """(op, longest path from the graph inputs) of every non-Constant node, counted."""
+    depth = {}
+    out = Counter()
+    for n in proto.graph.node:  # the exporter's order is topological
+        d = 1 + max((depth.get(i, 0) for i in n.input), default=0) if n.op_type != "Constant" else 0
+        for o in n.output:
+            depth[o] = d
+        if n.op_type != "Constant":
+            out[n.op_type, d] += 1
+    return out
