@@ -349,8 +349,9 @@ def analyze_cmd(
     """Coupled channel groups of a model: size, members, prunable or why not."""
     from compressor.api import analyze as analyze_model
 
-    a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data,
-                      note=lambda m: err_console.print(f"[yellow]{m}[/]"))
+    with err_console.status(f"analysing {Path(model).name} …"):
+        a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data,
+                          note=lambda m: err_console.print(f"[yellow]{m}[/]"))
     if as_json:
         print(a.dumps())
         return

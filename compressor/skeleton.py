@@ -85,9 +85,9 @@ def meta_model(config) -> nn.Module:
     try:
         with torch.device("meta"):
             try:
-                model = cls.from_config(config, attn_implementation="eager", torch_dtype=torch.float32)
+                model = cls.from_config(config, attn_implementation="eager", dtype=torch.float32)
             except (ValueError, TypeError):
-                model = cls.from_config(config, torch_dtype=torch.float32)
+                model = cls.from_config(config, dtype=torch.float32)
     finally:
         torch.set_default_dtype(was)
     _real_buffers(model)
