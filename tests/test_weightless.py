@@ -86,6 +86,14 @@ def test_config_only_analysis_equals_the_full_weight_export(arch, tmp_path):
     tied = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
     want = _full_export_analysis(model)
     assert signature(got) == signature(want, "m.", tied)
+    # buffers built from the config and not in a checkpoint (rotary inv_freq) keep their values in the graph
+    from onnx import numpy_helper
+
+    saved, buffers = model.state_dict(), dict(model.named_buffers())
+    kept = [i for i in got.ir.model.graph.initializer if i.name in buffers and i.name not in saved]
+    for i in kept:
+        np.testing.assert_allclose(numpy_helper.to_array(i), buffers[i.name].numpy(), rtol=1e-6)
+    assert kept or arch != "llama"
     assert sum(g.prunable for g in got.groups) > 0
     with pytest.raises(InputError, match="config.json alone"):
         group_scores(got)
