@@ -174,14 +174,14 @@ class LazyArrays(Mapping):
     def __init__(self, tensors: dict[str, object], external=None):
         self._tensors = tensors
         self._arrays: dict[str, np.ndarray] = {}
-        self._external = external
+        self.external = external  # public: a weightless analysis's CheckpointReader (checkpoint keys, shards)
 
     def __getitem__(self, name: str) -> np.ndarray:
         arr = self._arrays.get(name)
         if arr is None:
             t = self._tensors[name]
-            if self._external is not None and t.data_location == 1:
-                return self._external(name)
+            if self.external is not None and t.data_location == 1:
+                return self.external(name)
             arr = self._arrays[name] = tensor_to_array(t)
         return arr
 

@@ -10,6 +10,10 @@ Names: the state-dict names of the model class the config's task calls for (Llam
 ``model.layers.0.mlp.up_proj.weight``, ``lm_head.weight``). A tied weight is one initializer under the first
 name (``model.embed_tokens.weight``); ``a.ir.initializers`` reads it whichever name the checkpoint stores.
 A checkpoint saved from the base model (keys without ``model.``) is read as well.
+
+For a folder, ``a.ir.initializers.external`` is the compressor.skeleton.CheckpointReader: ``.key(name)`` the
+checkpoint key that holds a graph tensor, ``.where[key]`` its shard, ``.aliases`` the tied names; for a bare
+config it is ``skeleton.no_weights`` (reading a value raises InputError).
 """
 
 from __future__ import annotations
