@@ -358,7 +358,7 @@ def demo_cmd(
 
 @app.command("analyze")
 def analyze_cmd(
-    model: str = typer.Argument(..., help="ONNX file, torch checkpoint or HF folder"),
+    model: str = typer.Argument(..., help="ONNX file, torch checkpoint, HF folder or its config.json (analysed without loading weights)"),
     as_json: bool = typer.Option(False, "--json", help="print the full analysis as JSON (groups with members)"),
     arch: str = typer.Option(None, "--arch", help="package.module:Factory for state dicts / safetensors"),
     data: str = typer.Option(None, "--data", help="data spec for example inputs (torch checkpoints)"),
@@ -369,7 +369,9 @@ def analyze_cmd(
     """Coupled channel groups of a model: size, members, prunable or why not."""
     from compressor.api import analyze as analyze_model
 
-    a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data, exporter=exporter)
+    with err_console.status(f"analysing {Path(model).name} …"):
+        a = analyze_model(model, arch=arch, trust_pickle=trust_pickle, data=data, exporter=exporter,
+                          note=lambda m: err_console.print(f"[yellow]{m}[/]"))
     if as_json:
         print(a.dumps())
         return

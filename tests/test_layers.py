@@ -20,7 +20,8 @@ PACKAGE = ROOT / "compressor"
 LAYERS: list[list[str]] = [
     ["compressor.errors", "compressor.utils", "compressor.device", "compressor.task"],
     ["compressor.io", "compressor.onnx_utils", "compressor.onnx_files", "compressor.hf", "compressor.models",
-     "compressor.blocks", "compressor.export", "compressor.analysis_export", "compressor.train"],
+     "compressor.blocks", "compressor.export", "compressor.analysis_export", "compressor.train",
+     "compressor.skeleton"],
     ["compressor.graph", "compressor.masks", "compressor.quant", "compressor.kernels", "compressor.sara"],
     # io.models loads files into wrappers, so it sits beside them (io.data stays in layer 1)
     ["compressor.wrappers", "compressor.io.models", "compressor.eval", "compressor.recipe"],

@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from pathlib import Path
 
 from compressor.graph.analysis import Analysis, Group, Member, build
-from compressor.graph.ir import GraphIR, load_model
+from compressor.graph.ir import ExternalData, GraphIR, load_model
 from compressor.graph.prune import PruneError, prune_onnx
 from compressor.graph.selection import Selection, select
 from compressor.utils import progress as bars
 
 
 @bars.step("analysing the graph")
-def analyze(model_or_path, *, validate: bool = True, strict: bool = False) -> Analysis:
+def analyze(model_or_path, *, validate: bool = True, strict: bool = False, external=None) -> Analysis:
     """Coupled channel groups of an ONNX model (path, bytes or ModelProto; never modified).
 
     validate: try writing a one-channel cut of every prunable group into the graph (no inference run) and
     freeze the groups whose size constants cannot be rewritten.
     strict: an internal error (a rule or dry run that fails) raises instead of freezing what it touches with
-    the error as the reason; the tests use it so a bug stays visible."""
+    the error as the reason; the tests use it so a bug stays visible.
+    external: name -> ndarray for the initializers whose data is outside the proto (a weightless graph's
+    checkpoint, see compressor.graph.weightless); read when a value is needed (importance), never kept."""
     from compressor.graph.prune import validate_groups
 
     with _no_gc_pauses():
-        a = build(GraphIR(load_model(model_or_path)), strict)
+        if isinstance(model_or_path, str | Path) and external is None:  # weights beside the file stay there
+            m = load_model(model_or_path, external_data=False)
+            external = ExternalData(m, Path(model_or_path).parent) or None
+        else:
+            m = load_model(model_or_path)
+        a = build(GraphIR(m, external), strict)
         if validate:
             validate_groups(a, strict)
     return a

@@ -107,7 +107,9 @@ class Ctx:
             return s
         shape = self.ir.const_shape(name) if name else None
         small = shape is not None and len(shape) <= 2 and math.prod(shape) <= symbolic.MAX_ELEMS
-        val = self.ir.value(name) if small else None  # larger constants are data: never decoded here
+        # larger constants and float ones (a norm's scale) are data: never decoded here, so a weightless graph
+        # (compressor.skeleton) is analysed without its weights
+        val = self.ir.value(name) if small and self.ir.const_kind(name) in ("i", "u") else None
         s = None if val is None else symbolic.from_const(self.ir.init_of(name) or name, val)
         if s is None:  # not a constant, or one that is data: remembered, as every use asks again
             self._not_sym.add(name)  # (syms is read first: a value computed later still wins)

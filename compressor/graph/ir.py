@@ -20,8 +20,10 @@ from compressor.errors import InputError
 Shape = list  # list[int | None]; None = dynamic
 
 
-def load_model(model_or_path):
-    """ModelProto from a path, bytes or ModelProto (copied, so the caller's object is never touched)."""
+def load_model(model_or_path, *, external_data: bool = True):
+    """ModelProto from a path, bytes or ModelProto (copied, so the caller's object is never touched).
+    external_data=False: initializers whose data is in another file keep their reference (nothing read;
+    see ExternalData) unless a node attribute holds such data."""
     import onnx
 
     if isinstance(model_or_path, onnx.ModelProto):
@@ -37,7 +39,7 @@ def load_model(model_or_path):
     if not path.exists():
         raise InputError(f"ONNX file not found: {path}", "check the path")
     try:
-        m = _load_path(path)
+        m = _load_path(path, external_data)
     except Exception as e:
         raise InputError(f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e)[:120]})",
                          "re-export the model; the file may be truncated or corrupt") from e
@@ -46,9 +48,9 @@ def load_model(model_or_path):
     return m
 
 
-def _load_path(path: Path):
+def _load_path(path: Path, external_data: bool = True):
     """onnx.load, reading the file once: the external-data pass (a Python walk over every tensor) runs only
-    when some tensor actually says its data lives in another file."""
+    when some tensor actually says its data lives in another file (and external_data asks for it)."""
     import onnx
 
     m = onnx.ModelProto()
@@ -57,7 +59,7 @@ def _load_path(path: Path):
             m.ParseFromString(view)  # the message copies what it keeps (checked: nothing aliases the map)
     else:
         m.ParseFromString(path.read_bytes())
-    if _has_external_data(m):
+    if external_data and _has_external_data(m) or not external_data and _graph_attr_external(m.graph):
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(m, str(path.parent))
@@ -143,16 +145,24 @@ def _infer(model):
 
 class LazyArrays(Mapping):
     """name -> ndarray of TensorProtos, decoded on first access: the analysis itself needs only the dims of
-    the weights (and the values of small shape constants), so a large model is not copied into numpy."""
+    the weights (and the values of small shape constants), so a large model is not copied into numpy.
 
-    def __init__(self, tensors: dict[str, object]):
+    external: where tensors whose data lives outside the proto are read from (name -> ndarray), e.g. a
+    checkpoint's safetensors shards for a weightless graph (compressor.skeleton). Those are read on every
+    access and never kept, so scoring a model holds one tensor at a time."""
+
+    def __init__(self, tensors: dict[str, object], external=None):
         self._tensors = tensors
         self._arrays: dict[str, np.ndarray] = {}
+        self.external = external  # public: a weightless analysis's CheckpointReader (checkpoint keys, shards)
 
     def __getitem__(self, name: str) -> np.ndarray:
         arr = self._arrays.get(name)
         if arr is None:
-            arr = self._arrays[name] = tensor_to_array(self._tensors[name])
+            t = self._tensors[name]
+            if self.external is not None and t.data_location == 1:
+                return self.external(name)
+            arr = self._arrays[name] = tensor_to_array(t)
         return arr
 
     def __contains__(self, name) -> bool:
@@ -163,6 +173,23 @@ class LazyArrays(Mapping):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+
+class ExternalData:
+    """name -> ndarray of an initializer whose data is in a file beside the model, read on each call: an
+    analysis of a multi-GB ONNX file reads a weight only when a score needs it (GraphIR's `external`)."""
+
+    def __init__(self, model, folder: str | Path):
+        self.folder = str(folder)
+        self._tensors = {i.name: i for i in model.graph.initializer if i.data_location == 1}
+
+    def __bool__(self) -> bool:
+        return bool(self._tensors)
+
+    def __call__(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self._tensors[name], self.folder)
 
 
 class _Consts(Mapping):
@@ -189,7 +216,7 @@ class _Consts(Mapping):
 class GraphIR:
     """Nodes in topological order, tensor shapes and element types, constant values, initializer aliases."""
 
-    def __init__(self, model):
+    def __init__(self, model, external=None):
         g = model.graph
         # Every pass below reads node fields; protobuf builds new strings on each read, so read them once.
         recs = [[n, n.op_type, list(n.input), list(n.output)] for n in g.node]
@@ -202,10 +229,11 @@ class GraphIR:
         self.nodes = [r[0] for r in recs]
         inferred = _infer(model)
         init_protos = {i.name: i for i in g.initializer}
-        self.initializers = LazyArrays(init_protos)  # name -> ndarray
+        self.initializers = LazyArrays(init_protos, external)  # name -> ndarray
         self.const_values: dict[str, np.ndarray] = {}  # Constant node outputs
         self.consts = _Consts(self.initializers, self.const_values)  # initializers + Constant node outputs
         self.init_dims: dict[str, tuple[int, ...]] = {n: tuple(i.dims) for n, i in init_protos.items()}
+        self.init_types: dict[str, int] = {n: i.data_type for n, i in init_protos.items()}
         self.const_nodes: dict[str, object] = {}  # Constant output name -> node
         self.alias: dict[str, str] = {}  # Identity output -> initializer name
         self.shapes: dict[str, Shape] = {}
@@ -277,6 +305,19 @@ class GraphIR:
             a = self.alias.get(name)
             d = self.init_dims.get(a) if a else None
         return d
+
+    def const_kind(self, name: str) -> str | None:
+        """numpy dtype kind ("f", "i", "u", "b"...) of a constant, without decoding it; None if not one."""
+        v = self.const_values.get(name)
+        if v is not None:
+            return v.dtype.kind
+        init = self.init_of(name)
+        if init is None:
+            return None
+        dt = _RAW_DTYPES.get(self.init_types[init])
+        if dt is not None:
+            return np.dtype(dt).kind
+        return "b" if self.init_types[init] == 9 else "f"  # bool; bfloat16 and the 8-bit floats
 
     def value(self, name: str) -> np.ndarray | None:
         """Constant value of an initializer / Constant / Identity-of-initializer, else None."""

@@ -183,6 +183,8 @@ def _sliced_copy(src, plan: Plan, values: dict[str, np.ndarray] | None):
         v = None if values is None else values.get(init.name)
         if v is not None and tuple(v.shape) != tuple(init.dims):
             v = None
+        if v is None and init.data_location == 1:  # analysed without reading it (external data, a checkpoint)
+            v = plan.a.ir.initializers[init.name]
         axes = ctx.axes.get(init.name)
         new = None
         if axes is not None:

@@ -81,15 +81,16 @@ def broadcast(ctx: Ctx, node, names: list[str]) -> list | None:
       "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu", "BitShift", "BitwiseAnd", "BitwiseOr")
 def elementwise(ctx: Ctx, node) -> None:
     names = list(node.input)
-    if node.op_type == "Pow" and ctx.ir.value(names[1]) is not None and ctx.ir.value(names[1]).size == 1:
+    exponent = ctx.ir.const_shape(names[1]) if node.op_type == "Pow" else None
+    if exponent is not None and math.prod(exponent) == 1:
         names = names[:1]  # constant exponent: unary
     out = broadcast(ctx, node, names)
     if out is None:
         return default_rule(ctx, node, "unknown input shape")
     for n in node.input:  # a constant operand with a channel axis is a free parameter (scale, shift, pos. emb.)
-        if ctx.ir.init_of(n):
-            v = ctx.ir.value(n)
-            if v.ndim and v.size > 1 and np.issubdtype(v.dtype, np.floating):
+        if ctx.ir.init_of(n):  # read from dims and dtype: the values may not be there (a weightless graph)
+            shape = ctx.ir.const_shape(n)
+            if len(shape) and math.prod(shape) > 1 and ctx.ir.const_kind(n) == "f":
                 ctx.role(n, "free", node)
     ctx.set(node.output[0], out, node)
 
