@@ -21,7 +21,8 @@ LAYERS: list[list[str]] = [
     ["compressor.errors", "compressor.utils", "compressor.device", "compressor.task"],
     ["compressor.io", "compressor.onnx_utils", "compressor.hf", "compressor.models", "compressor.blocks",
      "compressor.export", "compressor.train"],
-    ["compressor.graph", "compressor.masks", "compressor.quant", "compressor.kernels", "compressor.sara"],
+    ["compressor.graph", "compressor.masks", "compressor.quant", "compressor.kernels", "compressor.sara",
+     "compressor.checkpoint"],
     # io.models loads files into wrappers, so it sits beside them (io.data stays in layer 1)
     ["compressor.wrappers", "compressor.io.models", "compressor.eval", "compressor.recipe"],
     ["compressor.methods", "compressor.sweep", "compressor.replaceme"],
