@@ -60,7 +60,7 @@ def _per_layer(role: str, spec, shapes: dict[str, tuple], div: int = 1) -> int |
         return None
     values = sorted(set(seen.values()))
     if len(values) > 1:
-        raise InputError(f"the cut leaves different {role} widths per layer ({values[:4]}), which config.json "
+        raise InputError(f"the cut leaves a different {role} per layer ({values[:4]}), which config.json "
                          f"cannot express", "select with scope: local (the same ratio in every layer)")
     if values[0] % div:
         raise InputError(f"the cut leaves {values[0]} rows in {suffix}, not whole heads of {div}",
@@ -107,7 +107,7 @@ def updated_config(cfg: dict, plan: dict[str, dict[int, list[int]]], old: dict[s
         spec = getattr(fam, role)
         if spec is None:
             continue
-        value = _per_layer(role, spec, new, hd if role in ("heads", "kv") else 1)
+        value = _per_layer(fam.fields[role], spec, new, hd if role in ("heads", "kv") else 1)
         before = cfg.get(fam.fields[role])
         if role == "ffn" and before is None:  # GPT-2: n_inner None means 4 x n_embd
             before = 4 * cfg[fam.fields["hidden"]]
