@@ -178,7 +178,7 @@ def test_verification_whole_and_by_layer_and_it_catches_a_wrong_cut(llama_case, 
     plan = {k.replace("model.model.", "model."): v for k, v in
             __import__("compressor.graph.torch_bridge", fromlist=["cut_plan"]).cut_plan(a, sel).items()}
     layered = verify_pruned(src, tmp_path / "out", plan, mode="layers")
-    assert layered["layers"] == 2 and layered["max_abs_diff"] < 1e-4
+    assert layered["layers"] == 2 and layered["max_abs_diff"] < 1e-4 and layered["generated_tokens"] == 4
     # the same folder against a plan that names other FFN channels: both oracles must object
     key = "model.layers.1.mlp.down_proj.weight"
     wrong = {k: dict(v) for k, v in plan.items()}
