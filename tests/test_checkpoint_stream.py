@@ -245,3 +245,36 @@ def test_gpt2_tied_embeddings_ffn_cut_and_heads_refused(tmp_path):
         assert float((pruned(input_ids=ids).logits - zeroed_reference(src, a, sel.atoms, ids)).abs().max()) < 1e-4
     with pytest.raises(InputError, match="head_dim"):  # GPT-2's head_dim is n_embd / n_head
         prune_checkpoint(src, a, select(a, "l2", 0.5, heads=True, head_dim=False), tmp_path / "heads")
+
+
+def test_prune_command_streams_and_matches_the_in_memory_path(llama_case, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import compressor.graph.torch_bridge as bridge
+    from compressor.api import prune
+    from compressor.cli import app
+
+    src = llama_case[2]["fp32"]
+    out = tmp_path / "out"
+    real = bridge.prune_torch
+
+    def in_memory(*a, **k):
+        raise AssertionError("the in-memory path ran")
+
+    monkeypatch.setattr(bridge, "prune_torch", in_memory)
+    r = CliRunner().invoke(app, ["prune", str(src), "--ratio", "0.5", "--heads", "-o", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["streaming"] and report["stages"][0]["result"]["verification"]["max_abs_diff"] < 1e-4
+    assert report["after"]["params"] < report["before"]["params"]
+    r = CliRunner().invoke(app, ["prune", str(src), "--ratio", "0.5", "-o", str(out), "--device", "cpu"])
+    assert r.exit_code == 2 and "already holds a result" in r.output
+    # oracle: the existing in-memory path (export, prune_torch) on the same folder, same selection rules
+    monkeypatch.setattr(bridge, "prune_torch", real)
+    memory = prune(str(src), 0.5, heads=True, device="cpu", measure_latency=False).model
+    streamed = transformers.AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (streamed(input_ids=ids).logits - memory(input_ids=ids).logits).abs().max()
+    assert sum(p.numel() for p in memory.parameters()) == report["after"]["params"]
+    assert float(diff) < 1e-4

@@ -61,6 +61,19 @@ def _tied(cfg: dict) -> bool:
     return bool(cfg.get("tie_word_embeddings", True))
 
 
+def streamable(folder: str | Path) -> bool:
+    """True for a Hugging Face folder with safetensors weights of a model type whose config.json fields the
+    cut knows how to update (compressor.checkpoint.hfconfig.FAMILIES)."""
+    from compressor.checkpoint.hfconfig import FAMILIES
+
+    folder = Path(folder)
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return False
+    return model_type in FAMILIES and any(folder.glob("*.safetensors"))
+
+
 def checkpoint_scores(src_dir: str | Path, analysis: Analysis, method: str = "l2", **kwargs) -> dict[int, np.ndarray]:
     """compressor.graph.importance.group_scores with the values read from the shards, one tensor at a time
     (the `importance` argument of compressor.graph.select)."""
