@@ -278,3 +278,22 @@ def test_prune_command_streams_and_matches_the_in_memory_path(llama_case, tmp_pa
         diff = (streamed(input_ids=ids).logits - memory(input_ids=ids).logits).abs().max()
     assert sum(p.numel() for p in memory.parameters()) == report["after"]["params"]
     assert float(diff) < 1e-4
+
+
+def test_residual_stream_cut_with_tied_embeddings(tmp_path):
+    model = llama(tied=True)
+    src = save(model, tmp_path / "src")
+    a = export_analysis(model)
+    sel = select(a, checkpoint_scores(src, a), 0.25, head_dim=False, protect_embeddings=False, protect_output=False)
+    rep = prune_checkpoint(src, a, sel, tmp_path / "out")
+    removed = {name: pos for name, axis, pos in a.removed_positions(sel.atoms) if name.endswith("embed_tokens.weight")}
+    cols = next(iter(removed.values()))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["hidden_size"] == 64 - len(cols) == 48 and cfg["head_dim"] == 8 and cfg["num_attention_heads"] == 8
+    assert rep["verification"]["generated_tokens"] == 4 and "not compared" in rep["verification"]["compared"]
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    keep = [c for c in range(64) if c not in set(cols.tolist())]
+    assert torch.equal(pruned.model.embed_tokens.weight, model.model.embed_tokens.weight[:, keep])
+    assert pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()  # still tied
+    norm = pruned.model.layers[1].post_attention_layernorm.weight
+    assert torch.equal(norm, model.model.layers[1].post_attention_layernorm.weight[keep])
