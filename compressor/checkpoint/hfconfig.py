@@ -68,22 +68,25 @@ def _per_layer(role: str, spec, shapes: dict[str, tuple], div: int = 1) -> int |
     return values[0] // div
 
 
+def _heads_removed(plan: dict, layer_of: dict[str, str], layer: str, suffix: str, hd: int) -> set[int]:
+    """The heads whose rows the plan removes from one layer's projection; refuses a part of a head."""
+    key = next((k for k in layer_of if k.endswith(suffix) and layer_of[k] == layer), None)
+    rows = sorted(plan[key].get(0, [])) if key else []
+    gone = {r // hd for r in rows}
+    if len(rows) != len(gone) * hd:
+        raise InputError(f"layer {layer}: the cut removes part of a head in {suffix}, so head_dim would change",
+                         "select with head_dim=False")
+    return gone
+
+
 def _check_gqa(plan: dict[str, dict[int, list[int]]], fam: Family, cfg: dict, hd: int) -> None:
     """Removed query rows must be whole heads, and kept query heads equal in number per kept KV head."""
     heads, kv = cfg[fam.fields["heads"]], cfg.get(fam.fields["kv"]) or cfg[fam.fields["heads"]]
     per = heads // kv
     layer_of = {k: m.group(1) for k in plan if (m := LAYER.search(k))}
-    layers = {layer_of[k] for k in layer_of if k.endswith((fam.heads[0], fam.kv[0]))}
-    for layer in sorted(layers):
-        def removed(suffix):
-            key = next((k for k in layer_of if k.endswith(suffix) and layer_of[k] == layer), None)
-            rows = sorted(plan[key].get(0, [])) if key else []
-            gone = {r // hd for r in rows}
-            if len(rows) != len(gone) * hd:
-                raise InputError(f"layer {layer}: the cut removes part of a head in {suffix}, so head_dim would "
-                                 "change", "select with head_dim=False")
-            return gone
-        q_gone, kv_gone = removed(fam.heads[0]), removed(fam.kv[0])
+    for layer in sorted({layer_of[k] for k in layer_of if k.endswith((fam.heads[0], fam.kv[0]))}):
+        q_gone = _heads_removed(plan, layer_of, layer, fam.heads[0], hd)
+        kv_gone = _heads_removed(plan, layer_of, layer, fam.kv[0], hd)
         kept = [sum(q not in q_gone for q in range(g * per, (g + 1) * per)) for g in range(kv) if g not in kv_gone]
         orphans = [q for q in range(heads) if q // per in kv_gone and q not in q_gone]
         if orphans or len(set(kept)) > 1:

@@ -17,6 +17,7 @@ fewer channels), so with such a cut only the reload and `generate` are checked, 
 from __future__ import annotations
 
 import gc
+import re
 from pathlib import Path
 
 import torch
@@ -143,12 +144,13 @@ def _whole(src: Path, out: Path, plan, ids, tolerance: float) -> dict:
 
 
 def _layer_stack(model):
+    """(base model, its decoder layers, the checkpoint key prefix of layer i without the i)."""
     base = getattr(model, model.base_model_prefix, model)
     layers, rotary = getattr(base, "layers", None), getattr(base, "rotary_emb", None)
     if layers is None or rotary is None:
         raise InputError("layer-by-layer verification supports decoder models with rotary embeddings (Llama family)",
                          "verify: model (whole model, needs memory for both) or none")
-    return base, layers
+    return base, layers, next(n for n, m in model.named_modules() if m is layers)
 
 
 def _layers(src: Path, out: Path, plan, shape, tolerance: float) -> dict:
@@ -172,10 +174,9 @@ def _layers(src: Path, out: Path, plan, shape, tolerance: float) -> dict:
     worst, scale = 0.0, 0.0
     for i in range(cfgs[0].num_hidden_layers):
         outs = []
-        for side, ((skel, base, layers), ckpt) in enumerate(zip(stacks, ckpts, strict=True)):
+        for side, ((skel, _, layers, path), ckpt) in enumerate(zip(stacks, ckpts, strict=True)):
             layer = layers[i].to_empty(device="cpu").float()
-            where = {m: n_ for n_, m in skel.named_modules()}[layer]
-            keys = {name: f"{where}.{name}" for name in layer.state_dict()}
+            keys = {name: f"{path}.{i}.{name}" for name in layer.state_dict()}
             prefix = skel.base_model_prefix + "."
             have = set(ckpt.keys())
             keys = {name: k if k in have else k[len(prefix):] for name, k in keys.items()}
@@ -192,9 +193,9 @@ def _layers(src: Path, out: Path, plan, shape, tolerance: float) -> dict:
         d, s = _diff(outs[1], outs[0])
         worst, scale = max(worst, d), max(scale, s)
     outside = 0
-    in_layers = {f"{w}." for w in ("layers",)}
+    layer_keys = re.compile(r"(^|\.)layers\.\d+\.")
     for key in ckpts[0].keys():  # embeddings, final norm, lm_head: compared value by value
-        if key in plan or any(f".{p}" in f".{key}" for p in in_layers):
+        if key in plan or layer_keys.search(key):
             continue
         if key in ckpts[1].meta:
             if not torch.equal(ckpts[0].read(key), ckpts[1].read(key)):
