@@ -297,3 +297,17 @@ def test_residual_stream_cut_with_tied_embeddings(tmp_path):
     assert pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()  # still tied
     norm = pruned.model.layers[1].post_attention_layernorm.weight
     assert torch.equal(norm, model.model.layers[1].post_attention_layernorm.weight[keep])
+
+
+def test_output_folder_gets_plain_permissions(llama_case, tmp_path):
+    import os
+    import stat
+
+    from compressor.utils.atomic import current_umask
+
+    _, a, folders = llama_case
+    out = tmp_path / "out"
+    prune_checkpoint(folders["fp32"], a, select(a, "l2", 0.25, head_dim=False), out, verify="none")
+    (tmp_path / "plain").mkdir()
+    assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) \
+        == 0o777 & ~current_umask()

@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor.checkpoint.hfconfig import check_against_model, updated_config
+from compressor.checkpoint.hfconfig import LLAMA, check_against_model, family, updated_config
 from compressor.checkpoint.shards import INDEX, ITEMSIZE, Checkpoint, FloatView, plan_shards, write_shard
 from compressor.errors import InputError
 from compressor.graph.analysis import Analysis
 from compressor.graph.importance import group_scores
 from compressor.graph.torch_bridge import cut_plan
+from compressor.utils.atomic import current_umask
 
 # buffers a model rebuilds from config.json (never saved), so a cut of them needs no checkpoint counterpart
 REBUILT = ("rotary_emb.inv_freq", ".masked_bias", ".attn.bias", "position_ids")
@@ -130,6 +131,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
             raise InputError(f"{out} already exists", "choose another output folder or pass overwrite")
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         os.replace(out, old)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; the result gets plain mkdir's mode
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
@@ -152,8 +154,8 @@ def prune_checkpoint(src_dir: str | Path, analysis: Analysis, selection, out_dir
                      verify_tolerance: float = 1e-4) -> dict:
     """Write `src_dir` with `selection` cut out to `out_dir`, tensor by tensor; returns a report.
 
-    selection: a compressor.graph Selection or a set of atoms. verify: "auto" (whole model when it is under
-    1 GiB, else layer by layer), "model", "layers" or "none" (compressor.checkpoint.verify); it runs on the
+    selection: a compressor.graph Selection or a set of atoms. verify: "auto" (layer by layer for a Llama-family
+    checkpoint of 1 GiB or more, else the whole model), "model", "layers" or "none" (compressor.checkpoint.verify); it runs on the
     finished folder before it is renamed into place, so a failed check publishes nothing. The source folder
     is only read; `out_dir` appears complete or not at all (an existing one is refused unless `overwrite`)."""
     from compressor.checkpoint.verify import verify_pruned
@@ -189,7 +191,8 @@ def prune_checkpoint(src_dir: str | Path, analysis: Analysis, selection, out_dir
                                             indent=2))
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
         copied = _copy_others(src, tmp, set(ckpt.files))
-        mode = verify if verify != "auto" else ("model" if ckpt.nbytes() < (1 << 30) else "layers")
+        mode = verify if verify != "auto" else (
+            "layers" if ckpt.nbytes() >= (1 << 30) and family(cfg) is LLAMA else "model")
         checked = verify_pruned(src, tmp, plan, mode=mode, tolerance=verify_tolerance) if verify != "none" else None
         _publish(tmp, out, overwrite)
     except BaseException:
