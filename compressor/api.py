@@ -184,6 +184,9 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     torch.manual_seed(seed)
     rec: Recipe = load_recipe(recipe)  # validate the recipe first: cheapest failure
     dev = devices.resolve(device)
+    if _streams(model, rec, output):
+        return _compress_streaming(Path(model), rec, Path(output).expanduser(), seed=seed, overwrite=overwrite,
+                                   device=dev, t0=t0, on_stage=on_stage)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
     check_kinds(rec, loaded.kind)
     out_dir = Path(output).expanduser() if output is not None else None
@@ -266,6 +269,46 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     return Result(ctx.model, ctx.onnx_model, report, out_dir, files)
 
 
+def _streams(model, rec: Recipe, output) -> bool:
+    """A Hugging Face safetensors folder pruned by a recipe of one `structured` stage into a folder never needs
+    the model in memory: it is cut tensor by tensor from the shards (compressor.checkpoint) instead."""
+    from compressor.checkpoint import streamable
+    from compressor.methods.structured import streams
+
+    return (output is not None and isinstance(model, str | Path) and streamable(model)
+            and [s.method for s in rec.stages] == ["structured"] and streams(rec.stages[0].params))
+
+
+def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, overwrite: bool, device, t0: float,
+                        on_stage=None) -> Result:
+    """compress() for the streaming case: the pruned folder is written to OUTPUT/model (verified against the
+    source with its removed channels zeroed) and report.json beside it; no model object is returned."""
+    from compressor.methods.structured import structured_checkpoint
+
+    if out_dir.is_dir() and (out_dir / "report.json").exists() and not overwrite:
+        raise InputError(f"output folder {out_dir} already holds a result (report.json)",
+                         "choose another -o, or pass --overwrite")
+    if on_stage is not None:
+        on_stage(1, rec.stages[0])
+    analysis = analyze(src)  # groups only: the weights are read from the shards below
+    params = copy.deepcopy(rec.stages[0].params)
+    result = structured_checkpoint(src, analysis, params, out_dir / "model", seed=seed, device=device,
+                                   overwrite=overwrite)
+    del analysis
+    files = {"hf_folder": str(out_dir / "model")}
+    report = _jsonable({
+        "model": str(src), "model_kind": "hf", "model_format": "hf_folder", "streaming": True,
+        "recipe": rec.to_dict(), "recipe_hash": rec.hash, "data": None, "seed": seed,
+        "stages": [{"stage": 1, "method": "structured", "params": params.model_dump(mode="json"), "result": result}],
+        "before": {"params": result["params_before"], "file_bytes": ev.file_size(src)},
+        "after": {"params": result["params_after"], "file_bytes": ev.file_size(out_dir / "model")},
+        "files": files, "warnings": {}, "seconds": round(time.time() - t0, 2),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": devices.label(device)},
+    })
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+    return Result(None, None, report, out_dir, files)
+
+
 def prune(model, ratio: float, data: str | DataBundle | None = None, output: str | Path | None = None, *,
           importance: str = "l2", scope: str = "local", round_to: int | str = "auto", heads: bool = False,
           target: str = "channels", exporter: str = "auto", arch: str | None = None, trust_pickle: bool = False, seed: int = 0,
@@ -274,7 +317,9 @@ def prune(model, ratio: float, data: str | DataBundle | None = None, output: str
     """Structured group pruning of any model kind in one call: a one-stage `structured` recipe run by
     :func:`compress` (so it is verified, measured and saved like every recipe). ONNX input is cut in the graph;
     torch / Hugging Face input is cut in the module (and checked against the cut ONNX export); `exporter` picks
-    the export the torch input is analysed on (auto: torch's default exporter, TorchScript as fallback)."""
+    the export the torch input is analysed on (auto: torch's default exporter, TorchScript as fallback). A Hugging
+    Face safetensors folder with an output folder is cut tensor by tensor from its shards (docs/structured.md,
+    "Large checkpoints")."""
     stage = {"method": "structured", "ratio": ratio, "importance": importance, "scope": scope, "round_to": round_to,
              "heads": heads, "target": target, "exporter": exporter}
     recipe = {"name": f"prune-{ratio:g}", "description": f"structured group pruning of {ratio:.0%} of the channels",

@@ -22,7 +22,8 @@ LAYERS: list[list[str]] = [
     ["compressor.io", "compressor.onnx_utils", "compressor.onnx_files", "compressor.hf", "compressor.models",
      "compressor.blocks", "compressor.export", "compressor.analysis_export", "compressor.train",
      "compressor.skeleton"],
-    ["compressor.graph", "compressor.masks", "compressor.quant", "compressor.kernels", "compressor.sara"],
+    ["compressor.graph", "compressor.masks", "compressor.quant", "compressor.kernels", "compressor.sara",
+     "compressor.checkpoint"],
     # io.models loads files into wrappers, so it sits beside them (io.data stays in layer 1)
     ["compressor.wrappers", "compressor.io.models", "compressor.eval", "compressor.recipe"],
     ["compressor.methods", "compressor.sweep", "compressor.replaceme"],

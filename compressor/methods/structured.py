@@ -87,10 +87,11 @@ def _batches(ctx: StageContext, n: int) -> list[tuple]:
     return [tuple(ex.values()) if isinstance(ex, dict) else tuple(ex)]
 
 
-def _select(a, p: StructuredParams, head_dim: bool, grads=None, seed: int = 0, round_to: int = 1, ratio: float | None = None):
+def _select(a, p: StructuredParams, head_dim: bool, grads=None, seed: int = 0, round_to: int = 1, ratio: float | None = None,
+            scores: dict | None = None):
     from compressor.graph import select
 
-    return select(a, p.importance, p.ratio if ratio is None else ratio, scope=p.scope, round_to=round_to,
+    return select(a, p.importance if scores is None else scores, p.ratio if ratio is None else ratio, scope=p.scope, round_to=round_to,
                   max_layer_ratio=p.max_layer_ratio, target="channels" if p.target == "latency" else p.target,
                   protect_output=p.protect_output, protect_embeddings=p.protect_embeddings,
                   heads=p.heads, head_dim=head_dim, grads=grads, seed=seed)
@@ -244,6 +245,30 @@ def _static_batch(a, args) -> int:
     first = a.ir.shape(a.ir.model.graph.input[0].name) if a.ir.model.graph.input else None
     lead = args[0].shape[0] if args and hasattr(args[0], "shape") and args[0].dim() else 1
     return lead if first and first[0] == lead else 1
+
+
+STREAMED_IMPORTANCE = ("l2", "l1", "random")  # computed from the weights alone, tensor by tensor
+
+
+def streams(p: StructuredParams) -> bool:
+    """Whether this stage can run on a checkpoint folder without loading it (structured_checkpoint)."""
+    return p.importance in STREAMED_IMPORTANCE and p.target == "channels"
+
+
+def structured_checkpoint(folder, analysis, p: StructuredParams, out_dir, *, seed: int = 0, device="cpu",
+                          overwrite: bool = False) -> dict:
+    """The stage on a Hugging Face safetensors folder, tensor by tensor (compressor.checkpoint): importance
+    from the shards, the same selection as the in-memory path, the cut written to `out_dir` and verified."""
+    from compressor.checkpoint import checkpoint_scores, prune_checkpoint
+
+    if not streams(p):
+        raise RecipeError(f"streaming pruning takes importance {'/'.join(STREAMED_IMPORTANCE)} and target channels",
+                          "load the model in memory for taylor/bn importance or MAC/latency targets")
+    scores = checkpoint_scores(folder, analysis, p.importance, seed=seed)
+    round_to = resolved_round_to(p, device, fixed_dtype=False)
+    sel = _select(analysis, p, False if p.head_dim is None else p.head_dim, seed=seed, round_to=round_to, scores=scores)
+    rep = prune_checkpoint(folder, analysis, sel, out_dir, overwrite=overwrite)
+    return rep | {"removed_channels": len(sel.atoms), "channel_ratio": sel.ratio, "round_to": round_to, "streaming": True}
 
 
 @register_method("structured", StructuredParams, help="group structured channel pruning over the ONNX dependency graph")
