@@ -83,7 +83,9 @@ def test_prune_hf_folder(tmp_path, tiny_bert_folder):
     r = invoke("prune", tiny_bert_folder, "--ratio", "0.3", "-o", out)
     assert r.exit_code == 0, r.output
     stage = json.loads((out / "report.json").read_text())["stages"][0]["result"]
-    assert stage["exporter"] == "dynamo" and stage["torch_vs_onnx_max_diff"] < 1e-4
+    # a safetensors folder with -o is cut from its shards (weightless analysis, compressor.checkpoint), checked
+    # against the source with the removed channels zeroed
+    assert stage["streaming"] and stage["verification"]["max_abs_diff"] < 1e-4
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
     assert size(out / "model") < size(tiny_bert_folder)
     pruned = load_model(out / "model")  # loads back (config widths follow the cut) and runs
