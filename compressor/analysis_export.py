@@ -143,6 +143,7 @@ def dynamo_export(model: nn.Module, example_inputs, *, verify: bool = True) -> o
     import torch
 
     from compressor.export import _as_named, verify_onnx
+    from compressor.onnx_files import is_large
     from compressor.onnx_utils import runtime_bytes
 
     was = model.training
@@ -158,6 +159,10 @@ def dynamo_export(model: nn.Module, example_inputs, *, verify: bool = True) -> o
         model.train(was)
     _gathernd_as_gather(proto)
     _drop_zero_bias(proto, _state_names(module))
+    if is_large(proto):  # past the external-data threshold: no bytes form; onnxruntime reads a temporary pair
+        if verify:
+            verify_onnx(proto, model, example_inputs, input_names=names, dynamic_batch=False)
+        return proto
     data = runtime_bytes(proto)
     if verify:
         verify_onnx(data, model, example_inputs, input_names=names, dynamic_batch=False)

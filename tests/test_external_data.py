@@ -141,6 +141,23 @@ def _matmul_model(w: np.ndarray):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def test_analysis_export_of_a_large_torch_module_stays_on_the_default_exporter(monkeypatch):
+    """Past the threshold the dynamo analysis export has no bytes form: it is verified from a temporary pair,
+    not refused into the TorchScript fallback. Oracle: the groups equal those of the same export below it."""
+    from compressor.analysis_export import export_for_analysis
+    from compressor.graph import analyze
+
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = (torch.randn(2, 16),)
+    small = export_for_analysis(m, x)
+    monkeypatch.setenv(onnx_files.ENV_VAR, "1024")
+    large = export_for_analysis(m, x)
+    assert onnx_files.is_large(large.model)
+    assert (large.exporter, large.note) == ("dynamo", None)
+    sizes = lambda a: sorted(g.size for g in a.groups)  # noqa: E731
+    assert sizes(analyze(large.model)) == sizes(analyze(small.model))
+
+
 def test_staged_pair_never_clobbers_a_foreign_data_file_and_replaces_its_own(tmp_path, monkeypatch):
     monkeypatch.setenv(onnx_files.ENV_VAR, "1024")
     m = _matmul_model(np.arange(32 * 16, dtype=np.float32).reshape(32, 16))
