@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compressor.errors import CompressorError, RecipeError
+from compressor.methods import _memory as mem
 from compressor.methods._params import globs
 from compressor.recipe import StageContext, register_method
 
@@ -62,6 +63,8 @@ class EssentialParams(BaseModel):
 
 
 @register_method("essential_sparsity", EssentialParams, kinds=("torch", "hf"),
+                 # the dense weights the sweep restores from, and one level's masks at a time
+                 memory_needed=lambda fp, p: mem.model_copy(fp) + mem.global_scores(fp),
                  help="essential sparsity: one-shot magnitude sweep without retraining, knee, optional prune at the knee")
 def run_essential(ctx: StageContext, p: EssentialParams) -> dict:
     from compressor.masks import apply_masks, magnitude_masks, sparsity_report

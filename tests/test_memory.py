@@ -1,0 +1,160 @@
+"""Memory discipline of compress(): only the copies a recipe needs (issue 16, deliverable 4), and the up-front
+refusal of a stage that cannot fit.
+
+The oracle counts what the garbage collector can see, independently of the code under test: the distinct
+storages of live nn.Parameter objects shaped like the model's big weight, sampled when each stage starts and
+when a training loop starts (the peak of a training stage: the model, and the student beside it when
+distilling). A copy of the model made anywhere shows up as one more such storage.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+import compressor.train
+from compressor.api import compress
+
+WIDTH = 2048  # the big weight: 2048 x 2048 fp32 = 17 MB, most of the model
+
+
+def wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
+
+
+def weight_copies() -> int:
+    """Distinct storages of live parameters shaped like the big weight."""
+    gc.collect()
+    seen = set()
+    for obj in gc.get_objects():
+        if type(obj) is nn.Parameter and tuple(obj.shape) == (WIDTH, WIDTH):
+            seen.add(obj.untyped_storage().data_ptr())
+    return len(seen)
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """(samples list, on_stage callback): copies counted at each stage start and at each training loop start."""
+    samples: list[tuple[str, int]] = []
+    real_train = compressor.train.train
+
+    def train(*args, **kwargs):
+        samples.append(("train", weight_copies()))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(compressor.train, "train", train)
+    return samples, lambda i, stage: samples.append((stage.method, weight_copies()))
+
+
+@pytest.fixture
+def pickled_mlp(tmp_path):
+    path = tmp_path / "mlp.pt"
+    torch.save(wide_mlp(), path)
+    gc.collect()
+    return path
+
+
+MAGNITUDE_50 = {"name": "m50", "stages": [{"method": "magnitude", "sparsity": 0.5, "scope": "global"},
+                                          {"method": "finetune", "epochs": 0.2, "lr": 0.01}]}
+QDISTILL = {"name": "qd", "stages": [{"method": "qdistill", "bits": 4, "epochs": 0.2, "export": []}]}
+QDISTILL_LATE = {"name": "qd2", "stages": [{"method": "magnitude", "sparsity": 0.5},
+                                           {"method": "qdistill", "bits": 4, "epochs": 0.2, "export": []}]}
+
+
+def test_magnitude_recipe_keeps_one_copy_of_a_loaded_model(pickled_mlp, sampled, tmp_path):
+    samples, on_stage = sampled
+    compress(pickled_mlp, MAGNITUDE_50, "digits", tmp_path / "out", trust_pickle=True, measure_latency=False, on_stage=on_stage)
+    assert [m for m, _ in samples] == ["magnitude", "finetune", "train"]
+    # no teacher, no second working copy: the loaded model is the one pruned and fine-tuned
+    assert max(n for _, n in samples) == 1, samples
+
+
+def test_distilling_first_stage_holds_model_and_student_only(pickled_mlp, sampled, tmp_path):
+    samples, on_stage = sampled
+    compress(pickled_mlp, QDISTILL, "digits", tmp_path / "out", trust_pickle=True, measure_latency=False, on_stage=on_stage)
+    # at the stage start only the working model (it is the teacher: nothing changed it yet); in training the student too
+    assert dict(samples) == {"qdistill": 1, "train": 2}, samples
+
+
+def test_distilling_after_a_change_keeps_a_teacher(pickled_mlp, sampled, tmp_path):
+    samples, on_stage = sampled
+    res = compress(pickled_mlp, QDISTILL_LATE, "digits", tmp_path / "out", trust_pickle=True, measure_latency=False, on_stage=on_stage)
+    # the teacher is the unpruned input model: one copy beside the working model from the start, the student in training
+    assert dict(samples) == {"magnitude": 2, "qdistill": 2, "train": 3}, samples
+    assert res.report["memory"]["teacher_copy"] is True
+
+
+def test_caller_module_is_copied_once_and_never_changed(sampled, tmp_path):
+    samples, on_stage = sampled
+    model = wide_mlp()
+    before = model[3].weight.detach().clone()
+    compress(model, MAGNITUDE_50, "digits", None, measure_latency=False, on_stage=on_stage)
+    assert max(n for _, n in samples) == 2, samples  # the caller's module + the working copy
+    assert torch.equal(model[3].weight, before)
+
+
+def test_latency_reloads_the_released_original(pickled_mlp, tmp_path):
+    res = compress(pickled_mlp, {"name": "m", "stages": [{"method": "magnitude", "sparsity": 0.5}]}, "digits", tmp_path / "out",
+                   trust_pickle=True)
+    assert res.before["latency_ms"] > 0 and res.after["latency_ms"] > 0
+    assert res.before["nonzero_params"] > res.after["nonzero_params"]
+
+
+# ------------------------------------------------------------------------------------------- up-front refusal
+
+from compressor.errors import RecipeError  # noqa: E402
+from compressor.recipe import load_recipe, shipped_recipes  # noqa: E402
+from compressor.utils.memory import ENV, available_bytes, parse_bytes  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_shipped_recipe_refuses_up_front_when_memory_is_short(name, cnn_state_file, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV, "1K")
+    out = tmp_path / "out"
+    with pytest.raises(RecipeError) as e:
+        compress(cnn_state_file, name, "digits", out, arch="compressor.models:digits_cnn")
+    msg = str(e.value)
+    first = load_recipe(name).stages[0].method
+    assert "\n" not in msg and f"stage 1 ({first})" in msg and "1.0 KB is available" in msg, msg
+    assert "would need about" in msg and ("bf16" in msg or "streaming" in msg)  # what it needs, and a fix
+    assert not out.exists()  # refused before anything was written
+
+
+def test_the_stage_that_does_not_fit_is_named(cnn_state_file, tmp_path, monkeypatch):
+    """magnitude (masks) needs far less than the ONNX export after it: with room for one and not the other, the
+    run is refused at the export stage, still before anything ran."""
+    weights = sum(t.numel() * t.element_size() for t in torch.load(cnn_state_file).values())
+    # > masks + |w| scores + the largest tensor (about 2x the weights here), < an export's 3 fp32 copies
+    monkeypatch.setenv(ENV, str(int(2.5 * weights)))
+    recipe = {"name": "two", "stages": [{"method": "magnitude", "sparsity": 0.5, "scope": "global"}, {"method": "export"}]}
+    with pytest.raises(RecipeError, match=r"stage 2 \(export\)"):
+        compress(cnn_state_file, recipe, "digits", tmp_path / "o", arch="compressor.models:digits_cnn")
+    monkeypatch.setenv(ENV, str(64 * weights))
+    compress(cnn_state_file, recipe, "digits", tmp_path / "o", arch="compressor.models:digits_cnn", measure_latency=False)
+
+
+def test_cli_refusal_is_one_line_and_exit_2(cnn_state_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, ENV: "1K"}
+    r = subprocess.run([sys.executable, "-m", "compressor.cli", str(cnn_state_file), "--arch", "compressor.models:digits_cnn",
+                        "-r", "magnitude-50", "-d", "digits", "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "magnitude" in lines[0] and "1.0 KB is available" in lines[0], r.stderr
+
+
+def test_memory_sizes_parse_and_cap():
+    assert parse_bytes("512M") == 512 << 20 and parse_bytes("3.5G") == int(3.5 * (1 << 30)) and parse_bytes("2GiB") == 2 << 30
+    assert parse_bytes("4096") == 4096
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+    import psutil
+
+    assert abs(available_bytes("cpu") - psutil.virtual_memory().available) < (1 << 30)
