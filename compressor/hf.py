@@ -68,6 +68,8 @@ def load_hf_folder(path: str | Path, *, eager_attention: bool = True):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
         pass
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder LMs often ship without one; batches of sentences need it
     return model.eval().float(), tokenizer
 
 
