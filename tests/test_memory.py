@@ -97,6 +97,27 @@ def test_caller_module_is_copied_once_and_never_changed(sampled, tmp_path):
     assert torch.equal(model[3].weight, before)
 
 
+def test_essential_sweep_reuses_the_working_model(pickled_mlp, sampled, tmp_path, monkeypatch):
+    """Every grid point is evaluated on the one working model (weights restored from a copy of the pruned tensors),
+    and the model comes out of a measure-only sweep with its weights as they went in."""
+    from compressor.sweep.evaluators import Evaluator
+
+    samples, on_stage = sampled
+    real_call = Evaluator.__call__
+
+    def call(self, model):
+        samples.append(("level", weight_copies()))
+        return real_call(self, model)
+
+    monkeypatch.setattr(Evaluator, "__call__", call)
+    recipe = {"name": "es", "stages": [{"method": "essential_sparsity", "grid": "0:0.5:0.25", "refine": None, "patterns": [], "apply": None}]}
+    res = compress(pickled_mlp, recipe, "digits", None, trust_pickle=True, measure_latency=False, on_stage=on_stage)
+    levels = [n for m, n in samples if m == "level"]
+    assert len(levels) == 3 and max(n for _, n in samples) == 1, samples
+    original = torch.load(pickled_mlp, weights_only=False)
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), res.model.state_dict().values(), strict=True))
+
+
 def test_latency_reloads_the_released_original(pickled_mlp, tmp_path):
     res = compress(pickled_mlp, {"name": "m", "stages": [{"method": "magnitude", "sparsity": 0.5}]}, "digits", tmp_path / "out",
                    trust_pickle=True)

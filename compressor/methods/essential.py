@@ -77,7 +77,8 @@ def run_essential(ctx: StageContext, p: EssentialParams) -> dict:
     evaluator = make_evaluator(ctx.model, data=ctx.data, tokenizer=ctx.tokenizer, n_texts=p.n_texts)
     example = ctx.example_inputs if isinstance(ctx.example_inputs, tuple) else None
     result = run_sweep(ctx.model, evaluator, grid=p.grid, patterns=patterns, text_model=ctx.current_model().text_input, include=p.include,
-                       exclude=p.exclude, example=example, seed=ctx.seed, refine=p.refine, eps=p.eps, relative=p.relative)
+                       exclude=p.exclude, example=example, seed=ctx.seed, refine=p.refine, eps=p.eps, relative=p.relative,
+                       inplace=True)  # the working model itself, its weights restored after the sweep
     result["model"] = type(ctx.model).__name__
     result["data"] = getattr(ctx.data, "source", None) or ("corpus" if ctx.tokenizer is not None else None)
     files = write_sweep(result, ctx.workdir, overwrite=True)  # the stage owns its output folder (api checks it)
