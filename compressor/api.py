@@ -162,7 +162,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     torch.manual_seed(seed)
     rec: Recipe = load_recipe(recipe)  # validate the recipe first: cheapest failure
     dev = devices.resolve(device)
-    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, keep_dtype=True)  # bf16 stays bf16 (recipe.MethodSpec.fp32)
     check_kinds(rec, loaded.kind)
     out_dir = Path(output).expanduser() if output is not None else None
     if out_dir is not None:
@@ -227,7 +227,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
         kernels_report = swap_sparse_kernels(ctx.model, example, device=dev).to_dict()
     if measure_latency:  # timed alternately in one loop, on the device: a ratio that machine noise cannot fake
         if original is None:  # released while the stages ran: the file is the original
-            original = load_model(model, arch=arch, trust_pickle=trust_pickle).on(dev)
+            original = load_model(model, arch=arch, trust_pickle=trust_pickle, keep_dtype=True).on(dev)
         # the compressed model as deployed: masks baked into plain weights, without the parametrization's multiply
         before["latency_ms"], after["latency_ms"] = ev.paired_latency(original.runner(example), result.runner(example_after))
         before["latency_runtime"], after["latency_runtime"] = original.latency_runtime(), result.latency_runtime()

@@ -49,6 +49,9 @@ class MethodSpec:
     # memory_needed(footprint, params) -> bytes the stage allocates at its peak on top of the model already in
     # memory (the copies it makes, optimizer state, activations it keeps): checked before anything runs.
     memory_needed: Callable[[Footprint, BaseModel], int] | None = None
+    # True (or a function of the params): the stage needs fp32 weights (it trains, or exports and verifies through
+    # ONNX / a quantizer in fp32); run_recipe upcasts a bf16/fp16 model in place before it. Others run in its dtype.
+    fp32: bool | Callable[[BaseModel], bool] = False
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -57,12 +60,13 @@ REGISTRY: dict[str, MethodSpec] = {}
 def register_method(name: str, params: type[BaseModel], help: str = "", kinds: tuple[str, ...] = ("torch", "hf", "onnx"),
                     needs_labels: str | Callable[[BaseModel], str | None] | None = None,
                     distils: bool | Callable[[BaseModel], bool] = False,
-                    memory_needed: Callable[[Footprint, BaseModel], int] | None = None):
+                    memory_needed: Callable[[Footprint, BaseModel], int] | None = None,
+                    fp32: bool | Callable[[BaseModel], bool] = False):
     """Decorator: make `fn(ctx: StageContext, params) -> dict` available to recipes as `method: name`.
 
     `kinds` lists the model kinds the method accepts ("torch", "hf", "onnx"); the runner refuses others
     before anything runs. `needs_labels` ("train" / "train+test" / a function of the params) lets the runner
-    refuse missing labelled data before anything runs too (:func:`check_data`). `distils` and `memory_needed`:
+    refuse missing labelled data before anything runs too (:func:`check_data`). `distils`, `memory_needed`, `fp32`:
     see :class:`MethodSpec` (:func:`needs_teacher`, :func:`check_memory`).
     """
 
@@ -70,7 +74,7 @@ def register_method(name: str, params: type[BaseModel], help: str = "", kinds: t
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise RuntimeError(f"recipe method {name!r} registered twice")
         REGISTRY[name] = MethodSpec(name, params, fn, help or (fn.__doc__ or "").strip().splitlines()[0] if (help or fn.__doc__) else "", tuple(kinds),
-                                    needs_labels, distils, memory_needed)
+                                    needs_labels, distils, memory_needed, fp32)
         return fn
 
     return deco
@@ -291,6 +295,17 @@ def check_memory(recipe: Recipe, fp: Footprint, device=None, held: int = 0) -> l
     return out
 
 
+def _upcast(model) -> str | None:
+    """Cast a model holding bf16/fp16 weights to fp32 in place (tensor by tensor); returns what it did, or None."""
+    if model is None:
+        return None
+    half = {t.dtype for t in model.parameters() if t.dtype in (torch.bfloat16, torch.float16)}
+    if not half:
+        return None
+    model.float()
+    return f"{'/'.join(sorted(str(d).removeprefix('torch.') for d in half))} -> float32"
+
+
 def run_recipe(recipe: Recipe, ctx: StageContext, on_stage: Callable[[int, Stage], None] | None = None) -> list[dict]:
     """Run every stage in order; returns one report dict per stage."""
     reports = []
@@ -299,6 +314,8 @@ def run_recipe(recipe: Recipe, ctx: StageContext, on_stage: Callable[[int, Stage
         if on_stage is not None:
             on_stage(i, stage)
         spec = REGISTRY[stage.method]
+        upcast = _upcast(ctx.model) if _flag(spec.fp32, stage.params) else None
         out = spec.fn(ctx, copy.deepcopy(stage.params)) or {}
-        reports.append({"stage": i, "method": stage.method, "params": stage.params.model_dump(mode="json"), "result": out})
+        reports.append({"stage": i, "method": stage.method, "params": stage.params.model_dump(mode="json"), "result": out,
+                        **({"upcast": upcast} if upcast else {})})
     return reports

@@ -179,3 +179,51 @@ def test_memory_sizes_parse_and_cap():
     import psutil
 
     assert abs(available_bytes("cpu") - psutil.virtual_memory().available) < (1 << 30)
+
+
+# ------------------------------------------------------------------------------------------- checkpoint dtype
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    """A tiny Llama saved in bfloat16 with a BPE tokenizer (the benchmark's builder, trained offline)."""
+    import importlib.util
+
+    transformers = pytest.importorskip("transformers")
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("llm_scale", Path(__file__).resolve().parents[1] / "benchmarks" / "llm_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = tmp_path_factory.mktemp("bf16") / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(bench.llama_config("quick-llama")).to(torch.bfloat16).save_pretrained(folder)
+    bench.build_tokenizer(folder)
+    return folder
+
+
+def _saved_dtypes(folder) -> set[str]:
+    from safetensors import safe_open
+
+    out = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            out |= {st.get_slice(k).get_dtype() for k in st.keys()}
+    return out
+
+
+def test_a_bf16_checkpoint_stays_bf16_through_stages_that_do_not_need_fp32(bf16_llama, tmp_path):
+    assert _saved_dtypes(bf16_llama) == {"BF16"}
+    res = compress(bf16_llama, {"name": "m", "stages": [{"method": "magnitude", "sparsity": 0.5}]}, None, tmp_path / "o",
+                   measure_latency=False)
+    assert {p.dtype for p in res.model.parameters()} == {torch.bfloat16}
+    assert _saved_dtypes(tmp_path / "o" / "model") == {"BF16"}  # not doubled to fp32 on the way
+    assert "upcast" not in res.report["stages"][0]
+
+
+def test_a_stage_that_needs_fp32_upcasts_once_and_says_so(bf16_llama, tmp_path):
+    recipe = {"name": "m", "stages": [{"method": "magnitude", "sparsity": 0.5}, {"method": "export", "format": "onnx"}]}
+    res = compress(bf16_llama, recipe, None, tmp_path / "o", measure_latency=False)
+    assert "upcast" not in res.report["stages"][0] and res.report["stages"][1]["upcast"] == "bfloat16 -> float32"
+    assert {p.dtype for p in res.model.parameters()} == {torch.float32}
+    assert (tmp_path / "o" / "model.onnx").exists()

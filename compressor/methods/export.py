@@ -25,7 +25,8 @@ def _memory(fp, p) -> int:
     return max(onnx, torch_files)
 
 
-@register_method("export", ExportParams, help="write verified ONNX and/or torch files of the current model", memory_needed=_memory)
+@register_method("export", ExportParams, help="write verified ONNX and/or torch files of the current model", memory_needed=_memory,
+                 fp32=lambda p: p.format in ("onnx", "both"))  # ONNX is traced and verified in fp32
 def run_export(ctx: StageContext, p: ExportParams) -> dict:
     model = ctx.current_model()
     out: dict = {}

@@ -17,7 +17,7 @@ class FinetuneParams(SGDParams):
 
 
 @register_method("finetune", FinetuneParams, help="fine-tune the current model on the labelled training data", kinds=("torch",),
-                 needs_labels="train", memory_needed=lambda fp, p: mem.training(fp, p.optimizer, p.momentum))
+                 needs_labels="train", fp32=True, memory_needed=lambda fp, p: mem.training(fp, p.optimizer, p.momentum))
 def run_finetune(ctx: StageContext, p: FinetuneParams) -> dict:
     from compressor.eval import accuracy
     from compressor.train import train

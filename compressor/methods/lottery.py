@@ -307,7 +307,7 @@ class IMPParams(SGDParams):
 
 
 @register_method("imp_rewind", IMPParams, help="iterative magnitude pruning with weight/LR rewinding (lottery tickets)",
-                 kinds=("torch",), needs_labels="train+test",
+                 kinds=("torch",), needs_labels="train+test", fp32=True,
                  # the init template and the rewind point are copies; a random re-init control is one more
                  memory_needed=lambda fp, p: (2 + p.random_reinit_control) * mem.model_copy(fp) + mem.training(fp, p.optimizer, p.momentum)
                  + mem.global_scores(fp))

@@ -54,7 +54,7 @@ class SaRAParams(TrainParams):
 
 
 @register_method("sara", SaRAParams, help="SaRA: fine-tune only the smallest-|w| weights (sparse, low-rank penalty)", kinds=("torch",),
-                 needs_labels="train", memory_needed=lambda fp, p: mem.model_copy(fp) + mem.training(fp, "adam") // 2)
+                 needs_labels="train", fp32=True, memory_needed=lambda fp, p: mem.model_copy(fp) + mem.training(fp, "adam") // 2)
 def run_sara(ctx: StageContext, p: SaRAParams) -> dict:
     import math
     import time

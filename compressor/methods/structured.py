@@ -243,7 +243,7 @@ def _memory(fp, p) -> int:
 
 
 @register_method("structured", StructuredParams, help="group structured channel pruning over the ONNX dependency graph",
-                 memory_needed=_memory)
+                 memory_needed=_memory, fp32=True)  # cut through its fp32 ONNX export and checked against it
 def run_structured(ctx: StageContext, p: StructuredParams) -> dict:
     if ctx.model is None:  # no torch module: the model is an ONNX graph
         ctx.onnx_model, rep = structured_onnx(ctx.onnx_model, p, seed=ctx.seed, device=ctx.device)
