@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -207,20 +208,20 @@ def run_step(name: str, cmd: list[str], timeout: float) -> dict:
         output = f.read().decode(errors="replace")
     log.unlink(missing_ok=True)
     seconds = time.time() - t0
-    peak = hwm or None
-    if status == "ok" and rss_file.exists():
-        lines = [ln for ln in rss_file.read_text().splitlines() if ln.strip().isdigit()]
-        peak = int(lines[-1]) * 1024 if lines else peak
-        if timer and "Command exited with non-zero status" in rss_file.read_text():
-            rc = rc or 1
+    peak, timed = hwm or None, rss_file.read_text() if rss_file.exists() else ""
+    if status == "ok":
+        figures = [ln for ln in timed.splitlines() if ln.strip().isdigit()]
+        peak = int(figures[-1]) * 1024 if figures else peak
     rss_file.unlink(missing_ok=True)
+    signal = re.search(r"terminated by signal (\d+)", timed)
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     res = {"step": name, "command": " ".join(cmd), "status": status, "seconds": round(seconds, 1), "peak_rss_bytes": peak, "exit_code": rc}
     if status == "hang":
         res["reason"] = f"killed after {timeout:.0f} s"
-    elif rc != 0:
+    elif rc != 0 or signal:
         res["status"] = "failed"
-        res["reason"] = lines[-1][:300] if lines else f"exit code {rc}"
+        last = lines[-1][:300] if lines else f"exit code {rc}"
+        res["reason"] = f"killed by signal {signal.group(1)} (9: out of memory) after: {last}" if signal else last
     found = [json.loads(ln) for ln in lines if ln.startswith('{"tp_result"')]
     if found:
         res.update(found[-1]["tp_result"])

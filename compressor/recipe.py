@@ -290,8 +290,8 @@ def check_memory(recipe: Recipe, fp: Footprint, device=None, held: int = 0) -> l
             raise RecipeError(
                 f"recipe {recipe.name}: stage {i} ({st.method}) would need about {fmt_bytes(need + held)} more memory "
                 f"for a {fmt_bytes(fp.param_bytes)} model, and {fmt_bytes(free)} is available",
-                "free memory, use a smaller batch / fewer calibration samples, a bf16 checkpoint, or a streaming command "
-                "(compress prune DIR streams a checkpoint's shards)")
+                "free memory, use scope: layerwise / a smaller batch / fewer calibration samples, a bf16 checkpoint, or a "
+                "streaming command (compress prune DIR streams a checkpoint's shards)")
     return out
 
 

@@ -118,3 +118,9 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(bench, tmp_path):
     example = loaded.make_example(None)
     assert loaded.tokenizer.pad_token == "</s>" and example["input_ids"].shape[0] == 8
     assert (example["attention_mask"] == 0).any()  # sentences of different lengths were padded
+
+
+def test_a_step_killed_by_a_signal_says_so(bench, monkeypatch):
+    _python(monkeypatch, bench, "import os, signal; print('stage 1/1 magnitude', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    res = bench.run_step("k", ["compress", "k"], timeout=120)
+    assert res["status"] == "failed" and res["reason"].startswith("killed by signal 9") and "stage 1/1 magnitude" in res["reason"]

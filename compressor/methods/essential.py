@@ -64,7 +64,7 @@ class EssentialParams(BaseModel):
 
 @register_method("essential_sparsity", EssentialParams, kinds=("torch", "hf"),
                  # the dense weights the sweep restores from, and one level's masks at a time
-                 memory_needed=lambda fp, p: mem.model_copy(fp) + mem.global_scores(fp),
+                 memory_needed=lambda fp, p: mem.model_copy(fp) + mem.ranking(fp, p.scope),
                  help="essential sparsity: one-shot magnitude sweep without retraining, knee, optional prune at the knee")
 def run_essential(ctx: StageContext, p: EssentialParams) -> dict:
     from compressor.masks import apply_masks, magnitude_masks, sparsity_report

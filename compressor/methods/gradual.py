@@ -139,7 +139,7 @@ class GradualParams(SGDParams):
 
 @register_method("gradual", GradualParams, help="gradual magnitude pruning during training (Zhu & Gupta cubic schedule)",
                  kinds=("torch",), needs_labels="train", fp32=True,
-                 memory_needed=lambda fp, p: mem.training(fp, p.optimizer, p.momentum) + mem.global_scores(fp))
+                 memory_needed=lambda fp, p: mem.training(fp, p.optimizer, p.momentum) + mem.ranking(fp, p.scope))
 def run_gradual(ctx: StageContext, p: GradualParams) -> dict:
     from compressor.methods.magnitude import _accuracy_fn
 

@@ -310,7 +310,7 @@ class IMPParams(SGDParams):
                  kinds=("torch",), needs_labels="train+test", fp32=True,
                  # the init template and the rewind point are copies; a random re-init control is one more
                  memory_needed=lambda fp, p: (2 + p.random_reinit_control) * mem.model_copy(fp) + mem.training(fp, p.optimizer, p.momentum)
-                 + mem.global_scores(fp))
+                 + mem.ranking(fp, p.scope))
 def run_imp_rewind(ctx: StageContext, p: IMPParams) -> dict:
     out = imp_rewind(ctx.model, ctx.data, levels=p.levels, fraction=p.fraction, target_sparsity=p.target_sparsity,
                      rewind_steps=p.rewind_steps, rewind_epochs=p.rewind_epochs, variant=p.variant, epochs=p.epochs,

@@ -85,8 +85,8 @@ def prune(model: nn.Module, sparsity: float = 0.5, *, scope: str = "global", pat
 
 
 def _memory(fp, p) -> int:
-    """Masks, and the concatenated scores of a global selection (the largest tensor's for layer-wise / N:M)."""
-    return mem.global_scores(fp) if getattr(p, "scope", "layerwise") == "global" else mem.masks(fp) + 2 * fp.largest_bytes
+    """Masks, and the ranking of every weight at once (global) or of one tensor at a time (layer-wise / N:M)."""
+    return mem.ranking(fp, p.scope if p.pattern == "unstructured" else "layerwise")
 
 
 @register_method("magnitude", MagnitudeParams, help="one-shot magnitude pruning (global/layer-wise unstructured, or N:M)",
