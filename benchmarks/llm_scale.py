@@ -46,7 +46,7 @@ LAYOUTS = {
     "quick-config": dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5),
 }
-STEPS = ("analyze", "analyze_config", "structured", "replaceme", "magnitude", "sweep", "int8", "tp")
+STEPS = ("analyze", "analyze_config", "structured", "replaceme", "magnitude", "magnitude_layerwise", "sweep", "int8", "tp")
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -143,9 +143,10 @@ def ensure_models(cache: Path, quick: bool, model: Path | None = None) -> dict:
     text = cache / "calib.txt"
     if not text.exists():
         text.write_text(SENTENCES.read_text(encoding="utf-8"))
-    recipe = cache / "magnitude-50-hf.yaml"  # the shipped magnitude-50 fine-tunes (torch only); a user writes this
-    recipe.write_text("name: magnitude-50-hf\ndescription: one-shot global magnitude 50 %, saved as an HF folder\n"
-                      "stages:\n  - method: magnitude\n    sparsity: 0.5\n    scope: global\n")
+    for scope in ("global", "layerwise"):  # the shipped magnitude-50 fine-tunes (torch only): a user writes these
+        (cache / f"magnitude-50-{scope}.yaml").write_text(
+            f"name: magnitude-50-{scope}\ndescription: one-shot {scope} magnitude 50 %, saved as an HF folder\n"
+            f"stages:\n  - method: magnitude\n    sparsity: 0.5\n    scope: {scope}\n")
     info["model"], info["config"] = big, cfg_only
     return info
 
@@ -164,7 +165,8 @@ def step_commands(info: dict, cache: Path, quick: bool, tp_ratio: float) -> dict
         "analyze_config": ["compress", "analyze", cfg],
         "structured": ["compress", "prune", model, "--ratio", "0.25", "--heads", "-o", f"{out}/structured", "--overwrite"],
         "replaceme": ["compress", model, "-r", "replaceme-2", "-d", f"text:{cache / 'calib.txt'}", "-o", f"{out}/replaceme", "--overwrite"],
-        "magnitude": ["compress", model, "-r", str(cache / "magnitude-50-hf.yaml"), "-o", f"{out}/magnitude", "--overwrite"],
+        "magnitude": ["compress", model, "-r", str(cache / "magnitude-50-global.yaml"), "-o", f"{out}/magnitude", "--overwrite"],
+        "magnitude_layerwise": ["compress", model, "-r", str(cache / "magnitude-50-layerwise.yaml"), "-o", f"{out}/magnitude_lw", "--overwrite"],
         "sweep": ["compress", "sweep", model, "-o", f"{out}/sweep", "--grid", grid, "--texts", texts, "--overwrite"],
         "int8": ["compress", model, "-r", "int8-export", "-o", f"{out}/int8", "--overwrite"],
         "tp": ["python", "benchmarks/llm_scale.py", "--tp-child", model, "--tp-ratio", str(tp_ratio)],
