@@ -24,9 +24,19 @@ from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, check_label_range, load_data
 from compressor.io.models import load_model
 from compressor.io.sources import from_torch, with_functions
-from compressor.recipe import Recipe, StageContext, check_data, check_kinds, load_recipe, run_recipe
+from compressor.recipe import (
+    Recipe,
+    StageContext,
+    check_data,
+    check_kinds,
+    check_memory,
+    load_recipe,
+    needs_teacher,
+    run_recipe,
+)
 from compressor.train import barrier, is_writer
 from compressor.utils.atomic import write_text_atomic
+from compressor.utils.memory import available_bytes, footprint
 from compressor.wrappers import Model
 
 
@@ -187,7 +197,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     if _streams(model, rec, output):
         return _compress_streaming(Path(model), rec, Path(output).expanduser(), seed=seed, overwrite=overwrite,
                                    device=dev, t0=t0, on_stage=on_stage)
-    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, keep_dtype=True)  # bf16 stays bf16 (recipe.MethodSpec.fp32)
     check_kinds(rec, loaded.kind)
     out_dir = Path(output).expanduser() if output is not None else None
     if out_dir is not None:
@@ -199,8 +209,22 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
         teacher_model = load_model(teacher, arch=arch, trust_pickle=trust_pickle).module
         if teacher_model is None:
             raise InputError("the teacher must be a torch model", "pass a torch checkpoint as --teacher")
+    # Only the copies the recipe needs (docs/memory.md): a model this call loaded is worked on in place (the file
+    # is the original); a caller's object is copied (it is never modified). A teacher copy only for a stage that
+    # distils after another stage changed the model.
+    keep_teacher = teacher_model is None and loaded.module is not None and needs_teacher(rec)
+    held = footprint(loaded.module, loaded.onnx).param_bytes if keep_teacher or not loaded.owned else 0
+    memory = check_memory(rec, footprint(loaded.module, loaded.onnx), dev, held)  # refused before anything runs
     caller_device = loaded.device  # the compressed model goes back where the input model was
-    work = loaded.copy()  # the recipe runs on a copy: the input is never modified
+    original = loaded.on(dev)  # measured where the compressed model will be measured
+    reference = ev.make_reference(original, bundle, example)  # computed once, up front
+    before = ev.measure(original, bundle, reference, example)
+    if loaded.path is not None:
+        before["file_bytes"] = ev.file_size(loaded.path)
+    if loaded.owned:  # ours: the recipe runs on it, and the original is the file (reloaded to time it, if asked)
+        work, original = loaded.to(caller_device), None
+    else:
+        work = loaded.copy()  # the recipe runs on a copy: the input is never modified
     if work.module is not None:
         work.module.eval()
     if out_dir is None:
@@ -210,17 +234,16 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     else:
         workdir = out_dir
         workdir.mkdir(parents=True, exist_ok=True)
+    if keep_teacher:
+        teacher_model = copy.deepcopy(work.module)
     ctx = StageContext(
         model=work.module, onnx_model=work.onnx, model_kind=loaded.kind, data=bundle, example_inputs=example,
-        tokenizer=loaded.tokenizer, teacher=teacher_model if teacher_model is not None else (copy.deepcopy(loaded.module) if loaded.module is not None else None),
-        workdir=workdir, seed=seed, device=dev, resume=resume, recipe_hash=rec.hash, original=loaded,
+        tokenizer=loaded.tokenizer, teacher=teacher_model, workdir=workdir, seed=seed, device=dev, resume=resume,
+        recipe_hash=rec.hash, original=original,
     )
-    original = loaded.on(dev)  # measured where the compressed model will be measured
-    reference = ev.make_reference(original, bundle, example)
-    before = ev.measure(original, bundle, reference, example)
-    if loaded.path is not None:
-        before["file_bytes"] = ev.file_size(loaded.path)
+    del work
     stages = run_recipe(rec, ctx, on_stage)
+    ctx.teacher = teacher_model = None
     result = loaded.with_state(module=ctx.model, onnx=ctx.onnx_model, tokenizer=ctx.tokenizer).to(dev)
     if result.module is not None:
         result.module.eval()
@@ -238,9 +261,12 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
 
         kernels_report = swap_sparse_kernels(ctx.model, example, device=dev).to_dict()
     if measure_latency:  # timed alternately in one loop, on the device: a ratio that machine noise cannot fake
+        if original is None:  # released while the stages ran: the file is the original
+            original = load_model(model, arch=arch, trust_pickle=trust_pickle, keep_dtype=True).on(dev)
         # the compressed model as deployed: masks baked into plain weights, without the parametrization's multiply
         before["latency_ms"], after["latency_ms"] = ev.paired_latency(original.runner(example), result.runner(example_after))
         before["latency_runtime"], after["latency_runtime"] = original.latency_runtime(), result.latency_runtime()
+    original = None
     result.to(caller_device)  # the compressed model is returned where the caller's model was
     main_file = files.get("onnx") or files.get("program") or files.get("state_dict") or files.get("hf_folder")
     if main_file:
@@ -254,6 +280,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
         "data": bundle.source if bundle is not None else None,
         "seed": seed,
         "stages": stages,
+        "memory": {"available_bytes": available_bytes(dev), "estimates": memory, "teacher_copy": keep_teacher},
         "before": before,
         "after": after,
         "sparse_kernels": kernels_report,

@@ -45,13 +45,17 @@ def is_hf_folder(path: str | Path) -> bool:
     return p.is_dir() and (p / "config.json").is_file()
 
 
-def load_hf_folder(path: str | Path, *, eager_attention: bool = True):
-    """Load (model, tokenizer) from a local HF folder, offline. Model in eval mode, float32."""
+def load_hf_folder(path: str | Path, *, eager_attention: bool = True, keep_dtype: bool = False):
+    """Load (model, tokenizer) from a local HF folder, offline. Model in eval mode, float32; with `keep_dtype` in the
+    checkpoint's own dtype (a bf16/fp16 checkpoint stays half the size in memory; compress() upcasts only for a
+    stage that needs fp32)."""
     transformers = _require_transformers()
     path = Path(path)
     if not is_hf_folder(path):
         raise InputError(f"{path} is not a Hugging Face model folder (no config.json)", "pass the folder that holds config.json")
     kwargs = {"local_files_only": True}
+    if keep_dtype:
+        kwargs["dtype"] = "auto"
     if eager_attention:
         kwargs["attn_implementation"] = "eager"
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -68,7 +72,9 @@ def load_hf_folder(path: str | Path, *, eager_attention: bool = True):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
         pass
-    return model.eval().float(), tokenizer
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder LMs often ship without one; batches of sentences need it
+    return (model.eval() if keep_dtype else model.eval().float()), tokenizer
 
 
 def load_minilm():

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from compressor.errors import RecipeError
+from compressor.utils.memory import Footprint, available_bytes, fmt_bytes
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -42,25 +43,38 @@ class MethodSpec:
     # "train": the stage trains on labelled data; "train+test": it also evaluates on a labelled test split;
     # a callable decides from the stage's parameters (e.g. qdistill trains only when epochs > 0); None: no need.
     needs_labels: str | Callable[[BaseModel], str | None] | None = None
+    # True (or a function of the params): the stage distils from the input model, so compress() keeps a teacher
+    # copy for it when an earlier stage may have changed the model. Nothing else gets a teacher copy.
+    distils: bool | Callable[[BaseModel], bool] = False
+    # memory_needed(footprint, params) -> bytes the stage allocates at its peak on top of the model already in
+    # memory (the copies it makes, optimizer state, activations it keeps): checked before anything runs.
+    memory_needed: Callable[[Footprint, BaseModel], int] | None = None
+    # True (or a function of the params): the stage needs fp32 weights (it trains, or exports and verifies through
+    # ONNX / a quantizer in fp32); run_recipe upcasts a bf16/fp16 model in place before it. Others run in its dtype.
+    fp32: bool | Callable[[BaseModel], bool] = False
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, params: type[BaseModel], help: str = "", kinds: tuple[str, ...] = ("torch", "hf", "onnx"),
-                    needs_labels: str | Callable[[BaseModel], str | None] | None = None):
+                    needs_labels: str | Callable[[BaseModel], str | None] | None = None,
+                    distils: bool | Callable[[BaseModel], bool] = False,
+                    memory_needed: Callable[[Footprint, BaseModel], int] | None = None,
+                    fp32: bool | Callable[[BaseModel], bool] = False):
     """Decorator: make `fn(ctx: StageContext, params) -> dict` available to recipes as `method: name`.
 
     `kinds` lists the model kinds the method accepts ("torch", "hf", "onnx"); the runner refuses others
     before anything runs. `needs_labels` ("train" / "train+test" / a function of the params) lets the runner
-    refuse missing labelled data before anything runs too (:func:`check_data`).
+    refuse missing labelled data before anything runs too (:func:`check_data`). `distils`, `memory_needed`, `fp32`:
+    see :class:`MethodSpec` (:func:`needs_teacher`, :func:`check_memory`).
     """
 
     def deco(fn: Callable) -> Callable:
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise RuntimeError(f"recipe method {name!r} registered twice")
         REGISTRY[name] = MethodSpec(name, params, fn, help or (fn.__doc__ or "").strip().splitlines()[0] if (help or fn.__doc__) else "", tuple(kinds),
-                                    needs_labels)
+                                    needs_labels, distils, memory_needed, fp32)
         return fn
 
     return deco
@@ -84,7 +98,9 @@ class StageContext:
     recipe_hash: str = ""
     stage_index: int = 0
     artifacts: dict = field(default_factory=dict)  # files written by stages: {"onnx": path, ...}
-    original: object | None = None  # the input model's wrapper (compressor.wrappers.Model), never modified
+    # the input model's wrapper when compress() keeps it (a caller's object, never modified); None when the model was
+    # loaded from a file: the working model is then that loaded model itself, and the file is the original
+    original: object | None = None
 
     def current_model(self):
         """The model as it stands now (after the stages so far), in its wrapper (compressor.wrappers)."""
@@ -250,6 +266,46 @@ def check_data(recipe: Recipe, data) -> None:
                           "pass --data digits or --data npz:FILE with x and y arrays")
 
 
+def _flag(value, params) -> bool:
+    return bool(value(params) if callable(value) else value)
+
+
+def needs_teacher(recipe: Recipe) -> bool:
+    """True when a stage distils from the input model after an earlier stage may have changed it: only then
+    does compress() keep a teacher copy (a distilling first stage reads the unchanged working model)."""
+    return any(i > 1 and _flag(REGISTRY[st.method].distils, st.params) for i, st in enumerate(recipe.stages, start=1))
+
+
+def check_memory(recipe: Recipe, fp: Footprint, device=None, held: int = 0) -> list[dict]:
+    """Refuse, before anything runs, a stage whose estimated peak (its `memory_needed` on the model's footprint,
+    plus `held`: copies compress() keeps beside the working model) exceeds the memory available now.
+    Returns each stage's estimate (for the report)."""
+    free = available_bytes(device)
+    out = []
+    for i, st in enumerate(recipe.stages, start=1):
+        spec = REGISTRY[st.method]
+        need = int(spec.memory_needed(fp, st.params)) if spec.memory_needed is not None else 0
+        out.append({"stage": i, "method": st.method, "bytes": need + held})
+        if need + held > free:
+            raise RecipeError(
+                f"recipe {recipe.name}: stage {i} ({st.method}) would need about {fmt_bytes(need + held)} more memory "
+                f"for a {fmt_bytes(fp.param_bytes)} model, and {fmt_bytes(free)} is available",
+                "free memory, use scope: layerwise / a smaller batch / fewer calibration samples, a bf16 checkpoint, or a "
+                "streaming command (compress prune DIR streams a checkpoint's shards)")
+    return out
+
+
+def _upcast(model) -> str | None:
+    """Cast a model holding bf16/fp16 weights to fp32 in place (tensor by tensor); returns what it did, or None."""
+    if model is None:
+        return None
+    half = {t.dtype for t in model.parameters() if t.dtype in (torch.bfloat16, torch.float16)}
+    if not half:
+        return None
+    model.float()
+    return f"{'/'.join(sorted(str(d).removeprefix('torch.') for d in half))} -> float32"
+
+
 def run_recipe(recipe: Recipe, ctx: StageContext, on_stage: Callable[[int, Stage], None] | None = None) -> list[dict]:
     """Run every stage in order; returns one report dict per stage."""
     reports = []
@@ -258,6 +314,8 @@ def run_recipe(recipe: Recipe, ctx: StageContext, on_stage: Callable[[int, Stage
         if on_stage is not None:
             on_stage(i, stage)
         spec = REGISTRY[stage.method]
+        upcast = _upcast(ctx.model) if _flag(spec.fp32, stage.params) else None
         out = spec.fn(ctx, copy.deepcopy(stage.params)) or {}
-        reports.append({"stage": i, "method": stage.method, "params": stage.params.model_dump(mode="json"), "result": out})
+        reports.append({"stage": i, "method": stage.method, "params": stage.params.model_dump(mode="json"), "result": out,
+                        **({"upcast": upcast} if upcast else {})})
     return reports

@@ -147,9 +147,10 @@ def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool) -> Model:
     raise InputError(f"{path.name} holds a {type(obj).__name__}, not a model or state dict", f"supported: {MODEL_FORMATS}")
 
 
-def load_model(model, *, arch: str | None = None, trust_pickle: bool = False) -> Model:
+def load_model(model, *, arch: str | None = None, trust_pickle: bool = False, keep_dtype: bool = False) -> Model:
     """Load a model from a path (any supported format) into its wrapper, or wrap an in-memory nn.Module /
-    ModelProto (a wrapper is returned as is)."""
+    ModelProto (a wrapper is returned as is). keep_dtype: a Hugging Face folder keeps its checkpoint dtype
+    (default: float32)."""
     if not isinstance(model, str | os.PathLike):
         try:
             return wrap(model)  # a wrapper, nn.Module or onnx.ModelProto (never moved or modified)
@@ -164,7 +165,7 @@ def load_model(model, *, arch: str | None = None, trust_pickle: bool = False) ->
         if not is_hf_folder(path):
             raise InputError(f"{path} is a folder without config.json", "pass a model file or a Hugging Face model folder")
         try:
-            module, tok = load_hf_folder(path)
+            module, tok = load_hf_folder(path, keep_dtype=keep_dtype)
         except InputError:
             raise
         except Exception as e:  # transformers/safetensors/json raise many types for a damaged folder (as ONNX does)

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compressor.errors import CompressorError, RecipeError
+from compressor.methods import _memory as mem
 from compressor.methods._params import globs
 from compressor.recipe import StageContext, register_method
 
@@ -62,6 +63,8 @@ class EssentialParams(BaseModel):
 
 
 @register_method("essential_sparsity", EssentialParams, kinds=("torch", "hf"),
+                 # the dense weights the sweep restores from, and one level's masks at a time
+                 memory_needed=lambda fp, p: mem.model_copy(fp) + mem.ranking(fp, p.scope),
                  help="essential sparsity: one-shot magnitude sweep without retraining, knee, optional prune at the knee")
 def run_essential(ctx: StageContext, p: EssentialParams) -> dict:
     from compressor.masks import apply_masks, magnitude_masks, sparsity_report
@@ -74,7 +77,8 @@ def run_essential(ctx: StageContext, p: EssentialParams) -> dict:
     evaluator = make_evaluator(ctx.model, data=ctx.data, tokenizer=ctx.tokenizer, n_texts=p.n_texts)
     example = ctx.example_inputs if isinstance(ctx.example_inputs, tuple) else None
     result = run_sweep(ctx.model, evaluator, grid=p.grid, patterns=patterns, text_model=ctx.current_model().text_input, include=p.include,
-                       exclude=p.exclude, example=example, seed=ctx.seed, refine=p.refine, eps=p.eps, relative=p.relative)
+                       exclude=p.exclude, example=example, seed=ctx.seed, refine=p.refine, eps=p.eps, relative=p.relative,
+                       inplace=True)  # the working model itself, its weights restored after the sweep
     result["model"] = type(ctx.model).__name__
     result["data"] = getattr(ctx.data, "source", None) or ("corpus" if ctx.tokenizer is not None else None)
     files = write_sweep(result, ctx.workdir, overwrite=True)  # the stage owns its output folder (api checks it)

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compressor.methods import _memory as mem
 from compressor.recipe import StageContext, register_method
 from compressor.train import barrier, is_writer
 
@@ -18,7 +19,14 @@ class ExportParams(BaseModel):
     filename: str = Field("model", description="file stem inside the output folder")
 
 
-@register_method("export", ExportParams, help="write verified ONNX and/or torch files of the current model")
+def _memory(fp, p) -> int:
+    onnx = mem.onnx_export(fp) if p.format in ("onnx", "both") else 0
+    torch_files = 2 * mem.model_copy(fp) if p.format in ("torch", "both") else 0  # a plain copy + its serialised program
+    return max(onnx, torch_files)
+
+
+@register_method("export", ExportParams, help="write verified ONNX and/or torch files of the current model", memory_needed=_memory,
+                 fp32=lambda p: p.format in ("onnx", "both"))  # ONNX is traced and verified in fp32
 def run_export(ctx: StageContext, p: ExportParams) -> dict:
     model = ctx.current_model()
     out: dict = {}

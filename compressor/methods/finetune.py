@@ -7,6 +7,7 @@ pruned models simply train at their new width.
 from __future__ import annotations
 
 from compressor.errors import RecipeError
+from compressor.methods import _memory as mem
 from compressor.methods._params import CosineOrConstant, SGDParams
 from compressor.recipe import StageContext, register_method
 
@@ -16,7 +17,7 @@ class FinetuneParams(SGDParams):
 
 
 @register_method("finetune", FinetuneParams, help="fine-tune the current model on the labelled training data", kinds=("torch",),
-                 needs_labels="train")
+                 needs_labels="train", fp32=True, memory_needed=lambda fp, p: mem.training(fp, p.optimizer, p.momentum))
 def run_finetune(ctx: StageContext, p: FinetuneParams) -> dict:
     from compressor.eval import accuracy
     from compressor.train import train

@@ -17,6 +17,7 @@ from torch import nn
 
 from compressor import masks as M
 from compressor.errors import RecipeError
+from compressor.methods import _memory as mem
 from compressor.methods._params import CosineOrConstant, Epochs, SGDParams, globs
 from compressor.recipe import StageContext, register_method
 
@@ -137,7 +138,8 @@ class GradualParams(SGDParams):
 
 
 @register_method("gradual", GradualParams, help="gradual magnitude pruning during training (Zhu & Gupta cubic schedule)",
-                 kinds=("torch",), needs_labels="train")
+                 kinds=("torch",), needs_labels="train", fp32=True,
+                 memory_needed=lambda fp, p: mem.training(fp, p.optimizer, p.momentum) + mem.ranking(fp, p.scope))
 def run_gradual(ctx: StageContext, p: GradualParams) -> dict:
     from compressor.methods.magnitude import _accuracy_fn
 

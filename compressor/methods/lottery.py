@@ -34,6 +34,7 @@ from torch import nn
 
 from compressor import masks as M
 from compressor.errors import RecipeError
+from compressor.methods import _memory as mem
 from compressor.methods._params import Epochs, LearningRate, SGDParams, WeightDecay, globs
 from compressor.recipe import StageContext, register_method
 from compressor.utils.atomic import atomic_path, write_text_atomic
@@ -306,7 +307,10 @@ class IMPParams(SGDParams):
 
 
 @register_method("imp_rewind", IMPParams, help="iterative magnitude pruning with weight/LR rewinding (lottery tickets)",
-                 kinds=("torch",), needs_labels="train+test")
+                 kinds=("torch",), needs_labels="train+test", fp32=True,
+                 # the init template and the rewind point are copies; a random re-init control is one more
+                 memory_needed=lambda fp, p: (2 + p.random_reinit_control) * mem.model_copy(fp) + mem.training(fp, p.optimizer, p.momentum)
+                 + mem.ranking(fp, p.scope))
 def run_imp_rewind(ctx: StageContext, p: IMPParams) -> dict:
     out = imp_rewind(ctx.model, ctx.data, levels=p.levels, fraction=p.fraction, target_sparsity=p.target_sparsity,
                      rewind_steps=p.rewind_steps, rewind_epochs=p.rewind_epochs, variant=p.variant, epochs=p.epochs,

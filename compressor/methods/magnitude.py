@@ -14,6 +14,7 @@ from torch import nn
 
 from compressor import masks as M
 from compressor.errors import RecipeError
+from compressor.methods import _memory as mem
 from compressor.methods._params import globs
 from compressor.recipe import StageContext, register_method
 
@@ -83,8 +84,13 @@ def prune(model: nn.Module, sparsity: float = 0.5, *, scope: str = "global", pat
     return rep
 
 
+def _memory(fp, p) -> int:
+    """Masks, and the ranking of every weight at once (global) or of one tensor at a time (layer-wise / N:M)."""
+    return mem.ranking(fp, p.scope if p.pattern == "unstructured" else "layerwise")
+
+
 @register_method("magnitude", MagnitudeParams, help="one-shot magnitude pruning (global/layer-wise unstructured, or N:M)",
-                 kinds=("torch", "hf"))
+                 kinds=("torch", "hf"), memory_needed=_memory)
 def run_magnitude(ctx: StageContext, p: MagnitudeParams) -> dict:
     acc = _accuracy_fn(ctx)
     before = acc()

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from compressor.errors import InputError, RecipeError
+from compressor.methods import _memory as mem
 from compressor.methods._params import LearningRate, Momentum, TrainParams, WeightDecay
 from compressor.recipe import StageContext, register_method
 
@@ -51,7 +52,9 @@ def _build_student(spec: str):
 
 
 @register_method("qdistill", QDistillParams, help="quantized distillation (2-8 bit) + QDQ / MatMulNBits ONNX export", kinds=("torch", "hf"),
-                 needs_labels=lambda p: "train" if p.epochs > 0 else None)
+                 needs_labels=lambda p: "train" if p.epochs > 0 else None, distils=lambda p: p.epochs > 0 and p.distill, fp32=True,
+                 memory_needed=lambda fp, p: mem.model_copy(fp) + (mem.training(fp, "sgd", p.momentum) if p.epochs > 0 else 0)
+                 + mem.onnx_export(fp))
 def run_qdistill(ctx: StageContext, p: QDistillParams) -> dict:
     from compressor.eval import accuracy
     from compressor.quant.diffq import differentiable_quantization

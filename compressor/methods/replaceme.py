@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from compressor.errors import RecipeError
+from compressor.methods import _memory as mem
 from compressor.recipe import StageContext, register_method
 from compressor.replaceme import Estimator, dense_reference, naive_drop, prune, quality
 
@@ -36,8 +37,17 @@ class ReplaceMeParams(BaseModel):
     eval_samples: int = Field(256, ge=1, description="held-out texts / inputs for the baseline comparison")
 
 
+def _memory(fp, p: ReplaceMeParams) -> int:
+    """The pruned copy (and the same cut without T beside it for the baselines); the calibration walk holds one
+    block's input and output hidden states (fp32) of every calibration sequence; G = ΣxᵀX and B = ΣxᵀY are d×d
+    float64, accumulated batch by batch."""
+    d = fp.hidden or int(fp.largest_bytes ** 0.5 // 2) or 1
+    tokens = (p.calib_samples or 1024) * p.max_length
+    return (2 if p.baselines else 1) * mem.model_copy(fp) + 2 * tokens * d * 4 + 2 * d * d * 8
+
+
 @register_method("replaceme", ReplaceMeParams, help="ReplaceMe: remove n transformer blocks, fold a linear map into the block before",
-                 kinds=("torch", "hf"))
+                 kinds=("torch", "hf"), memory_needed=_memory)
 def run_replaceme(ctx: StageContext, p: ReplaceMeParams) -> dict:
     from compressor.hf import corpus_sentences
 

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from compressor.errors import RecipeError
+from compressor.methods import _memory as mem
 from compressor.methods._params import TrainParams, WeightDecay, globs
 from compressor.recipe import StageContext, register_method
 from compressor.sara import SaRAOptimizer, save_adaptation, select, state_bytes
@@ -53,7 +54,7 @@ class SaRAParams(TrainParams):
 
 
 @register_method("sara", SaRAParams, help="SaRA: fine-tune only the smallest-|w| weights (sparse, low-rank penalty)", kinds=("torch",),
-                 needs_labels="train")
+                 needs_labels="train", fp32=True, memory_needed=lambda fp, p: mem.model_copy(fp) + mem.training(fp, "adam") // 2)
 def run_sara(ctx: StageContext, p: SaRAParams) -> dict:
     import math
     import time

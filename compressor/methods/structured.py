@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compressor.errors import RecipeError, VerificationError
+from compressor.methods import _memory as mem
 from compressor.recipe import StageContext, register_method
 
 
@@ -271,7 +272,14 @@ def structured_checkpoint(folder, analysis, p: StructuredParams, out_dir, *, see
     return rep | {"removed_channels": len(sel.atoms), "channel_ratio": sel.ratio, "round_to": round_to, "streaming": True}
 
 
-@register_method("structured", StructuredParams, help="group structured channel pruning over the ONNX dependency graph")
+def _memory(fp, p) -> int:
+    """A torch model is exported to ONNX (analysed, cut, and checked against the module cut through the bridge
+    on a copy); an ONNX model is cut in the graph (one more graph)."""
+    return mem.onnx_export(fp) + mem.model_copy(fp)
+
+
+@register_method("structured", StructuredParams, help="group structured channel pruning over the ONNX dependency graph",
+                 memory_needed=_memory, fp32=True)  # cut through its fp32 ONNX export and checked against it
 def run_structured(ctx: StageContext, p: StructuredParams) -> dict:
     if ctx.model is None:  # no torch module: the model is an ONNX graph
         ctx.onnx_model, rep = structured_onnx(ctx.onnx_model, p, seed=ctx.seed, device=ctx.device)

@@ -49,10 +49,12 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
               patterns: Iterable[str] | str | Sequence[Pattern] | None = None, text_model: bool = False,
               include: list[str] | None = None, exclude: list[str] | None = None, example=None, seed: int = 0,
               refine: float | None = None, eps: float = 1.0, relative: bool = False, progress: bool = True,
-              on_level: Callable[[dict], None] | None = None) -> dict:
+              on_level: Callable[[dict], None] | None = None, inplace: bool = False) -> dict:
     """Sweep `model` over `grid` × `patterns` with `evaluator`; returns the JSON-ready result.
 
-    Works on a private copy: `model` is never modified. Every level restores the dense weights before pruning,
+    Works on a private copy: `model` is never modified; with `inplace` (a model the caller owns) it works on
+    `model` itself and puts its weights back at the end, so the sweep holds one model plus a copy of the pruned
+    tensors, not two models. Every level restores the dense weights before pruning,
     so levels are independent (not cumulative). With `refine` (e.g. 0.05), points at that spacing are added
     between the grid neighbours of the first grid curve's knee (its tolerance point when it has no knee) and
     swept for every grid pattern. The pruned tensors are :func:`default_targets` (`text_model`: the transformer-blocks rule of a text model, else every layer but the output one, picks its
@@ -67,7 +69,7 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
     eps = float(eps)
     if eps < 0 or not math.isfinite(eps):
         raise InputError(f"eps must be a finite number >= 0, got {eps}", "e.g. eps=1.0 allows a one-point drop")
-    work = copy.deepcopy(model).eval()
+    work = (model if inplace else copy.deepcopy(model)).eval()
     example = example if example is not None else evaluator.example
     targets, rule = default_targets(work, text_model, include, exclude, example)
     transposed = transposed_names(work, targets)
@@ -97,20 +99,26 @@ def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] |
     names = _curve_names(pats)
     jobs = _level_jobs(pats, grid, names)
     refined: list[float] = []
-    with bars.progress("sweep", total=len(jobs), show=progress and len(jobs) > 1) as bar:
-        run_jobs(jobs, bar)
-        grid_pats = [p for p in pats if p.on_grid]
-        if refine is not None and grid_pats:
-            a = analyze_curve(curves[grid_pats[0].curve], eps, relative)
-            center = a["knee"] if a["knee"] is not None else a["tolerance"]
-            if center is not None:
-                refined = refine_points(grid, center, refine)
-            if refined:
-                extra = _level_jobs(grid_pats, refined)
-                bar.update(total=len(jobs) + len(extra))
-                run_jobs(extra, bar)
-                for c in {p.curve for p in grid_pats}:
-                    curves[c].sort(key=lambda d: d["target"])
+    try:
+        with bars.progress("sweep", total=len(jobs), show=progress and len(jobs) > 1) as bar:
+            run_jobs(jobs, bar)
+            grid_pats = [p for p in pats if p.on_grid]
+            if refine is not None and grid_pats:
+                a = analyze_curve(curves[grid_pats[0].curve], eps, relative)
+                center = a["knee"] if a["knee"] is not None else a["tolerance"]
+                if center is not None:
+                    refined = refine_points(grid, center, refine)
+                if refined:
+                    extra = _level_jobs(grid_pats, refined)
+                    bar.update(total=len(jobs) + len(extra))
+                    run_jobs(extra, bar)
+                    for c in {p.curve for p in grid_pats}:
+                        curves[c].sort(key=lambda d: d["target"])
+    finally:
+        if inplace:  # the caller's model back as it came (dense weights, masks of an earlier stage untouched)
+            with torch.no_grad():
+                for k, w in targets.items():
+                    w.copy_(dense[k])
     analysis = {c: analyze_curve(pts, eps, relative) for c, pts in curves.items()}
     for a in analysis.values():
         a.pop("curve")
@@ -155,7 +163,8 @@ def sweep(model, data=None, *, tokenizer=None, grid=None, patterns=None, eps: fl
     if bundle is not None and (bundle.test is not None or bundle.train is not None):
         example = ((bundle.test or bundle.train).tensors[0][:2],)
     res = run_sweep(loaded.module, ev_, grid=grid_l, patterns=pats, text_model=loaded.text_input, include=include, exclude=exclude,
-                    example=example, seed=seed, refine=refine, eps=eps, relative=relative, progress=progress)
+                    example=example, seed=seed, refine=refine, eps=eps, relative=relative, progress=progress,
+                    inplace=loaded.owned)  # a model loaded here is ours: no second copy
     res["model"] = str(loaded.path) if loaded.path else type(loaded.module).__name__
     res["data"] = bundle.source if bundle is not None else "corpus"
     return res

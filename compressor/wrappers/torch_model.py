@@ -162,7 +162,7 @@ class TorchModel(Model):
     def size_bytes(self) -> int:
         from safetensors.torch import save
 
-        return len(save(cpu_state(plain_copy(self.module))))
+        return len(save(cpu_state(deployable(self.module))))  # a copy only when masks must be baked in
 
     # saving ------------------------------------------------------------------------------------------------
 

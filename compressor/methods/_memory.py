@@ -1,0 +1,54 @@
+"""The pieces the stages' memory estimates are made of (each method's ``memory_needed`` hook, checked by
+compressor.recipe.check_memory before anything runs). Bytes on top of the model already in memory; deliberately
+simple upper-bound arithmetic on the model's footprint, not measurements: the check is there to refuse a run that
+cannot fit (a 7 B model on a 24 GB machine), not to predict peaks to the megabyte.
+
+Not a method module (the leading underscore keeps compressor.methods from loading it as one).
+"""
+
+from __future__ import annotations
+
+from compressor.utils.memory import Footprint
+
+
+def training(fp: Footprint, optimizer: str = "sgd", momentum: float = 0.9) -> int:
+    """Training in fp32: gradients, the optimizer's state (SGD momentum: one buffer; Adam: two), and an fp32
+    cast of a half-precision model."""
+    state = 2 if optimizer in ("adam", "adamw") else (1 if momentum else 0)
+    upcast = max(0, fp.fp32_bytes - fp.param_bytes)
+    return fp.fp32_bytes * (1 + state) + upcast
+
+
+def masks(fp: Footprint) -> int:
+    """Boolean masks over every weight."""
+    return fp.n_params
+
+
+# Bytes per ranked weight of compressor.masks.magnitude_masks: |w| in fp32 and its concatenation (4 + 4), alive /
+# keep flags (3 x 1), the alive indices (int64, 8), the gathered scores (4) and their stable sort (values 4 + int64
+# indices 8, and the sort's own buffers about as much again).
+SELECT_BYTES = 44
+
+
+def global_scores(fp: Footprint) -> int:
+    """Global magnitude selection: every weight ranked at once (SELECT_BYTES each)."""
+    return SELECT_BYTES * fp.n_params
+
+
+def layer_scores(fp: Footprint) -> int:
+    """Layer-wise selection: one tensor ranked at a time, plus the masks of all."""
+    return SELECT_BYTES * (fp.largest_bytes // 4) + masks(fp)
+
+
+def ranking(fp: Footprint, scope: str) -> int:
+    return global_scores(fp) if scope == "global" else layer_scores(fp)
+
+
+def onnx_export(fp: Footprint) -> int:
+    """A verified ONNX export: a plain fp32 copy of the module, the ONNX graph with its initializers, and the
+    onnxruntime session that checks it."""
+    return 3 * fp.fp32_bytes
+
+
+def model_copy(fp: Footprint) -> int:
+    return fp.param_bytes

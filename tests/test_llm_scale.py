@@ -1,0 +1,126 @@
+"""The harness of benchmarks/llm_scale.py: each step in its own process, its own peak RSS, hangs and failures
+recorded with their reason, a table regenerated from the JSON; and (slow) the --quick layout end to end.
+
+Oracles: processes that allocate a known amount of memory, exit with a known message, or sleep past the limit;
+safetensors' own reader for the built folder; transformers' loader for the model it describes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("llm_scale", ROOT / "benchmarks" / "llm_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _python(monkeypatch, bench, code: str):
+    monkeypatch.setattr(bench, "argv_for", lambda cmd: [sys.executable, "-c", code])
+
+
+def test_step_peak_rss_is_the_child_s_own(bench, monkeypatch):
+    _python(monkeypatch, bench, "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); print('done')")
+    big = bench.run_step("alloc", ["compress", "x"], timeout=120)
+    _python(monkeypatch, bench, "print('small')")
+    small = bench.run_step("small", ["compress", "y"], timeout=120)
+    assert big["status"] == small["status"] == "ok" and big["exit_code"] == 0
+    assert big["peak_rss_bytes"] >= 300 << 20  # the 300 MB it touched
+    assert small["peak_rss_bytes"] < 200 << 20  # not the earlier child's peak (getrusage(CHILDREN) would say 300)
+    assert big["command"] == "compress x"
+
+
+def test_step_failure_and_hang_are_recorded_with_a_reason(bench, monkeypatch):
+    _python(monkeypatch, bench, "import sys; print('working'); sys.exit('error: the model is too big — use bf16')")
+    failed = bench.run_step("f", ["compress", "f"], timeout=120)
+    assert failed["status"] == "failed" and failed["exit_code"] == 1
+    assert failed["reason"] == "error: the model is too big — use bf16"
+    _python(monkeypatch, bench, "import time; time.sleep(60)")
+    hung = bench.run_step("h", ["compress", "h"], timeout=2)
+    assert hung["status"] == "hang" and hung["seconds"] < 30 and "killed after 2 s" in hung["reason"]
+
+
+def test_table_and_merge(bench, tmp_path):
+    run = {"layout": "tinyllama-1.1b", "command": "python benchmarks/llm_scale.py", "cache": "/c", "checkpoint_bytes": 4 << 30,
+           "environment": {"machine": "2 CPUs"},
+           "steps": [{"step": "magnitude", "command": "compress /c/m -r x", "status": "ok", "seconds": 10.0, "peak_rss_bytes": 6 << 30},
+                     {"step": "tp", "command": "python t", "status": "hang", "reason": "killed after 600 s", "seconds": 600.0,
+                      "peak_rss_bytes": 5 << 30}]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(run))
+    rerun = {**run, "steps": [{"step": "analyze", "command": "compress analyze /c/m", "status": "failed", "reason": "a | b",
+                               "seconds": 1.0, "peak_rss_bytes": None}]}
+    merged = bench.merge(path, rerun)
+    assert [s["step"] for s in merged["steps"]] == ["analyze", "magnitude", "tp"]  # the harness's step order, old steps kept
+    text = bench.table(merged)
+    assert "| magnitude | `compress CACHE/m -r x` | ok | 10.0 | 6.00 | 1.50 |" in text
+    assert "hang: killed after 600 s" in text and "failed: a \\| b" in text
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\ntext\n")
+    bench.write_table(merged, doc)
+    bench.write_table(merged, doc)  # rewriting replaces the block
+    assert doc.read_text().count(bench.BEGIN) == 1 and "| tp |" in doc.read_text()
+
+
+@pytest.mark.slow
+def test_quick_layout_end_to_end(bench, tmp_path):
+    from safetensors import safe_open
+
+    run = bench.main(["--quick", "--cache", str(tmp_path), "--steps", "analyze_config,magnitude,tp", "--timeout", "600", "--tp-timeout", "60"])
+    folder = tmp_path / "quick-llama"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1  # written shard by shard
+    total = 0
+    for shard in shards:
+        with safe_open(str(folder / shard), "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert total * 4 == index["metadata"]["total_size"]
+    steps = {s["step"]: s for s in run["steps"]}
+    assert set(steps) == {"analyze_config", "magnitude", "tp"}
+    assert steps["magnitude"]["status"] == "ok" and steps["magnitude"]["peak_rss_bytes"] > 0
+    assert all(s["status"] in ("ok", "failed", "hang") for s in steps.values())
+    assert all("reason" in s for s in steps.values() if s["status"] != "ok")
+    from transformers import AutoModelForCausalLM
+
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "magnitude" / "model")
+    assert abs(sum(float((p == 0).float().mean()) for n, p in out.named_parameters() if "layers" in n and p.dim() == 2) /
+               sum(1 for n, p in out.named_parameters() if "layers" in n and p.dim() == 2) - 0.5) < 0.1
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos(bench, tmp_path):
+    """TinyLlama-like folders often ship a tokenizer with no pad token: batches of sentences pad with eos instead of
+    failing with transformers' 'Asking to pad but the tokenizer does not have a padding token'."""
+    from compressor.io.models import load_model
+
+    folder = tmp_path / "m"
+    bench.build_folder(folder, "quick-llama", 1 << 20)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = folder / name
+        if f.exists():
+            cfg = json.loads(f.read_text())
+            cfg.pop("pad_token", None)
+            f.write_text(json.dumps(cfg))
+    import transformers
+
+    assert transformers.AutoTokenizer.from_pretrained(folder).pad_token is None  # the folder really has none
+    loaded = load_model(folder)
+    example = loaded.make_example(None)
+    assert loaded.tokenizer.pad_token == "</s>" and example["input_ids"].shape[0] == 8
+    assert (example["attention_mask"] == 0).any()  # sentences of different lengths were padded
+
+
+def test_a_step_killed_by_a_signal_says_so(bench, monkeypatch):
+    _python(monkeypatch, bench, "import os, signal; print('stage 1/1 magnitude', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    res = bench.run_step("k", ["compress", "k"], timeout=120)
+    assert res["status"] == "failed" and res["reason"].startswith("killed by signal 9") and "stage 1/1 magnitude" in res["reason"]
