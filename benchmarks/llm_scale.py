@@ -33,6 +33,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "llm_scale.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 SENTENCES = ROOT / "compressor" / "data" / "sentences.txt"
 BEGIN, END = "<!-- llm_scale table: benchmarks/llm_scale.py --table -->", "<!-- end llm_scale table -->"
+README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- llm_scale summary: benchmarks/llm_scale.py --table -->", "<!-- end llm_scale summary -->"
 
 LAYOUTS = {
     "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -46,7 +48,7 @@ LAYOUTS = {
     "quick-config": dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5),
 }
-STEPS = ("analyze", "analyze_config", "structured", "replaceme", "magnitude", "magnitude_layerwise", "sweep", "int8", "tp")
+STEPS = ("analyze", "analyze_config", "structured", "structured_heads", "replaceme", "magnitude", "magnitude_layerwise", "sweep", "int8", "tp")
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -163,7 +165,11 @@ def step_commands(info: dict, cache: Path, quick: bool, tp_ratio: float) -> dict
     return {
         "analyze": ["compress", "analyze", model],
         "analyze_config": ["compress", "analyze", cfg],
-        "structured": ["compress", "prune", model, "--ratio", "0.25", "--heads", "-o", f"{out}/structured", "--overwrite"],
+        # FFN channels 25 % (the streaming cut); with --heads as well: 25 % of TinyLlama's 32 query heads leaves a
+        # head count that does not divide hidden 2048, which transformers' LlamaConfig refuses (recorded as such)
+        "structured": ["compress", "prune", model, "--ratio", "0.25", "-o", f"{out}/structured", "--overwrite"],
+        "structured_heads": ["compress", "prune", model, "--ratio", "0.25", "--heads", "-o", f"{out}/structured_heads",
+                             "--overwrite"],
         "replaceme": ["compress", model, "-r", "replaceme-2", "-d", f"text:{cache / 'calib.txt'}", "-o", f"{out}/replaceme", "--overwrite"],
         "magnitude": ["compress", model, "-r", str(cache / "magnitude-50-global.yaml"), "-o", f"{out}/magnitude", "--overwrite"],
         "magnitude_layerwise": ["compress", model, "-r", str(cache / "magnitude-50-layerwise.yaml"), "-o", f"{out}/magnitude_lw", "--overwrite"],
@@ -217,7 +223,8 @@ def run_step(name: str, cmd: list[str], timeout: float) -> dict:
     rss_file.unlink(missing_ok=True)
     signal = re.search(r"terminated by signal (\d+)", timed)
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    res = {"step": name, "command": " ".join(cmd), "status": status, "seconds": round(seconds, 1), "peak_rss_bytes": peak, "exit_code": rc}
+    res = {"step": name, "command": " ".join(cmd), "status": status, "seconds": round(seconds, 1), "peak_rss_bytes": peak,
+           "exit_code": rc, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if status == "hang":
         res["reason"] = f"killed after {timeout:.0f} s"
     elif rc != 0 or signal:
@@ -303,7 +310,7 @@ def table(result: dict) -> str:
     ckpt = result.get("checkpoint_bytes") or 0
     rows = [f"Layout `{result['layout']}` ({ckpt / 2**30:.1f} GiB fp32 checkpoint), {result['environment']['machine']}; "
             f"`{result['command']}`.", "",
-            "| step | command | status | wall s | peak RSS GB | × checkpoint |", "|---|---|---|---|---|---|"]
+            "| step | command | status | wall s | peak RSS GB | × checkpoint | measured |", "|---|---|---|---|---|---|---|"]
     for s in result["steps"]:
         rss = s.get("peak_rss_bytes")
         status = s["status"] if s["status"] == "ok" else f"{s['status']}: {s.get('reason', '')}"
@@ -311,20 +318,46 @@ def table(result: dict) -> str:
         if s["step"] == "tp" and s["status"] == "ok":
             status += f" (graph {s['graph_seconds']} s + step {s['step_seconds']} s)"
         cmd = s["command"].replace(result.get("cache", "\0"), "CACHE")
+        when = s.get("measured", "earlier run")  # steps are merged into the JSON run by run
         rows.append(f"| {s['step']} | `{cmd}` | {status} | {s['seconds']} | "
-                    f"{rss / 2**30:.2f} | {rss / ckpt:.2f} |" if rss and ckpt else f"| {s['step']} | `{cmd}` | {status} | {s['seconds']} | - | - |")
+                    f"{rss / 2**30:.2f} | {rss / ckpt:.2f} | {when} |" if rss and ckpt
+                    else f"| {s['step']} | `{cmd}` | {status} | {s['seconds']} | - | - | {when} |")
     return "\n".join(rows)
 
 
-def write_table(result: dict, doc: Path = DOC) -> None:
+LABELS = {"analyze": "`compress analyze` of the folder", "analyze_config": "of the 8B config.json",
+          "structured": "`compress prune` FFN 25 % (streamed, verified, saved)",
+          "tp": "torch-pruning MetaPruner on the same folder (load, graph, step; nothing saved)"}
+
+
+def summary(result: dict) -> str:
+    """The README's lines: the steps that finished, as `step: wall s / peak RSS GB`, next to torch-pruning's."""
+    done = [s for s in result["steps"] if s["status"] == "ok" and s.get("peak_rss_bytes")]
+    parts = [f"{LABELS.get(s['step'], s['step'])} {s['seconds']} s / {s['peak_rss_bytes'] / 2**30:.2f} GB" for s in done]
+    ckpt = (result.get("checkpoint_bytes") or 0) / 2**30
+    return (f"LLM scale, `{result['layout']}` layout ({ckpt:.1f} GiB fp32; `benchmarks/llm_scale.py`, wall time / "
+            f"peak RSS): " + "; ".join(parts) + ". Every step, failures included: "
+            "[benchmarks.md](docs/benchmarks.md#llm-scale-benchmarksllm_scalepy).")
+
+
+def _replace_block(doc: Path, begin: str, end: str, body: str, heading: str | None) -> None:
     text = doc.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{table(result)}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    elif heading is not None:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + block + "\n"
     else:
-        text = text.rstrip("\n") + "\n\n## LLM scale (`benchmarks/llm_scale.py`)\n\n" + block + "\n"
+        return
     doc.write_text(text, encoding="utf-8")
+
+
+def write_table(result: dict, doc: Path = DOC, readme: Path | None = None) -> None:
+    """The docs table, and the README's summary line where README.md has its markers."""
+    _replace_block(doc, BEGIN, END, table(result), "## LLM scale (`benchmarks/llm_scale.py`)")
+    if readme is not None and readme.exists():
+        _replace_block(readme, README_BEGIN, README_END, summary(result), None)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -344,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         tp_child(args.tp_child, args.tp_ratio)
         return None
     if args.table:
-        write_table(json.loads((args.out or RESULTS).read_text()))
+        write_table(json.loads((args.out or RESULTS).read_text()), DOC, README)
         return None
     if args.cache is None:
         ap.error("--cache is required (the models are built there)")
