@@ -54,7 +54,7 @@ def _build_student(spec: str):
 @register_method("qdistill", QDistillParams, help="quantized distillation (2-8 bit) + QDQ / MatMulNBits ONNX export", kinds=("torch", "hf"),
                  needs_labels=lambda p: "train" if p.epochs > 0 else None, distils=lambda p: p.epochs > 0 and p.distill, fp32=True,
                  memory_needed=lambda fp, p: mem.model_copy(fp) + (mem.training(fp, "sgd", p.momentum) if p.epochs > 0 else 0)
-                 + mem.onnx_export(fp))
+                 + mem.onnx_export(fp) + mem.quantized_export(fp, len(p.export)))
 def run_qdistill(ctx: StageContext, p: QDistillParams) -> dict:
     from compressor.eval import accuracy
     from compressor.quant.diffq import differentiable_quantization
