@@ -172,6 +172,9 @@ def skeleton_onnx(config, *, repeat: bool = True) -> Skeleton:
     return Skeleton(proto, aliases, prefix)
 
 
+LIFTED_MAX = 1024  # elements: forward-created tensors up to this size are literals in the skeleton
+
+
 def _trace(model: nn.Module, aliases: dict[str, str], batch: int = 2, sequence: int = 8):
     """ONNX proto of `model` (meta tensors) through torch.export and the dynamo exporter; weights become
     external references to nothing, named by their state-dict names; node metadata kept (name scopes)."""
@@ -186,13 +189,20 @@ def _trace(model: nn.Module, aliases: dict[str, str], batch: int = 2, sequence: 
         program = torch.onnx.export(ep, dynamo=True, optimize=False, opset_version=OPSET,
                                     input_names=["input_ids", "attention_mask"], verbose=False)
     graph = program.model.graph
+    stored = set(model.state_dict(keep_vars=True))
     for value in list(graph.initializers.values()):
         t = value.const_value
         name = value.name[len("net."):] if value.name.startswith("net.") else value.name
         name = aliases.get(name, name)  # a tied weight goes by its first name, the one checkpoints store
         if t is not None and getattr(t, "raw", None) is not None and getattr(t.raw, "is_meta", False):
-            value.const_value = onnx_ir.ExternalTensor(NOWHERE, offset=0, length=t.nbytes, dtype=t.dtype,
-                                                       shape=t.shape, name=name)
+            if name not in stored and t.size <= LIFTED_MAX:
+                # a small tensor the forward creates on the inputs' (meta) device, e.g. a mask's fill value
+                # (transformers 5.9's `lifted_tensor_0`): no checkpoint holds it and its value never couples
+                # channels, so it becomes a zero literal of its dtype and shape rather than a weight to look up
+                value.const_value = onnx_ir.Tensor(np.zeros(tuple(t.shape), dtype=t.dtype.numpy()), name=name)
+            else:
+                value.const_value = onnx_ir.ExternalTensor(NOWHERE, offset=0, length=t.nbytes, dtype=t.dtype,
+                                                           shape=t.shape, name=name)
         if name != value.name:
             graph.initializers.pop(value.name)
             value.name = name
