@@ -144,6 +144,10 @@ def _stage_line(rec):
 def print_result(result, title: str, output: Path) -> None:
     """The before/after table and every file a compress run wrote."""
     console.print(before_after_table(result.before, result.after, title))
+    for stage in result.report.get("stages", []):  # asked vs kept heads (compressor.graph.heads), one line
+        note = (stage.get("result") or {}).get("heads", {}).get("note") if isinstance(stage, dict) else None
+        if note:
+            console.print(f"  {note}", markup=False)
     for k, v in result.files.items():
         console.print(f"  [green]wrote[/] {k}: {v}")
     console.print(f"  [green]wrote[/] report: {output / 'report.json'}")

@@ -115,5 +115,9 @@ def test_structured_torch_hf_keyword_inputs():
                            StructuredParams(ratio=0.5, heads=True))
     assert rep["params_after"] < rep["params_before"] and rep["torch_vs_onnx_max_diff"] < 1e-4
     attn = model.encoder.layer[0].attention.self
-    assert attn.query.out_features == 16 and attn.num_attention_heads == 2  # half the heads, head_dim kept
+    # BertConfig derives head_dim from hidden_size / num_attention_heads: no config.json says fewer heads of the
+    # same head_dim, so the heads stay (and the report says why); the FFN is cut
+    assert attn.query.out_features == 32 and attn.num_attention_heads == 4 and model.config.num_attention_heads == 4
+    assert rep["heads"]["heads_after"] == rep["heads"]["heads_before"] == 8
+    assert "bert derives head_dim from hidden_size / num_attention_heads" in rep["heads"]["note"]
     assert model.encoder.layer[0].intermediate.dense.out_features == 32

@@ -134,16 +134,11 @@ def check_against_model(cfg: dict, new: dict[str, tuple]) -> None:
 
     from compressor.task import hf_task
 
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:  # older transformers validate with plain ValueErrors
-        StrictDataclassError = ValueError  # noqa: N806
-    try:
-        config = transformers.AutoConfig.for_model(**cfg)
-    except (ValueError, TypeError, StrictDataclassError) as e:  # transformers' own validation (e.g. hidden size % heads)
-        cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    cause = _refusal(cfg)  # transformers' own validation (e.g. hidden size % heads)
+    if cause:
         raise InputError(f"transformers refuses the pruned config.json: {cause}",
-                         "choose a ratio whose kept head count divides the hidden size, or prune the FFN only") from None
+                         "choose a ratio whose kept head count divides the hidden size, or prune the FFN only")
+    config = transformers.AutoConfig.for_model(**cfg)
     auto = {"causal-lm": transformers.AutoModelForCausalLM, "classifier": transformers.AutoModelForSequenceClassification,
             "encoder": transformers.AutoModel}[hf_task(config)]
     with torch.device("meta"):
@@ -155,3 +150,56 @@ def check_against_model(cfg: dict, new: dict[str, tuple]) -> None:
         if want is not None and want != tuple(shape):
             raise InputError(f"{key}: the cut gives {tuple(shape)}, the new config.json builds {want}",
                              "this cut cannot be expressed in config.json; select with heads/head_dim off")
+
+
+def head_rule(cfg: dict):
+    """compressor.graph.heads' rule for this config: why a kept head layout cannot be written to config.json, or
+    None. `kept`/`sizes` are a block's heads slots: (KV heads, query heads per KV head) with grouped query
+    attention, (heads,) without. transformers' own config class decides (LlamaConfig wants hidden_size %
+    num_attention_heads == 0, others may check more or less), so the rule follows the installed version; a model
+    type that derives head_dim from hidden / heads accepts no change. None for a model type not in FAMILIES."""
+    fam = FAMILIES.get(cfg.get("model_type", ""))
+    if fam is None:
+        return None
+    heads0 = cfg.get(fam.fields["heads"])
+    kv0 = (cfg.get(fam.fields["kv"]) if "kv" in fam.fields else None) or heads0
+    if fam.head_dim_field is None or fam.heads is None:
+        why = (f"{cfg['model_type']} derives head_dim from {fam.fields['hidden']} / {fam.fields['heads']}, so "
+               f"config.json cannot keep head_dim with fewer heads")
+        return lambda kept, sizes: why
+    hd = head_dim(cfg, fam)
+    seen: dict[tuple[int, int], str | None] = {}
+
+    def counts(kept: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[int, int] | None:
+        if len(sizes) == 2 and sizes[0] == kv0 and sizes[0] * sizes[1] == heads0:
+            return kept[0] * kept[1], kept[0]
+        if len(sizes) == 1 and sizes[0] == heads0:  # one slot: every head has its KV head (MHA) or all share one (MQA)
+            return kept[0], kept[0] if kv0 == heads0 else kv0
+        return None
+
+    def rule(kept: tuple[int, ...], sizes: tuple[int, ...]) -> str | None:
+        n = counts(kept, sizes)
+        if n is None:
+            return f"a heads layout {sizes} that config.json ({heads0} heads, {kv0} KV heads) does not describe"
+        if n not in seen:
+            seen[n] = _refusal(dict(cfg) | {fam.fields["heads"]: n[0], fam.fields["kv"]: n[1],
+                                             fam.head_dim_field: hd})
+            seen[n] = seen[n] and f"transformers refuses {n[0]} heads / {n[1]} KV heads: {seen[n]}"
+        return seen[n]
+
+    return rule
+
+
+def _refusal(cfg: dict) -> str | None:
+    """transformers' config validation message for `cfg` (its last line), or None when the config class accepts it."""
+    import transformers
+
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older transformers validate with plain ValueErrors
+        StrictDataclassError = ValueError  # noqa: N806
+    try:
+        transformers.AutoConfig.for_model(**cfg)
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        return str(e.__cause__ or e).strip().splitlines()[-1].strip().rstrip(".")
+    return None

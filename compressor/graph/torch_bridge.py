@@ -148,8 +148,8 @@ def prune_torch(model: nn.Module, analysis: Analysis, selection, made: set[str] 
             for child in mod.children():  # HF GPT-2 Conv1D keeps its width in `nf`
                 if hasattr(child, "nf") and hasattr(child, "weight"):
                     child.nf = child.weight.shape[1]
-        _update_attention(model)
         _update_config(widths)
+        _update_head_config(model, _update_attention(model))
     return {"tensors": len(plan)}
 
 
@@ -251,9 +251,25 @@ def _out(mod: nn.Module | None) -> int | None:
     return mod.weight.shape[1] if hasattr(mod, "nf") else mod.weight.shape[0]
 
 
-def _update_attention(model: nn.Module) -> None:
+def _update_head_config(model: nn.Module, counts: set[tuple[int, int | None]]) -> None:
+    """num_attention_heads / num_key_value_heads of the outermost Hugging Face config after heads were cut, so
+    save_pretrained writes a config.json the pruned weights reload with. Only when every attention module kept
+    the same counts and the config states head_dim itself (one that derives it from hidden / heads would get
+    another head_dim; the structured stage keeps such a model's heads, compressor.checkpoint.hfconfig.head_rule)."""
+    cfg = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+    if cfg is None or len(counts) != 1 or not isinstance(getattr(cfg, "head_dim", None), int):
+        return
+    heads, kv = counts.pop()
+    if isinstance(getattr(cfg, "num_attention_heads", None), int):
+        cfg.num_attention_heads = heads
+    if kv and isinstance(getattr(cfg, "num_key_value_heads", None), int):
+        cfg.num_key_value_heads = kv
+
+
+def _update_attention(model: nn.Module) -> set[tuple[int, int | None]]:
     """Head counts of Hugging Face attention modules after heads were removed (head_dim is kept: HF uses one
-    head_dim for Q, K and V, so the torch side does not prune within heads)."""
+    head_dim for Q, K and V, so the torch side does not prune within heads); returns the (heads, KV heads) seen."""
+    counts = set()
     for mod in model.modules():
         head_dim = getattr(mod, "head_dim", None) or getattr(mod, "attention_head_size", None)
         if not head_dim:
@@ -275,6 +291,8 @@ def _update_attention(model: nn.Module) -> None:
             mod.num_key_value_groups = heads // (k // head_dim)
         if hasattr(mod, "num_key_value_heads") and k:
             mod.num_key_value_heads = k // head_dim
+        counts.add((heads, k // head_dim if k and k % head_dim == 0 else None))
+    return counts
 
 
 def taylor_grads(model: nn.Module, batches, loss_fn=None) -> dict[str, np.ndarray]:

@@ -89,13 +89,22 @@ def _batches(ctx: StageContext, n: int) -> list[tuple]:
 
 
 def _select(a, p: StructuredParams, head_dim: bool, grads=None, seed: int = 0, round_to: int = 1, ratio: float | None = None,
-            scores: dict | None = None):
+            scores: dict | None = None, head_rule=None):
     from compressor.graph import select
 
     return select(a, p.importance if scores is None else scores, p.ratio if ratio is None else ratio, scope=p.scope, round_to=round_to,
                   max_layer_ratio=p.max_layer_ratio, target="channels" if p.target == "latency" else p.target,
                   protect_output=p.protect_output, protect_embeddings=p.protect_embeddings,
-                  heads=p.heads, head_dim=head_dim, grads=grads, seed=seed)
+                  heads=p.heads, head_dim=head_dim, grads=grads, seed=seed, head_rule=head_rule)
+
+
+def hf_head_rule(model):
+    """The head layouts a Hugging Face model's config.json can say (compressor.checkpoint.hfconfig.head_rule), for
+    the outermost module that carries an HF config; None for other models."""
+    from compressor.checkpoint.hfconfig import head_rule
+
+    cfg = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+    return head_rule(cfg.to_dict()) if cfg is not None else None
 
 
 def _report(a, sel, before: int, after: int) -> dict:
@@ -104,7 +113,8 @@ def _report(a, sel, before: int, after: int) -> dict:
     macs0, macs1 = count_macs(a), count_macs(a, sel.atoms)
     return {"groups": len(a.groups), "prunable_groups": len(a.prunable_groups), "removed_channels": len(sel.atoms),
             "channel_ratio": sel.ratio, "params_before": before, "params_after": after,
-            "macs_before": macs0, "macs_after": macs1, "mac_reduction": 1 - macs1 / max(macs0, 1)}
+            "macs_before": macs0, "macs_after": macs1, "mac_reduction": 1 - macs1 / max(macs0, 1)} | (
+                {"heads": sel.heads} if sel.heads else {})
 
 
 def structured_onnx(model, p: StructuredParams, seed: int = 0, device="cpu"):
@@ -139,7 +149,7 @@ def _batch_of(args: tuple, n: int) -> tuple:
 
 
 def _latency_search(model, example_inputs, a, p: StructuredParams, head_dim: bool, grads, seed: int, round_to: int,
-                    device, dtype) -> tuple[float, dict]:
+                    device, dtype, head_rule=None) -> tuple[float, dict]:
     """Raise the channel ratio by `latency_step` until pruned/dense latency on `device` <= latency_target."""
     import copy
 
@@ -159,7 +169,7 @@ def _latency_search(model, example_inputs, a, p: StructuredParams, head_dim: boo
     history, ratio, reached = [], 0.0, False
     while ratio + p.latency_step <= p.latency_max_ratio + 1e-9 and not reached:
         ratio = round(ratio + p.latency_step, 6)
-        sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to, ratio=ratio)
+        sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to, ratio=ratio, head_rule=head_rule)
         cand, _, _ = _as_named(copy.deepcopy(model), example_inputs, None)
         prune_torch(cand, a, sel, made_tensors(cand, a))
         t = time_interleaved({"dense": dense, "pruned": runner(cand, args, device, dtype=dtype, channels_last=cl)}, device,
@@ -212,12 +222,13 @@ def structured_torch(model, example_inputs, p: StructuredParams, batches=None, s
             for x in g.atoms:
                 g.frozen.setdefault(x, []).append(frozen[g.id])
     round_to = resolved_round_to(p, device, fixed_dtype=False)
+    rule = hf_head_rule(model) if p.heads else None
     latency = None
     if p.target == "latency":
         ratio, latency = _latency_search(model, example_inputs, a, p, head_dim, grads, seed, round_to, device,
-                                         run_dtype(p, device, False))
+                                         run_dtype(p, device, False), rule)
         p = p.model_copy(update={"ratio": ratio})
-    sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to)
+    sel = _select(a, p, head_dim, grads=grads, seed=seed, round_to=round_to, head_rule=rule)
     before = sum(t.numel() for t in model.parameters())
     pruned_onnx = prune_onnx(None, a, sel, values=exact_values(module, a))  # the torch weights, not the nudged
     prune_torch(module, a, sel, made_tensors(module, a))
@@ -260,16 +271,23 @@ def structured_checkpoint(folder, analysis, p: StructuredParams, out_dir, *, see
                           overwrite: bool = False) -> dict:
     """The stage on a Hugging Face safetensors folder, tensor by tensor (compressor.checkpoint): importance
     from the shards, the same selection as the in-memory path, the cut written to `out_dir` and verified."""
+    import json
+    from pathlib import Path
+
     from compressor.checkpoint import checkpoint_scores, prune_checkpoint
+    from compressor.checkpoint.hfconfig import head_rule
 
     if not streams(p):
         raise RecipeError(f"streaming pruning takes importance {'/'.join(STREAMED_IMPORTANCE)} and target channels",
                           "load the model in memory for taylor/bn importance or MAC/latency targets")
     scores = checkpoint_scores(folder, analysis, p.importance, seed=seed)
     round_to = resolved_round_to(p, device, fixed_dtype=False)
-    sel = _select(analysis, p, False if p.head_dim is None else p.head_dim, seed=seed, round_to=round_to, scores=scores)
+    rule = head_rule(json.loads((Path(folder) / "config.json").read_text())) if p.heads else None
+    sel = _select(analysis, p, False if p.head_dim is None else p.head_dim, seed=seed, round_to=round_to, scores=scores,
+                  head_rule=rule)
     rep = prune_checkpoint(folder, analysis, sel, out_dir, overwrite=overwrite)
-    return rep | {"removed_channels": len(sel.atoms), "channel_ratio": sel.ratio, "round_to": round_to, "streaming": True}
+    return rep | {"removed_channels": len(sel.atoms), "channel_ratio": sel.ratio, "round_to": round_to, "streaming": True} | (
+        {"heads": sel.heads} if sel.heads else {})
 
 
 def _memory(fp, p) -> int:
