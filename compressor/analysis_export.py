@@ -159,14 +159,11 @@ def dynamo_export(model: nn.Module, example_inputs, *, verify: bool = True) -> o
         model.train(was)
     _gathernd_as_gather(proto)
     _drop_zero_bias(proto, _state_names(module))
-    if is_large(proto):  # past the external-data threshold: no bytes form; onnxruntime reads a temporary pair
-        if verify:
-            verify_onnx(proto, model, example_inputs, input_names=names, dynamic_batch=False)
-        return proto
-    data = runtime_bytes(proto)
+    large = is_large(proto)  # past the external-data threshold: no bytes form; onnxruntime reads a temporary pair
+    src = proto if large else runtime_bytes(proto)  # small: stamped with an IR version onnxruntime accepts
     if verify:
-        verify_onnx(data, model, example_inputs, input_names=names, dynamic_batch=False)
-    return onnx.ModelProto.FromString(data)
+        verify_onnx(src, model, example_inputs, input_names=names, dynamic_batch=False)
+    return proto if large else onnx.ModelProto.FromString(src)
 
 
 def torchscript_export(model: nn.Module, example_inputs) -> onnx.ModelProto:

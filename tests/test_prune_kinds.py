@@ -97,6 +97,32 @@ def test_prune_hf_folder(tmp_path, tiny_bert_folder):
     assert inter < 64, inter
 
 
+def test_prune_hf_folder_in_memory(tmp_path, tiny_bert_folder):
+    """A MAC target does not stream: the folder is loaded, cut through its export and saved with save_pretrained.
+    Oracle: the source with the removed FFN channels zeroed (found by matching the pruned rows to the source's)."""
+    import transformers
+
+    out = tmp_path / "p"
+    r = invoke("prune", tiny_bert_folder, "--ratio", "0.3", "--target", "macs", "--heads", "-o", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    stage = report["stages"][0]["result"]
+    assert not report.get("streaming") and stage["mac_reduction"] >= 0.3 and stage["torch_vs_onnx_max_diff"] < 1e-4
+    assert "bert derives head_dim" in stage["heads"]["note"] and stage["heads"]["heads_after"] == 8  # said, kept
+    src = transformers.AutoModel.from_pretrained(tiny_bert_folder).eval()
+    pruned = transformers.AutoModel.from_pretrained(out / "model").eval()  # the saved config.json fits the weights
+    assert sum(p.numel() for p in pruned.parameters()) == report["after"]["params"] < report["before"]["params"]
+    with torch.no_grad():
+        for s, p in zip(src.encoder.layer, pruned.encoder.layer, strict=True):
+            rows = s.intermediate.dense.weight
+            kept = [next(i for i in range(rows.shape[0]) if torch.equal(rows[i], row)) for row in p.intermediate.dense.weight]
+            assert len(kept) < rows.shape[0] and p.attention.self.num_attention_heads == 4
+            s.output.dense.weight[:, sorted(set(range(rows.shape[0])) - set(kept))] = 0
+        ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+        diff = (pruned(input_ids=ids).last_hidden_state - src(input_ids=ids).last_hidden_state).abs().max()
+    assert float(diff) < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["onnx"])
 def test_prune_refusal_names_the_command(tmp_path, kind, net_onnx):
     """#14 deliverable 1: a training recipe on an ONNX file names `compress prune`, and `recipes list` says
