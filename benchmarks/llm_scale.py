@@ -165,8 +165,9 @@ def step_commands(info: dict, cache: Path, quick: bool, tp_ratio: float) -> dict
     return {
         "analyze": ["compress", "analyze", model],
         "analyze_config": ["compress", "analyze", cfg],
-        # FFN channels 25 % (the streaming cut); with --heads as well: 25 % of TinyLlama's 32 query heads leaves a
-        # head count that does not divide hidden 2048, which transformers' LlamaConfig refuses (recorded as such)
+        # FFN channels 25 % (the streaming cut); with --heads as well: 25 % of TinyLlama's 32 query heads asks 24,
+        # which LlamaConfig refuses (2048 % 24); 16 and 32 are equally near, so all heads stay and the report says
+        # why (compressor.graph.heads)
         "structured": ["compress", "prune", model, "--ratio", "0.25", "-o", f"{out}/structured", "--overwrite"],
         "structured_heads": ["compress", "prune", model, "--ratio", "0.25", "--heads", "-o", f"{out}/structured_heads",
                              "--overwrite"],

@@ -5,10 +5,11 @@ factor (slots 0, 1, ... of the same root axis); removing atoms from several slot
 kept slot sizes as heads (2 of 4 KV groups × 6 of 8 query heads = 12 heads). So the ratio is applied to that
 product, not to each slot: the kept head count is the one nearest to heads × (1 - ratio) among the layouts
 that are possible (whole atoms, frozen/protected atoms kept, at most `max_layer_ratio` removed, at least one
-head) and that `rule` accepts. Ties: the larger count (prefer keeping more heads); among the layouts of the
-chosen count, the one whose kept atoms carry the largest share of each slot's importance (product over slots),
-then the one with more atoms kept in the outer slot (more KV heads). Inside each slot the least important
-candidates go. Head counts take no `round_to`: a kept width is heads × head_dim, and head_dim (its own
+head) and that `rule` accepts. Ties: the larger count (prefer keeping more heads). Blocks of the same slot
+sizes (the layers of one model) share one layout, since a config holds one head count for every layer: among
+the layouts of the chosen count, the one whose kept atoms carry the largest share of each slot's importance
+(product over slots, summed over the blocks), then the one with more atoms kept in the outer slot (more KV
+heads). Inside each slot of each block its least important candidates go. Head counts take no `round_to`: a kept width is heads × head_dim, and head_dim (its own
 group) is what rounding keeps a multiple.
 
 rule(kept, sizes) -> why this layout cannot be written (one line), or None: the model's own constraint (for a
