@@ -64,16 +64,14 @@ def concat_offset(a: Analysis, removed: set[int]) -> set[int]:
 def reshape_factor(a: Analysis, removed: set[int]) -> set[int]:
     """Heads and head dims swapped (the factors of a reshaped axis): a selection in a `heads` group is cut
     in the `head_dim` group of the same root, at the same indices, and the other way round."""
-    by_root: dict[str, dict[str, object]] = {}
+    by_root: dict[str, dict[str, list]] = {}
     for g in a.groups:
         if g.kind in ("heads", "head_dim"):
-            by_root.setdefault(g.name.split("/")[0], {})[g.kind] = g
+            by_root.setdefault(g.name.split("/")[0], {}).setdefault(g.kind, []).append(g)
     out = set(removed)
-    for pair in by_root.values():
-        if len(pair) != 2:
-            continue
-        h, d = pair["heads"], pair["head_dim"]
-        for src, dst in ((h, d), (d, h)):
+    for kinds in by_root.values():  # every heads slot (GQA: KV heads, query heads per KV head) with the head dims
+        pairs = [(h, d) for h in kinds.get("heads", []) for d in kinds.get("head_dim", [])[:1]]
+        for src, dst in [p for h, d in pairs for p in ((h, d), (d, h))]:
             for i, x in enumerate(src.atoms):
                 if x in removed and i < len(dst.atoms) - 1 and dst.atoms[i] not in dst.frozen:
                     out.discard(x)

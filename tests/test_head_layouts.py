@@ -146,3 +146,22 @@ def test_streamed_heads_follow_importance(tmp_path):
     prune_cli(src, tmp_path / "o", "--ratio", "0.5")
     pruned, layout = check_against_zeroed_source(src_model, tmp_path / "o" / "model")
     assert pruned.config.num_key_value_heads == 2 and all(lay["kv"] == [1, 3] for lay in layout)
+
+
+def test_in_memory_heads_qwen2_config_gets_head_dim(tmp_path):
+    """Qwen2's config has no head_dim field (the model reads getattr(config, "head_dim", hidden / heads)): after
+    heads are cut in memory, the saved config.json must carry head_dim or the folder reloads with other shapes."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=64,
+                                   eos_token_id=2, bos_token_id=1)
+    src = save(transformers.Qwen2ForCausalLM(cfg).eval(), tmp_path / "src")
+    _, report = prune_cli(src, tmp_path / "o", "--ratio", "0.5", "--target", "macs")
+    heads = report["stages"][0]["result"]["heads"]
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model").eval()
+    assert pruned.config.head_dim == HD and 2 * pruned.config.num_attention_heads == heads["heads_after"] < 2 * HEADS
+    assert pruned.model.layers[0].self_attn.q_proj.out_features == pruned.config.num_attention_heads * HD
+    with torch.no_grad():
+        gen = pruned.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                              pad_token_id=2)
+    assert gen.shape == (1, 6)

@@ -251,24 +251,28 @@ def _out(mod: nn.Module | None) -> int | None:
     return mod.weight.shape[1] if hasattr(mod, "nf") else mod.weight.shape[0]
 
 
-def _update_head_config(model: nn.Module, counts: set[tuple[int, int | None]]) -> None:
+def _update_head_config(model: nn.Module, counts: set[tuple[int, int | None, int]]) -> None:
     """num_attention_heads / num_key_value_heads of the outermost Hugging Face config after heads were cut, so
-    save_pretrained writes a config.json the pruned weights reload with. Only when every attention module kept
-    the same counts and the config states head_dim itself (one that derives it from hidden / heads would get
-    another head_dim; the structured stage keeps such a model's heads, compressor.checkpoint.hfconfig.head_rule)."""
+    save_pretrained writes a config.json the pruned weights reload with; head_dim is then written explicitly
+    (Llama, Mistral, Qwen2 read it from the config, else derive hidden / heads). Only when every attention module
+    kept the same counts; a model type that always derives head_dim (GPT-2, BERT) keeps its heads in the
+    structured stage (compressor.checkpoint.hfconfig.head_rule)."""
     cfg = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
-    if cfg is None or len(counts) != 1 or not isinstance(getattr(cfg, "head_dim", None), int):
+    if cfg is None or len(counts) != 1 or not isinstance(getattr(cfg, "num_attention_heads", None), int):
         return
-    heads, kv = counts.pop()
-    if isinstance(getattr(cfg, "num_attention_heads", None), int):
-        cfg.num_attention_heads = heads
+    heads, kv, head_dim = counts.pop()
+    if (heads, kv) == (cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) if kv else None):
+        return
+    cfg.num_attention_heads = heads
     if kv and isinstance(getattr(cfg, "num_key_value_heads", None), int):
         cfg.num_key_value_heads = kv
+    cfg.head_dim = head_dim
 
 
-def _update_attention(model: nn.Module) -> set[tuple[int, int | None]]:
+def _update_attention(model: nn.Module) -> set[tuple[int, int | None, int]]:
     """Head counts of Hugging Face attention modules after heads were removed (head_dim is kept: HF uses one
-    head_dim for Q, K and V, so the torch side does not prune within heads); returns the (heads, KV heads) seen."""
+    head_dim for Q, K and V, so the torch side does not prune within heads); returns the (heads, KV heads,
+    head_dim) seen."""
     counts = set()
     for mod in model.modules():
         head_dim = getattr(mod, "head_dim", None) or getattr(mod, "attention_head_size", None)
@@ -291,7 +295,7 @@ def _update_attention(model: nn.Module) -> set[tuple[int, int | None]]:
             mod.num_key_value_groups = heads // (k // head_dim)
         if hasattr(mod, "num_key_value_heads") and k:
             mod.num_key_value_heads = k // head_dim
-        counts.add((heads, k // head_dim if k and k % head_dim == 0 else None))
+        counts.add((heads, k // head_dim if k and k % head_dim == 0 else None, head_dim))
     return counts
 
 
