@@ -54,7 +54,7 @@ DEFAULT_TYPES: tuple[type, ...] = (nn.Conv2d, nn.Linear) + ((_HFConv1D,) if _HFC
 
 __all__ = [
     "DEFAULT_TYPES", "WeightMask", "apply_masks", "bake_masks", "check_sparsity", "current_masks", "plain_copy",
-    "has_masks", "hf_conv1d", "magnitude_masks", "mask_density", "mask_optimizer_state", "remask_", "nm_masks", "plain_state_dict", "prunable_weights",
+    "has_masks", "hf_conv1d", "magnitude_masks", "mask_density", "mask_optimizer_state", "remask_", "nm_masks", "plain_state_dict", "prunable_weights", "baked_state_dict",
     "random_masks", "sparsity_report", "transposed_names",
 ]
 
@@ -280,26 +280,25 @@ def random_masks(weights: dict[str, Tensor], sparsity: float, scope: str = "glob
     gen = torch.Generator().manual_seed(int(seed))
     names = list(weights)
     if scope == "global":
-        total = sum(weights[k].numel() for k in names)
-        keep = torch.ones(total, dtype=torch.bool)
-        keep[torch.randperm(total, generator=gen)[: round(s * total)]] = False
-        out, off = {}, 0
-        for k in names:
-            nk = weights[k].numel()
-            out[k] = keep[off : off + nk].reshape(weights[k].shape).to(weights[k].device)
-            off += nk
-        return out
-    if scope == "erk":
+        # a uniform subset of round(s·N) entries of all tensors, one tensor at a time (a permutation of every
+        # weight is 8 bytes each): how many fall in each tensor is multivariate hypergeometric, then uniform inside
+        import numpy as np
+
+        sizes = [weights[k].numel() for k in names]
+        counts = np.random.default_rng(int(seed)).multivariate_hypergeometric(sizes, round(s * sum(sizes)), method="marginals")
+        n_prune = dict(zip(names, (int(c) for c in counts), strict=True))
+    elif scope == "erk":
         dens = _erk_densities({k: tuple(weights[k].shape) for k in names}, 1.0 - s)
+        n_prune = {k: round((1.0 - dens[k]) * weights[k].numel()) for k in names}
     elif scope == "layerwise":
-        dens = {k: 1.0 - s for k in names}
+        n_prune = {k: round(s * weights[k].numel()) for k in names}
     else:
         raise RecipeError(f"unknown random scope {scope!r}", "use global, erk or layerwise")
     out = {}
     for k in names:
         nk = weights[k].numel()
         keep = torch.ones(nk, dtype=torch.bool)
-        keep[torch.randperm(nk, generator=gen)[: round((1.0 - dens[k]) * nk)]] = False
+        keep[torch.randperm(nk, generator=gen)[: n_prune[k]]] = False
         out[k] = keep.reshape(weights[k].shape).to(weights[k].device)
     return out
 
@@ -463,6 +462,28 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """state_dict with plain names ("fc1.weight") and pruned entries exactly zero, whether or not masks are applied."""
     source = plain_copy(model) if any(parametrize.is_parametrized(m) for m in model.modules()) else model
     return {k: v.detach().clone() for k, v in source.state_dict().items()}
+
+
+def baked_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
+    """What :func:`plain_state_dict` returns, without copying a weight (for saving a model too large to copy): the
+    masked tensors' stored originals, zeroed again in place at pruned positions, under their plain names. None
+    when a parametrization other than one mask is applied (e.g. an un-merged SaRA adapter): use plain_copy."""
+    suffix = {}
+    for mname, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attr, plist in module.parametrizations.items():
+                if len(plist) != 1 or not isinstance(plist[0], WeightMask):
+                    return None
+                suffix[join_name(mname, f"parametrizations.{attr}")] = join_name(mname, attr)
+    remask_(model)
+    out = {}
+    for k, v in model.state_dict().items():
+        head, _, tail = k.rpartition(".original") if k.endswith(".original") else ("", "", "")
+        if head in suffix:
+            out[suffix[head]] = v
+        elif not any(k.startswith(p + ".0.") for p in suffix):  # the masks themselves
+            out[k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,9 +31,9 @@ SELECT_BYTES = 20
 
 
 def ranking(fp: Footprint, scope: str = "global") -> int:
-    """Magnitude selection, global or layer-wise: one tensor's scratch, plus the boolean masks of all (which
-    stay on the model as parametrizations)."""
-    return SELECT_BYTES * (fp.largest_bytes // 4) + masks(fp)
+    """Magnitude selection, global or layer-wise: one tensor's scratch, plus the boolean masks of all, twice (the
+    new masks, and the copies compressor.masks.apply_masks keeps on the model as parametrizations)."""
+    return SELECT_BYTES * (fp.largest_bytes // 4) + 2 * masks(fp)
 
 
 def onnx_export(fp: Footprint) -> int:
