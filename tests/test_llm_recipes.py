@@ -134,15 +134,13 @@ def test_size_bytes_equals_safetensors_serialisation(which):
 
 
 def test_latency_is_skipped_when_the_original_cannot_be_reloaded(llama, tmp_path, monkeypatch):
-    from compressor.recipe import REGISTRY, load_recipe
-
     fp = api.folder_footprint(llama)
-    cap = int(2.45 * fp.param_bytes)  # the magnitude stage fits; the original + the baked copy (2 x 1.25) do not
-    stage = load_recipe({"name": "m", "stages": [{"method": "magnitude", "sparsity": 0.5}]}).stages[0]
-    assert REGISTRY["magnitude"].memory_needed(fp, stage.params) < cap < 2.5 * fp.param_bytes
-    monkeypatch.setenv(ENV, str(cap))
-    res = api.compress(llama, {"name": "m", "stages": [{"method": "magnitude", "sparsity": 0.5}]}, None, tmp_path / "o")
+    recipe = {"name": "m", "stages": [{"method": "magnitude", "sparsity": 0.5}]}
+    # what compress() sees as free when the stages are done: less than the reloaded original + the baked copy
+    # (2 x 1.25 x the weights); the up-front stage check reads the machine's figure as usual
+    monkeypatch.setattr(api, "available_bytes", lambda device=None: int(2.4 * fp.param_bytes))
+    res = api.compress(llama, recipe, None, tmp_path / "o")
     assert "latency_ms" not in res.after and "latency not measured" in res.report["warnings"]["latency_error"]
-    monkeypatch.delenv(ENV)
-    res = api.compress(llama, {"name": "m", "stages": [{"method": "magnitude", "sparsity": 0.5}]}, None, tmp_path / "o2")
-    assert res.after["latency_ms"] > 0
+    monkeypatch.setattr(api, "available_bytes", lambda device=None: int(2.6 * fp.param_bytes))
+    res = api.compress(llama, recipe, None, tmp_path / "o2")
+    assert res.after["latency_ms"] > 0 and "latency_error" not in res.report["warnings"]
