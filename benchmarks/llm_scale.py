@@ -3,6 +3,8 @@ folders of real layouts, next to torch-pruning's MetaPruner on the same model.
 
     .venv/bin/python benchmarks/llm_scale.py --cache /big/cache            # build the folders once, run every step
     .venv/bin/python benchmarks/llm_scale.py --cache DIR --steps tp,analyze  # a few steps (merged into the JSON)
+    .venv/bin/python benchmarks/llm_scale.py --cache DIR --steps recipes --recipes demo,sara --timeout 600
+                                                      # shipped recipes: one row each, completed / refused / hang / crash
     .venv/bin/python benchmarks/llm_scale.py --quick --cache /tmp/q        # a tiny Llama: smoke test of the harness
     .venv/bin/python benchmarks/llm_scale.py --table                       # docs/benchmarks.md table from the JSON
 
@@ -48,7 +50,11 @@ LAYOUTS = {
     "quick-config": dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5),
 }
-STEPS = ("analyze", "analyze_config", "structured", "structured_heads", "replaceme", "magnitude", "magnitude_layerwise", "sweep", "int8", "tp")
+STEPS = ("analyze", "analyze_config", "structured", "structured_heads", "replaceme", "magnitude", "magnitude_layerwise", "sweep", "int8", "tp",
+         "recipes")
+# step `recipes`: one row per shipped recipe, "recipe:NAME", run as a user would on the folder (text data given);
+# its status says completed / refused (exit 2, one line: the reason) / hang / crash
+RECIPE = "recipe:"
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -180,6 +186,23 @@ def step_commands(info: dict, cache: Path, quick: bool, tp_ratio: float) -> dict
     }
 
 
+def recipe_commands(info: dict, cache: Path, names: list[str] | None = None) -> dict[str, list[str]]:
+    """{"recipe:NAME": `compress MODEL -r NAME -d text:CALIB -o OUT --overwrite`} for the shipped recipes (or `names`)."""
+    from compressor.recipe import shipped_recipes
+
+    model = info[info["model"]]["path"]
+    return {f"{RECIPE}{n}": ["compress", model, "-r", n, "-d", f"text:{cache / 'calib.txt'}", "-o", f"{cache}/out/recipe-{n}",
+                             "--overwrite"] for n in (names or sorted(shipped_recipes()))}
+
+
+def recipe_status(res: dict) -> dict:
+    """A recipe row's status: completed, refused (exit 2: a user-facing refusal, its line the reason), hang, crash."""
+    status = {"ok": "completed", "hang": "hang"}.get(res["status"])
+    if status is None:
+        status = "refused" if res["exit_code"] == 2 else "crash"
+    return {**res, "status": status}
+
+
 def argv_for(cmd: list[str]) -> list[str]:
     """The user's command as this interpreter runs it (the console script is `python -m compressor.cli`)."""
     if cmd[0] == "compress":
@@ -302,7 +325,7 @@ def merge(path: Path, run: dict) -> dict:
     old = json.loads(path.read_text()) if path.exists() else {}
     steps = {s["step"]: s for s in old.get("steps", [])} if old.get("layout") == run["layout"] else {}
     steps.update({s["step"]: s for s in run["steps"]})
-    run["steps"] = [steps[k] for k in STEPS if k in steps]
+    run["steps"] = [steps[k] for k in STEPS if k in steps] + [steps[k] for k in sorted(steps) if k.startswith(RECIPE)]
     return run
 
 
@@ -314,7 +337,7 @@ def table(result: dict) -> str:
             "| step | command | status | wall s | peak RSS GB | × checkpoint | measured |", "|---|---|---|---|---|---|---|"]
     for s in result["steps"]:
         rss = s.get("peak_rss_bytes")
-        status = s["status"] if s["status"] == "ok" else f"{s['status']}: {s.get('reason', '')}"
+        status = s["status"] if s["status"] in ("ok", "completed") else f"{s['status']}: {s.get('reason', '')}"
         status = status.replace("|", "\\|")[:160]
         if s["step"] == "tp" and s["status"] == "ok":
             status += f" (graph {s['graph_seconds']} s + step {s['step_seconds']} s)"
@@ -372,6 +395,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--model", type=Path, help="use this existing HF folder of the layout instead of building one in --cache")
     ap.add_argument("--out", type=Path, default=None, help=f"JSON (default {RESULTS.relative_to(ROOT)}; --quick: CACHE/llm_scale.json)")
     ap.add_argument("--table", action="store_true", help="only rewrite the docs/benchmarks.md table from the JSON")
+    ap.add_argument("--recipes", help="step recipes: a comma list of shipped recipe names (default: every one)")
     ap.add_argument("--tp-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tp_child:
@@ -389,10 +413,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     cache = args.cache.resolve()
     info = ensure_models(cache, args.quick, args.model)
     commands = step_commands(info, cache, args.quick, args.tp_ratio)
+    if "recipes" in steps:
+        names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else None
+        recipes = recipe_commands(info, cache, names)
+        commands.update(recipes)
+        i = steps.index("recipes")
+        steps[i : i + 1] = list(recipes)
     results = []
     for name in steps:
         print(f"[llm_scale] {name}: {' '.join(commands[name])}", flush=True)
         res = run_step(name, commands[name], args.tp_timeout if name == "tp" else args.timeout)
+        if name.startswith(RECIPE):
+            res = recipe_status(res)
         print(f"[llm_scale]   {res['status']} {res['seconds']} s, peak RSS {(res['peak_rss_bytes'] or 0) / 2**30:.2f} GB"
               + (f" — {res['reason']}" if "reason" in res else ""), flush=True)
         results.append(res)

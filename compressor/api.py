@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from compressor.recipe import (
 )
 from compressor.train import barrier, is_writer
 from compressor.utils.atomic import write_text_atomic
-from compressor.utils.memory import available_bytes, footprint
+from compressor.utils.memory import Footprint, available_bytes, footprint
 from compressor.wrappers import Model
 
 
@@ -174,6 +175,54 @@ def _save_final(result: Model, artifacts: dict, output: Path, example) -> dict:
     return files
 
 
+def _latency_bytes(fp, result: Model) -> int:
+    """Memory timing the compressed model against the reloaded original takes: the original's weights, and a
+    masked model's deployable copy (masks baked in), each plus a quarter for the load's and the copy's buffers."""
+    from compressor.masks import has_masks
+
+    copies = 2 if result.module is not None and has_masks(result.module) else 1
+    return copies * fp.param_bytes * 5 // 4
+
+
+def folder_footprint(model) -> Footprint | None:
+    """The footprint of a Hugging Face safetensors folder from config.json and the shards' headers (no weight
+    read); None for anything else."""
+    p = Path(model).expanduser() if isinstance(model, str | Path) else None
+    if p is None or not p.is_dir() or not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
+        return None
+    from compressor.checkpoint.shards import ITEMSIZE, Checkpoint
+
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+        meta = Checkpoint(p).meta.values()
+    except (OSError, ValueError, KeyError, InputError):
+        return None  # an unreadable folder: load_model says what is wrong with it
+    sizes = [(math.prod(shape), math.prod(shape) * ITEMSIZE.get(dtype, 4)) for dtype, shape in meta]
+    text = cfg.get("text_config") or cfg
+    return Footprint(sum(n for n, _ in sizes), sum(b for _, b in sizes), max((b for _, b in sizes), default=0),
+                     int(text.get("hidden_size") or 0), int(text.get("num_hidden_layers") or 0))
+
+
+def _check_before_loading(model, rec: Recipe, dev, teacher) -> None:
+    """A recipe that cannot run on a Hugging Face folder (a torch-only stage, a stage that cannot fit) is refused
+    before gigabytes of weights are read. The same checks run again on the loaded model."""
+    fp = folder_footprint(model)
+    if fp is not None:
+        check_kinds(rec, "hf")
+        teacher_copy = fp.param_bytes if teacher is None and needs_teacher(rec) else 0
+        check_memory(rec, fp, dev, fp.param_bytes + teacher_copy)  # the model itself is still to load
+
+
+def check_sweep_memory(model, device=None) -> None:
+    """`compress sweep` on a Hugging Face folder: refused in one line before loading when the model and what the
+    sweep keeps beside it cannot fit (compressor.sweep.check_sweep_fits)."""
+    from compressor.sweep import check_sweep_fits
+
+    fp = folder_footprint(model)
+    if fp is not None:
+        check_sweep_fits(fp, devices.resolve(device), fp.param_bytes)  # the model is still to load
+
+
 def compress(model, recipe, data: str | DataBundle | None = None, output: str | Path | None = None, *,
              arch: str | None = None, trust_pickle: bool = False, teacher=None, seed: int = 0, resume: bool = False,
              overwrite: bool = False, input_shape: tuple[int, ...] | None = None, device: str | None = None,
@@ -197,6 +246,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     if _streams(model, rec, output):
         return _compress_streaming(Path(model), rec, Path(output).expanduser(), seed=seed, overwrite=overwrite,
                                    device=dev, t0=t0, on_stage=on_stage)
+    _check_before_loading(model, rec, dev, teacher)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, keep_dtype=True)  # bf16 stays bf16 (recipe.MethodSpec.fp32)
     check_kinds(rec, loaded.kind)
     out_dir = Path(output).expanduser() if output is not None else None
@@ -213,8 +263,9 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     # is the original); a caller's object is copied (it is never modified). A teacher copy only for a stage that
     # distils after another stage changed the model.
     keep_teacher = teacher_model is None and loaded.module is not None and needs_teacher(rec)
-    held = footprint(loaded.module, loaded.onnx).param_bytes if keep_teacher or not loaded.owned else 0
-    memory = check_memory(rec, footprint(loaded.module, loaded.onnx), dev, held)  # refused before anything runs
+    fp = footprint(loaded.module, loaded.onnx)
+    held = fp.param_bytes if keep_teacher or not loaded.owned else 0
+    memory = check_memory(rec, fp, dev, held)  # refused before anything runs
     caller_device = loaded.device  # the compressed model goes back where the input model was
     original = loaded.on(dev)  # measured where the compressed model will be measured
     reference = ev.make_reference(original, bundle, example)  # computed once, up front
@@ -260,6 +311,10 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
         from compressor.kernels.swap import swap_sparse_kernels
 
         kernels_report = swap_sparse_kernels(ctx.model, example, device=dev).to_dict()
+    if measure_latency and original is None and _latency_bytes(fp, result) > available_bytes(dev):
+        warnings_["latency_error"] = ("latency not measured: reloading the original beside the compressed model "
+                                      "would not fit in the memory available")
+        measure_latency = False
     if measure_latency:  # timed alternately in one loop, on the device: a ratio that machine noise cannot fake
         if original is None:  # released while the stages ran: the file is the original
             original = load_model(model, arch=arch, trust_pickle=trust_pickle, keep_dtype=True).on(dev)

@@ -440,13 +440,14 @@ def sweep_cmd(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Essential sparsity: prune one-shot at every sparsity (from the dense weights each time), measure, find the knee."""
-    from compressor.api import load_for_device
+    from compressor.api import check_sweep_memory, load_for_device
     from compressor.io.data import load_data
     from compressor.sweep import check_outputs_free, parse_grid, parse_patterns, sweep, write_sweep
 
     grid_l, pats = parse_grid(grid), parse_patterns(pattern)  # validate before loading anything
     check_outputs_free(output, overwrite)
     bundle = load_data(data) if data else None
+    check_sweep_memory(model, device)  # an HF folder that cannot fit: refused before its weights are read
     loaded = load_for_device(model, device, arch=arch, trust_pickle=trust_pickle)  # the sweep runs where it is placed
     res = sweep(loaded, bundle, grid=grid_l, patterns=pats, eps=eps, relative=relative, refine=refine,
                 include=include or None, exclude=exclude or None, n_texts=texts, seed=seed, arch=arch, trust_pickle=trust_pickle)

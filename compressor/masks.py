@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from compressor.errors import RecipeError
+from compressor.utils.kth import kth_smallest
 from compressor.utils.names import join_name, module_name_of, owner
 from compressor.utils.selectors import selected
 
@@ -53,7 +54,7 @@ DEFAULT_TYPES: tuple[type, ...] = (nn.Conv2d, nn.Linear) + ((_HFConv1D,) if _HFC
 
 __all__ = [
     "DEFAULT_TYPES", "WeightMask", "apply_masks", "bake_masks", "check_sparsity", "current_masks", "plain_copy",
-    "has_masks", "hf_conv1d", "magnitude_masks", "mask_density", "mask_optimizer_state", "remask_", "nm_masks", "plain_state_dict", "prunable_weights",
+    "has_masks", "hf_conv1d", "magnitude_masks", "mask_density", "mask_optimizer_state", "remask_", "nm_masks", "plain_state_dict", "prunable_weights", "baked_state_dict",
     "random_masks", "sparsity_report", "transposed_names",
 ]
 
@@ -131,26 +132,48 @@ def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
     return s
 
 
-def _flat_abs(weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: w.detach().abs().float().reshape(-1).cpu() for k, w in weights.items()}
+def _flat_abs(w: Tensor) -> Tensor:
+    return w.detach().abs().float().reshape(-1).cpu()
 
 
-def _select_prune(scores: Tensor, alive: Tensor, n_prune: int, convention: str) -> Tensor:
-    """Boolean 'keep' vector over flat `scores`: prune `n_prune` of the alive entries (per convention)."""
-    keep = alive.clone()
-    n_alive = int(alive.sum())
+def _threshold_keep(weights: dict[str, Tensor], alive: dict[str, Tensor | None], n_prune: int, n_alive: int,
+                    convention: str) -> dict[str, Tensor]:
+    """Flat 'keep' vectors pruning `n_prune` alive entries of `weights` ranked jointly (per convention), in bounded
+    memory: the exact threshold comes from a radix select over one tensor at a time (compressor.utils.kth), then
+    each tensor is masked against it. exact_k prunes every alive |w| below the k-th smallest and, of those equal
+    to it, the first ones in flat order (the names' order, then the index): what a stable sort of all of them
+    would prune. Alive None = every entry alive."""
     if n_prune <= 0 or n_alive == 0:
-        return keep
-    idx = torch.nonzero(alive, as_tuple=True)[0]
-    vals = scores[idx]
-    order = torch.sort(vals, stable=True).indices  # ascending; ties keep flat-index order
+        return {k: (alive[k].clone() if alive[k] is not None else torch.ones(w.numel(), dtype=torch.bool))
+                for k, w in weights.items()}
+
+    def alive_scores():
+        for k, w in weights.items():
+            s = _flat_abs(w)
+            yield s if alive[k] is None else s[alive[k]]
+
     if convention == "exact_k":
-        keep[idx[order[: min(n_prune, n_alive)]]] = False
+        k_th = min(n_prune, n_alive)
     elif convention == "strict_above":
-        tau = vals[order[min(n_prune, n_alive - 1)]]
-        keep[idx[vals <= tau]] = False
+        k_th = min(n_prune, n_alive - 1) + 1
     else:
         raise RecipeError(f"unknown threshold convention {convention!r}", "use exact_k or strict_above")
+    tau, below = kth_smallest(alive_scores, k_th)
+    ties = k_th - below  # exact_k: entries equal to tau still to prune, in flat order
+    keep = {}
+    for k, w in weights.items():
+        s = _flat_abs(w)
+        a = alive[k] if alive[k] is not None else torch.ones(s.numel(), dtype=torch.bool)
+        if convention == "strict_above":
+            keep[k] = a & (s > tau)
+            continue
+        kk = a & (s >= tau)
+        if ties > 0:
+            at = torch.nonzero(a & (s == tau), as_tuple=True)[0][:ties]
+            kk[at] = False
+            ties -= at.numel()
+        keep[k] = kk
+        del s
     return keep
 
 
@@ -177,8 +200,7 @@ def magnitude_masks(weights: dict[str, Tensor], sparsity: float, scope: str = "g
         raise RecipeError(f"unknown pruning scope {scope!r}", "use global or layerwise")
     if convention not in ("exact_k", "strict_above"):
         raise RecipeError(f"unknown threshold convention {convention!r}", "use exact_k or strict_above")
-    scores = _flat_abs(weights)
-    alive = {}
+    alive: dict[str, Tensor | None] = {}
     for k, w in weights.items():
         if current is not None and k in current:
             if tuple(current[k].shape) != tuple(w.shape):
@@ -186,23 +208,16 @@ def magnitude_masks(weights: dict[str, Tensor], sparsity: float, scope: str = "g
                                   "the masks belong to a different model")
             alive[k] = current[k].detach().bool().reshape(-1).cpu()
         else:
-            alive[k] = torch.ones(w.numel(), dtype=torch.bool)
-    keep: dict[str, Tensor] = {}
+            alive[k] = None
+    n_alive = {k: (w.numel() if alive[k] is None else int(alive[k].sum())) for k, w in weights.items()}
     if scope == "global":
-        names = list(weights)
-        all_scores = torch.cat([scores[k] for k in names])
-        all_alive = torch.cat([alive[k] for k in names])
-        n_prune = _n_prune(all_scores.numel(), int(all_alive.sum()), s, fraction_of_remaining)
-        flat = _select_prune(all_scores, all_alive, n_prune, convention)
-        off = 0
-        for k in names:
-            n = scores[k].numel()
-            keep[k] = flat[off : off + n]
-            off += n
+        total, live = sum(w.numel() for w in weights.values()), sum(n_alive.values())
+        keep = _threshold_keep(weights, alive, _n_prune(total, live, s, fraction_of_remaining), live, convention)
     else:
-        for k in weights:
-            n_prune = _n_prune(scores[k].numel(), int(alive[k].sum()), s, fraction_of_remaining)
-            keep[k] = _select_prune(scores[k], alive[k], n_prune, convention)
+        keep = {}
+        for k, w in weights.items():
+            n_prune = _n_prune(w.numel(), n_alive[k], s, fraction_of_remaining)
+            keep.update(_threshold_keep({k: w}, {k: alive[k]}, n_prune, n_alive[k], convention))
     return {k: keep[k].reshape(weights[k].shape).to(weights[k].device) for k in weights}
 
 
@@ -265,26 +280,25 @@ def random_masks(weights: dict[str, Tensor], sparsity: float, scope: str = "glob
     gen = torch.Generator().manual_seed(int(seed))
     names = list(weights)
     if scope == "global":
-        total = sum(weights[k].numel() for k in names)
-        keep = torch.ones(total, dtype=torch.bool)
-        keep[torch.randperm(total, generator=gen)[: round(s * total)]] = False
-        out, off = {}, 0
-        for k in names:
-            nk = weights[k].numel()
-            out[k] = keep[off : off + nk].reshape(weights[k].shape).to(weights[k].device)
-            off += nk
-        return out
-    if scope == "erk":
+        # a uniform subset of round(s·N) entries of all tensors, one tensor at a time (a permutation of every
+        # weight is 8 bytes each): how many fall in each tensor is multivariate hypergeometric, then uniform inside
+        import numpy as np
+
+        sizes = [weights[k].numel() for k in names]
+        counts = np.random.default_rng(int(seed)).multivariate_hypergeometric(sizes, round(s * sum(sizes)), method="marginals")
+        n_prune = dict(zip(names, (int(c) for c in counts), strict=True))
+    elif scope == "erk":
         dens = _erk_densities({k: tuple(weights[k].shape) for k in names}, 1.0 - s)
+        n_prune = {k: round((1.0 - dens[k]) * weights[k].numel()) for k in names}
     elif scope == "layerwise":
-        dens = {k: 1.0 - s for k in names}
+        n_prune = {k: round(s * weights[k].numel()) for k in names}
     else:
         raise RecipeError(f"unknown random scope {scope!r}", "use global, erk or layerwise")
     out = {}
     for k in names:
         nk = weights[k].numel()
         keep = torch.ones(nk, dtype=torch.bool)
-        keep[torch.randperm(nk, generator=gen)[: round((1.0 - dens[k]) * nk)]] = False
+        keep[torch.randperm(nk, generator=gen)[: n_prune[k]]] = False
         out[k] = keep.reshape(weights[k].shape).to(weights[k].device)
     return out
 
@@ -448,6 +462,28 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """state_dict with plain names ("fc1.weight") and pruned entries exactly zero, whether or not masks are applied."""
     source = plain_copy(model) if any(parametrize.is_parametrized(m) for m in model.modules()) else model
     return {k: v.detach().clone() for k, v in source.state_dict().items()}
+
+
+def baked_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
+    """What :func:`plain_state_dict` returns, without copying a weight (for saving a model too large to copy): the
+    masked tensors' stored originals, zeroed again in place at pruned positions, under their plain names. None
+    when a parametrization other than one mask is applied (e.g. an un-merged SaRA adapter): use plain_copy."""
+    suffix = {}
+    for mname, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attr, plist in module.parametrizations.items():
+                if len(plist) != 1 or not isinstance(plist[0], WeightMask):
+                    return None
+                suffix[join_name(mname, f"parametrizations.{attr}")] = join_name(mname, attr)
+    remask_(model)
+    out = {}
+    for k, v in model.state_dict().items():
+        head, _, tail = k.rpartition(".original") if k.endswith(".original") else ("", "", "")
+        if head in suffix:
+            out[suffix[head]] = v
+        elif not any(k.startswith(p + ".0.") for p in suffix):  # the masks themselves
+            out[k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -129,3 +129,29 @@ def test_a_step_killed_by_a_signal_says_so(bench, monkeypatch):
     _python(monkeypatch, bench, "import os, signal; print('stage 1/1 magnitude', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
     res = bench.run_step("k", ["compress", "k"], timeout=120)
     assert res["status"] == "failed" and res["reason"].startswith("killed by signal 9") and "stage 1/1 magnitude" in res["reason"]
+
+
+def test_recipe_rows_say_completed_refused_hang_or_crash(bench, monkeypatch, tmp_path):
+    info = {"model": "m", "m": {"path": "/c/m"}}
+    cmds = bench.recipe_commands(info, tmp_path, ["demo", "sara"])
+    assert list(cmds) == ["recipe:demo", "recipe:sara"]
+    assert cmds["recipe:demo"][:5] == ["compress", "/c/m", "-r", "demo", "-d"] and cmds["recipe:demo"][5].startswith("text:")
+    every = bench.recipe_commands(info, tmp_path)
+    from compressor.recipe import shipped_recipes
+
+    assert sorted(every) == sorted(f"recipe:{n}" for n in shipped_recipes())
+    outcomes = {}
+    for name, code in (("refused", "import sys; sys.stderr.write('error: would need 9 GB — use bf16\\n'); sys.exit(2)"),
+                       ("crash", "raise RuntimeError('boom')"), ("completed", "print('ok')")):
+        _python(monkeypatch, bench, code)
+        outcomes[name] = bench.recipe_status(bench.run_step(f"recipe:{name}", ["compress", name], timeout=120))
+    assert {k: v["status"] for k, v in outcomes.items()} == {"refused": "refused", "crash": "crash", "completed": "completed"}
+    assert outcomes["refused"]["reason"] == "error: would need 9 GB — use bf16"
+    assert outcomes["crash"]["reason"].startswith("RuntimeError: boom")
+    hung = bench.recipe_status({"status": "hang", "exit_code": None})
+    assert hung["status"] == "hang"
+    run = {"layout": "l", "steps": [outcomes["refused"], outcomes["completed"]]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"layout": "l", "steps": [{"step": "analyze", "status": "ok"}]}))
+    merged = bench.merge(path, run)
+    assert [s["step"] for s in merged["steps"]] == ["analyze", "recipe:completed", "recipe:refused"]

@@ -29,9 +29,17 @@ def timed(fn, runs: int = 30, warmup: int = 5) -> float:
     return statistics.median(times) * 1e3
 
 
-def paired_latency(fn_a, fn_b, runs: int = 30, warmup: int = 5) -> tuple[float, float]:
-    """Median ms of two callables timed alternately in one loop, so machine noise hits both alike."""
-    for _ in range(warmup):
+def paired_latency(fn_a, fn_b, runs: int = 30, warmup: int = 5, budget_s: float = 60.0) -> tuple[float, float]:
+    """Median ms of two callables timed alternately in one loop, so machine noise hits both alike. The first
+    warm-up pair is timed: when `warmup` + `runs` pairs would take over `budget_s` (an LLM forward on a CPU takes
+    seconds), the rest of the warm-up is skipped and the runs cut to what fits, never under 3."""
+    t = time.perf_counter()
+    fn_a()
+    fn_b()
+    pair = time.perf_counter() - t
+    if pair * (warmup + runs) > budget_s:
+        warmup, runs = 1, max(3, min(runs, int(budget_s / max(pair, 1e-9))))
+    for _ in range(warmup - 1):
         fn_a()
         fn_b()
     ta, tb = [], []

@@ -24,24 +24,16 @@ def masks(fp: Footprint) -> int:
     return fp.n_params
 
 
-# Bytes per ranked weight of compressor.masks.magnitude_masks: |w| in fp32 and its concatenation (4 + 4), alive /
-# keep flags (3 x 1), the alive indices (int64, 8), the gathered scores (4) and their stable sort (values 4 + int64
-# indices 8, and the sort's own buffers about as much again).
-SELECT_BYTES = 44
+# Bytes per weight of the one tensor compressor.masks.magnitude_masks ranks at a time (global and layer-wise alike:
+# the global threshold is a radix select over one tensor at a time, compressor.utils.kth): |w| in fp32 (4), its
+# int32 high bits (4), an alive-only copy (4) and a few boolean comparisons (1 each).
+SELECT_BYTES = 20
 
 
-def global_scores(fp: Footprint) -> int:
-    """Global magnitude selection: every weight ranked at once (SELECT_BYTES each)."""
-    return SELECT_BYTES * fp.n_params
-
-
-def layer_scores(fp: Footprint) -> int:
-    """Layer-wise selection: one tensor ranked at a time, plus the masks of all."""
-    return SELECT_BYTES * (fp.largest_bytes // 4) + masks(fp)
-
-
-def ranking(fp: Footprint, scope: str) -> int:
-    return global_scores(fp) if scope == "global" else layer_scores(fp)
+def ranking(fp: Footprint, scope: str = "global") -> int:
+    """Magnitude selection, global or layer-wise: one tensor's scratch, plus the boolean masks of all, twice (the
+    new masks, and the copies compressor.masks.apply_masks keeps on the model as parametrizations)."""
+    return SELECT_BYTES * (fp.largest_bytes // 4) + 2 * masks(fp)
 
 
 def onnx_export(fp: Footprint) -> int:

@@ -29,10 +29,11 @@ from compressor.sweep.grid import (
 )
 from compressor.sweep.knee import analyze_curve, drop_rate_knee, essential_sparsity_tolerance, knee
 from compressor.sweep.output import check_outputs_free, plot_sweep, write_sweep
-from compressor.sweep.run import run_sweep, sweep
+from compressor.sweep.run import check_sweep_fits, run_sweep, sweep, sweep_bytes
 from compressor.sweep.targets import default_targets
 
 __all__ = [
+    "check_sweep_fits", "sweep_bytes",
     "DEFAULT_GRID", "NM_FAMILIES", "PATTERN_HELP", "Pattern", "Evaluator", "parse_grid", "parse_patterns",
     "essential_sparsity_tolerance", "knee", "drop_rate_knee", "analyze_curve", "default_targets", "make_evaluator",
     "sweep", "run_sweep", "refine_points", "plot_sweep", "write_sweep", "check_outputs_free",

@@ -17,6 +17,7 @@ from compressor.sweep.grid import Pattern, parse_grid, parse_patterns, refine_po
 from compressor.sweep.knee import analyze_curve
 from compressor.sweep.targets import default_targets
 from compressor.utils import progress as bars
+from compressor.utils.memory import Footprint, available_bytes, fmt_bytes, footprint
 
 
 def _curve_names(patterns: Sequence[Pattern]) -> dict[Pattern, str]:
@@ -43,6 +44,28 @@ def _level_jobs(patterns: Sequence[Pattern], grid: Sequence[float],
                 jobs.append((Pattern("magnitude", "global"), 0.0, names[pat]))
             jobs.append((pat, pat.n / pat.m, names[pat]))
     return jobs
+
+
+# Bytes per weight a sweep keeps beside the model: the dense copy of the pruned tensors it restores every level
+# from (at most the model: 1 x its bytes), each level's boolean masks (1 B per weight) and the magnitude ranking's
+# scratch for the largest tensor (compressor.utils.kth: ~20 B per weight of it).
+SCRATCH_BYTES = 20
+
+
+def sweep_bytes(fp: Footprint) -> int:
+    """Memory a sweep needs beside the loaded model (upper bound: every weight pruned)."""
+    return fp.param_bytes + fp.n_params + SCRATCH_BYTES * (fp.largest_bytes // 4)
+
+
+def check_sweep_fits(fp: Footprint, device=None, held: int = 0) -> None:
+    """Refuse in one line a sweep that cannot fit: :func:`sweep_bytes` plus `held` (a model still to load, or
+    the private copy of a caller's model)."""
+    need = sweep_bytes(fp) + held
+    free = available_bytes(device)
+    if need > free:
+        raise InputError(f"the sweep would need about {fmt_bytes(need)} of memory for a {fmt_bytes(fp.param_bytes)} model "
+                         f"(the model, a copy of the pruned weights, one level's masks), and {fmt_bytes(free)} is available",
+                         "free memory, sweep a bf16 checkpoint, or prune fewer tensors (--include / --exclude)")
 
 
 def run_sweep(model: nn.Module, evaluator: Evaluator, *, grid: Iterable[float] | str | None = None,
@@ -156,6 +179,8 @@ def sweep(model, data=None, *, tokenizer=None, grid=None, patterns=None, eps: fl
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
     if loaded.module is None:  # an ONNX graph: nothing to mask
         raise InputError("sweep prunes torch or Hugging Face models, not ONNX", "sweep the torch checkpoint (or HF folder) the ONNX came from")
+    fp = footprint(loaded.module)
+    check_sweep_fits(fp, loaded.device, 0 if loaded.owned else fp.param_bytes)  # not ours: swept on a copy
     tok = tokenizer if tokenizer is not None else loaded.tokenizer
     bundle = data if isinstance(data, DataBundle) or data is None else load_data(data)
     ev_ = make_evaluator(loaded.module, data=bundle, tokenizer=tok, n_texts=n_texts)

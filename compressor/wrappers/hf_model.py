@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from compressor.errors import InputError
+from compressor.masks import baked_state_dict, has_masks
 from compressor.task import hf_task
 from compressor.wrappers.torch_model import TorchModel, plain_copy
 
@@ -49,7 +50,12 @@ class HFModel(TorchModel):
 
     def save(self, folder: Path, stem: str = "model", example=None) -> dict:
         target = Path(folder) / stem
-        plain_copy(self.module).save_pretrained(target)
+        # a masked model is saved from its own (zeroed) tensors: a plain copy would double the memory of an LLM
+        state = baked_state_dict(self.module)
+        if state is None:  # another parametrization (an un-merged adapter): baked into a copy
+            plain_copy(self.module).save_pretrained(target)
+        else:
+            self.module.save_pretrained(target, state_dict=state if has_masks(self.module) else None)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(target)
         return {"hf_folder": str(target)}
