@@ -282,3 +282,14 @@ def test_minilm_sweep_coarse(minilm):
     assert omp[0.9] < omp[0.6] < omp[0.3] < omp[0.0]
     nm = res["curves"]["2:4"]
     assert nm[1]["sparsity"] == 0.5 and omp[0.9] < nm[1]["metric"] < 100.0
+
+
+def test_text_count_scales_held_out_texts_with_model_size():
+    """Each sweep level is a forward pass over every held-out text: the default shrinks in inverse proportion to
+    the size over 200 M parameters (closed form: 256 * 200e6 / 1.1e9 = 46.5 -> 40, a multiple of the batch of 8)."""
+    from compressor.eval.measure import text_count
+
+    assert text_count(50_000_000, base=256) == 256
+    assert text_count(1_100_000_000, base=256) == 40
+    assert text_count(70_000_000_000, base=256) == 16  # never under 16
+    assert text_count(1_100_000_000) == 16  # the perplexity default (128) at 1.1 B

@@ -19,11 +19,12 @@ from compressor.io.bundle import Batches
 TEXTS, TEXT_PARAMS, MIN_TEXTS = 128, 200_000_000, 16
 
 
-def text_count(n_params: int) -> int:
-    """How many held-out texts a model of `n_params` parameters is measured on (multiples of 8, the batch)."""
+def text_count(n_params: int, base: int = TEXTS) -> int:
+    """How many held-out texts a model of `n_params` parameters is measured on: `base` up to TEXT_PARAMS
+    parameters, then in inverse proportion to the size (multiples of 8, the batch), never under MIN_TEXTS."""
     if n_params <= TEXT_PARAMS:
-        return TEXTS
-    return max(MIN_TEXTS, int(TEXTS * TEXT_PARAMS / n_params) // 8 * 8)
+        return base
+    return min(base, max(MIN_TEXTS, int(base * TEXT_PARAMS / n_params) // 8 * 8))
 
 
 def held_out_texts(data, n: int = TEXTS) -> list[str]:
