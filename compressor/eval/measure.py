@@ -24,7 +24,7 @@ def text_count(n_params: int, base: int = TEXTS) -> int:
     parameters, then in inverse proportion to the size (multiples of 8, the batch), never under MIN_TEXTS."""
     if n_params <= TEXT_PARAMS:
         return base
-    return min(base, max(MIN_TEXTS, int(base * TEXT_PARAMS / n_params) // 8 * 8))
+    return max(MIN_TEXTS, int(base * TEXT_PARAMS / n_params) // 8 * 8)
 
 
 def held_out_texts(data, n: int = TEXTS) -> list[str]:
