@@ -29,11 +29,17 @@ def timed(fn, runs: int = 30, warmup: int = 5) -> float:
     return statistics.median(times) * 1e3
 
 
-def paired_latency(fn_a, fn_b, runs: int = 30, warmup: int = 5) -> tuple[float, float]:
-    """Median ms of two callables timed alternately in one loop, so machine noise hits both alike."""
-    for _ in range(warmup):
+def paired_latency(fn_a, fn_b, runs: int = 30, warmup: int = 5, budget_s: float = 60.0) -> tuple[float, float]:
+    """Median ms of two callables timed alternately in one loop, so machine noise hits both alike. A slow pair (an
+    LLM on a CPU: seconds per forward) gets fewer runs, at least 3, so timing stays within about `budget_s`."""
+    t0 = time.perf_counter()
+    fn_a()
+    fn_b()
+    pair = time.perf_counter() - t0
+    for _ in range(min(warmup - 1, int(budget_s / 4 / max(pair, 1e-9)))):
         fn_a()
         fn_b()
+    runs = max(3, min(runs, int(budget_s / max(pair, 1e-9))))
     ta, tb = [], []
     for _ in range(runs):
         t = time.perf_counter()

@@ -198,7 +198,7 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], max_length: int = 
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # no KV cache: one pass
         lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         m = mask[:, 1:].float()
         nll -= float((lp * m).sum())

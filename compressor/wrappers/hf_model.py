@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from compressor.errors import InputError
 from compressor.task import hf_task
@@ -49,7 +50,10 @@ class HFModel(TorchModel):
 
     def save(self, folder: Path, stem: str = "model", example=None) -> dict:
         target = Path(folder) / stem
-        plain_copy(self.module).save_pretrained(target)
+        # a plain copy only when masks / adapters are attached: a 1 B model is written from itself, shard by shard
+        # (safetensors writes from the tensors' memory), never through a second full copy
+        parametrized = any(parametrize.is_parametrized(m) for m in self.module.modules())
+        (plain_copy(self.module) if parametrized else self.module).save_pretrained(target)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(target)
         return {"hf_folder": str(target)}
