@@ -1,5 +1,5 @@
-"""Peak memory of the calibration passes, so a report can show that activations are streamed block by block
-instead of holding every layer's hidden states."""
+"""Peak memory of the calibration passes, so a report can show that activations are streamed batch by batch
+instead of holding every layer's hidden states; and the stage's up-front estimate (:func:`stage_bytes`)."""
 
 from __future__ import annotations
 
