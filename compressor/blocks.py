@@ -22,6 +22,7 @@ that the block really computes ``z = a + m`` (then ``h = z`` or ``h = post_norm(
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -227,23 +228,48 @@ class BlockAdapter:
                     mod.layer_idx = j
                     renumbered += 1
         changes: dict = {"blocks_before": old_n, "blocks_after": len(new), "removed": drop, "layer_idx_renumbered": renumbered}
-        cfg = getattr(self.model, "config", None)
-        if cfg is not None:
-            configs = [cfg]
-            if hasattr(cfg, "get_text_config"):
-                text_cfg = cfg.get_text_config(decoder=True)
-                if text_cfg is not cfg:
-                    configs.append(text_cfg)
-            for c in configs:
-                if getattr(c, "is_heterogeneous", False):
-                    raise InputError("this model has a per-layer (heterogeneous) config",
-                                     "depth pruning of heterogeneous configs is not supported")
-                if getattr(c, "num_hidden_layers", None) == old_n:
-                    c.num_hidden_layers = len(new)
-                    changes["num_hidden_layers"] = len(new)
-                for key in PER_LAYER_CONFIG_KEYS:
-                    val = getattr(c, key, None)
-                    if isinstance(val, list | tuple) and len(val) == old_n:
-                        setattr(c, key, [v for i, v in enumerate(val) if i in keep])
-                        changes[key] = list(getattr(c, key))
+        for c in self._configs():
+            if getattr(c, "is_heterogeneous", False):
+                raise InputError("this model has a per-layer (heterogeneous) config",
+                                 "depth pruning of heterogeneous configs is not supported")
+            if getattr(c, "num_hidden_layers", None) == old_n:
+                c.num_hidden_layers = len(new)
+                changes["num_hidden_layers"] = len(new)
+            for key in PER_LAYER_CONFIG_KEYS:
+                val = getattr(c, key, None)
+                if isinstance(val, list | tuple) and len(val) == old_n:
+                    setattr(c, key, [v for i, v in enumerate(val) if i in keep])
+                    changes[key] = list(getattr(c, key))
         return changes
+
+    def _configs(self) -> list:
+        """The model's config and its decoder text config (multimodal models), the ones that count blocks."""
+        cfg = getattr(self.model, "config", None)
+        if cfg is None:
+            return []
+        configs = [cfg]
+        if hasattr(cfg, "get_text_config"):
+            text_cfg = cfg.get_text_config(decoder=True)
+            if text_cfg is not cfg:
+                configs.append(text_cfg)
+        return configs
+
+    @contextmanager
+    def without_blocks(self, indices):
+        """The model runs without blocks `indices` inside the `with` (removed as :meth:`remove_blocks` does, nothing
+        copied) and is exactly as before afterwards: the same ModuleList, layer_idx values and config. Baselines
+        (naive drop, the cut without T) are measured this way on the one model in memory."""
+        stack = self.blocks()
+        numbered = [(m, m.layer_idx) for m in stack.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        keys = ("num_hidden_layers", *PER_LAYER_CONFIG_KEYS)
+        saved = [(c, {k: getattr(c, k) for k in keys if hasattr(c, k)}) for c in self._configs()]
+        try:
+            self.remove_blocks(indices)
+            yield self.model
+        finally:
+            set_module(self.model, self.blocks_path, stack)
+            for m, idx in numbered:
+                m.layer_idx = idx
+            for c, values in saved:
+                for k, v in values.items():
+                    setattr(c, k, v)

@@ -231,3 +231,56 @@ def test_a_stage_that_needs_fp32_upcasts_once_and_says_so(bf16_llama, tmp_path):
     assert "upcast" not in res.report["stages"][0] and res.report["stages"][1]["upcast"] == "bfloat16 -> float32"
     assert {p.dtype for p in res.model.parameters()} == {torch.float32}
     assert (tmp_path / "o" / "model.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------- ReplaceMe
+
+
+@pytest.fixture(scope="module")
+def fp32_llama(tmp_path_factory):
+    """A tiny fp32 Llama folder (6 blocks) with the benchmark's BPE tokenizer."""
+    import importlib.util
+    from pathlib import Path
+
+    transformers = pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("llm_scale", Path(__file__).resolve().parents[1] / "benchmarks" / "llm_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = tmp_path_factory.mktemp("fp32") / "llama"
+    torch.manual_seed(0)
+    cfg = bench.llama_config("quick-llama")
+    cfg.num_hidden_layers = 6
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    bench.build_tokenizer(folder)
+    return folder, (cfg.vocab_size, cfg.hidden_size)
+
+
+def test_replaceme_recipe_makes_no_copy_of_the_model(fp32_llama, tmp_path, monkeypatch):
+    """The shipped replaceme-2 recipe, baselines included: at the stage start and at every quality measurement
+    inside it (dense, the cut without T, naive drop, the pruned model) one model is alive: its embedding and
+    lm_head, two storages of shape (vocab, hidden), and no third."""
+    import yaml
+
+    import compressor.methods.replaceme as stage
+    from compressor.recipe import shipped_recipes
+
+    folder, shape = fp32_llama
+
+    def copies() -> int:
+        gc.collect()
+        return len({o.untyped_storage().data_ptr() for o in gc.get_objects() if type(o) is nn.Parameter and tuple(o.shape) == shape})
+
+    samples: list[int] = []
+    real_quality = stage.quality
+
+    def quality(*args, **kwargs):
+        samples.append(copies())
+        return real_quality(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "quality", quality)
+    rec = yaml.safe_load(shipped_recipes()["replaceme-2"].read_text(encoding="utf-8"))
+    rec["stages"][0].update(calib_samples=96, eval_samples=16)
+    res = compress(folder, rec, None, tmp_path / "out", measure_latency=False, on_stage=lambda i, st: samples.append(copies()))
+    assert len(samples) == 2 + 4 and set(samples) == {2}
+    assert len(res.report["stages"][0]["result"]["comparison"]) == 4
+    assert res.model.config.num_hidden_layers == 4

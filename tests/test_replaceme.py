@@ -311,3 +311,85 @@ def test_recipe_on_hf_folder_writes_pruned_folder(tmp_path):
     enc = tok(["held-out check"], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(again(**enc).last_hidden_state, res.model(**enc).last_hidden_state, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ baselines in place
+
+
+@pytest.mark.parametrize("layers_out", [[4, 5], [1, 2]])
+def test_without_blocks_runs_like_the_cut_model_and_restores_it(layers_out):
+    """Oracle: a deep copy with the blocks really removed (remove_blocks on the copy); after the `with`, the same
+    ModuleList, layer_idx, config and outputs as before."""
+    import copy
+
+    model = tiny_llama(6)
+    x = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    cut = copy.deepcopy(model)
+    BlockAdapter.for_model(cut).remove_blocks(layers_out)
+    adapter = BlockAdapter.for_model(model)
+    stack = adapter.blocks()
+    with torch.no_grad():
+        dense = model(x).logits
+        with adapter.without_blocks(layers_out):
+            assert model.config.num_hidden_layers == 4
+            inside = model(x).logits
+            inside_kv = model.generate(x, max_new_tokens=3, do_sample=False)  # the KV cache indexes the renumbered layers
+        assert torch.equal(inside, cut(x).logits) and not torch.allclose(inside, dense)
+        assert torch.equal(inside_kv, cut.generate(x, max_new_tokens=3, do_sample=False))
+        assert adapter.blocks() is stack and model.config.num_hidden_layers == 6
+        assert [b.self_attn.layer_idx for b in model.model.layers] == list(range(6))
+        assert torch.equal(model(x).logits, dense)
+
+
+def _bench_tokenizer(folder):
+    """The benchmark's byte-level BPE tokenizer, trained offline on the shipped sentences."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("llm_scale", Path(__file__).resolve().parents[1] / "benchmarks" / "llm_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.build_tokenizer(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_baselines_do_not_change_the_pruned_model(tmp_path):
+    """The recipe stage with baselines (naive drop and the cut without T measured on the same model in memory)
+    gives bit-identical weights and config to the stage without them; each row of the comparison is the perplexity
+    of the model it names, re-measured on real copies (dense, naive_drop's copy, the pruned model)."""
+    import copy
+
+    import yaml
+
+    from compressor.eval.metrics import perplexity
+    from compressor.hf import corpus_sentences
+    from compressor.io.data import DataBundle
+    from compressor.methods.replaceme import ReplaceMeParams, run_replaceme
+    from compressor.recipe import StageContext, shipped_recipes
+
+    tok = _bench_tokenizer(tmp_path / "tok")
+    stage = yaml.safe_load(shipped_recipes()["replaceme-2"].read_text(encoding="utf-8"))["stages"][0]
+    stage.pop("method")
+    texts = corpus_sentences()[:400]
+    data = DataBundle("embedding", texts=texts[0::2], test_texts=texts[1::2], source="test")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    dense = transformers.LlamaForCausalLM(cfg).eval()
+    results = {}
+    for baselines in (True, False):
+        ctx = StageContext(model=copy.deepcopy(dense), model_kind="hf", data=data, tokenizer=tok, workdir=tmp_path)
+        p = ReplaceMeParams(**{**stage, "baselines": baselines, "calib_samples": 200, "eval_samples": 64})
+        results[baselines] = (run_replaceme(ctx, p), ctx.model)
+    (rep_b, m_b), (rep_n, m_n) = results[True], results[False]
+    assert rep_b["start"] == rep_n["start"] and m_b.config.num_hidden_layers == m_n.config.num_hidden_layers == 4
+    sd_b, sd_n = m_b.state_dict(), m_n.state_dict()
+    assert sd_b.keys() == sd_n.keys() and all(torch.equal(sd_b[k], sd_n[k]) for k in sd_b)
+    comp = rep_b["comparison"]
+    assert set(comp) == {"dense", "replaceme-ls", "same-cut-no-T", "naive-drop-last"} and "comparison" not in rep_n
+    held = texts[1::2][:64]
+    assert math.isclose(comp["dense"]["perplexity"], perplexity(dense, tok, held), rel_tol=1e-5)
+    assert math.isclose(comp["naive-drop-last"]["perplexity"], perplexity(naive_drop(dense, 2)[0], tok, held), rel_tol=1e-5)
+    assert math.isclose(comp["replaceme-ls"]["perplexity"], perplexity(m_b, tok, held), rel_tol=1e-5)
+    no_t, _ = prune(dense, data.texts, 2, "none", tokenizer=tok, start=rep_b["start"], calib_samples=200)
+    assert math.isclose(comp["same-cut-no-T"]["perplexity"], perplexity(no_t, tok, held), rel_tol=1e-5)

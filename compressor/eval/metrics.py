@@ -193,12 +193,14 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], max_length: int = 
     """Token-level perplexity of a causal LM on texts (padding excluded), on the model's device."""
     dev = devices.module_device(model)
     nll, count = 0.0, 0
+    # one pass, no KV cache to fill (HF models; a plain module may not take the keyword)
+    no_cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logits = model(input_ids=ids, attention_mask=mask, **no_cache).logits.float()
         lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         m = mask[:, 1:].float()
         nll -= float((lp * m).sum())

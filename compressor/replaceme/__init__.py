@@ -22,10 +22,11 @@ projection of the last kept block i = s−1, so the pruned model is an ordinary,
   b ← b T, in float64. The folded block is checked against the unfolded one (out projection followed by an
   explicit T) on calibration data. Then the blocks are deleted, layer_idx renumbered and the config updated
   (see compressor.blocks).
-* Calibration memory (:mod:`~compressor.replaceme.memory`): activations go block by block: one block's hidden
-  states for the calibration batches, the captured block inputs (masks, rotary tables), per-sequence pooled
-  states for the distances and the float64 statistics. Never all hidden states of all layers
-  (`output_hidden_states`). The cosine estimator also keeps its tokens (x, y), as the reference code does.
+* Calibration memory (:mod:`~compressor.replaceme.memory`): each batch goes through the blocks on its own, so
+  one batch's hidden states and block inputs (masks, rotary tables) are alive at a time, beside the
+  per-sequence pooled states for the distances and the float64 statistics. Never all hidden states of all
+  layers (`output_hidden_states`). The cosine estimator also keeps its tokens (x, y), as the reference code does.
+  ``memory.stage_bytes`` is the recipe stage's up-front estimate.
 * Baselines and quality (:mod:`~compressor.replaceme.quality`, :func:`naive_drop`): how the pruned model
   compares with the dense one.
 """

@@ -13,7 +13,8 @@ from compressor.blocks import BlockAdapter
 from compressor.replaceme.calibration import Calibration
 from compressor.replaceme.memory import PeakMemory
 from compressor.replaceme.structure import _apply_norm, _post_norm_target, _z_stats, check_structure
-from compressor.replaceme.walk import _advance, _Capture, _flat, _start
+from compressor.replaceme.walk import _batch, _Capture, _flat
+from compressor.utils import progress as bars
 
 
 @dataclass
@@ -28,54 +29,51 @@ class _Stats:
 @torch.no_grad()
 def collect_statistics(adapter: BlockAdapter, cal: Calibration, start: int, n_blocks: int, *, device,
                        include_padding: bool, keep_tokens: bool, mem: PeakMemory | None = None):
-    """Pass 2: G = Σxᵀx, B = Σxᵀy (float64) for the cut start … start+n−1; block by block."""
+    """Pass 2: G = Σxᵀx, B = Σxᵀy (float64) for the cut start … start+n−1, each batch carried through the blocks up
+    to the cut and folded into G and B at once: one batch's activations are alive at a time, never all tokens'."""
     i, end = start - 1, start + n_blocks - 1
-    st = _start(adapter, cal, device, include_padding)
-    for ell in range(i):
-        _advance(adapter, st, ell)
-        if mem is not None:
-            mem.note(st.hidden, st.inputs)
-    check = check_structure(adapter, i, st.hidden[0], st.inputs[0])
     norm = adapter.post_norm(i)
-    probe = (st.hidden[0], st.inputs[0])  # block i's input on batch 0, for the fold check
-    xs, as_, zs = [], [], []
-    for b in range(len(st.hidden)):
-        cap = _Capture(adapter, i, post_norm=norm)
-        try:
-            st.hidden[b] = adapter.run_block(i, st.hidden[b], st.inputs[b])
-        finally:
-            cap.close()
-        z = cap.z if norm is not None else st.hidden[b]
-        mask = st.masks[b]
-        x = _flat(cap.m)[mask]
-        xs.append(x)
-        as_.append(_flat(z)[mask] - x)
-        zs.append(_z_stats(_flat(z)[mask], norm) if norm is not None else None)
-    d = xs[0].shape[-1]
-    stats = _Stats(torch.zeros(d, d, dtype=torch.float64, device=device), torch.zeros(d, d, dtype=torch.float64, device=device))
-    if mem is not None:
-        mem.note(st.hidden, st.inputs, xs, as_, zs, probe, stats.G, stats.B)
-    for ell in range(start, end + 1):
-        _advance(adapter, st, ell)
-        if mem is not None:
-            mem.note(st.hidden, st.inputs, xs, as_, zs, probe, stats.G, stats.B)
+    stats = check = probe = None
     keep: dict = {"x": [], "y": [], "a": [], "h": []}
-    for b in range(len(st.hidden)):
-        h = _flat(st.hidden[b])[st.masks[b]]
-        x64 = xs[b].double()
-        target = _post_norm_target(zs[b], h, norm) if norm is not None else h.double()
-        y64 = target - as_[b].double()
-        stats.G += x64.T @ x64
-        stats.B += x64.T @ y64
-        stats.yy += float((y64 * y64).sum())
-        stats.n_tokens += x64.shape[0]
-        if keep_tokens:
-            keep["x"].append(xs[b].float())
-            keep["y"].append(y64.float())
-            keep["a"].append(as_[b].float())
-            keep["h"].append(h.float())
-        xs[b] = as_[b] = zs[b] = None
-        st.hidden[b] = None
+    with bars.progress("ReplaceMe pass 2: statistics of T", total=len(cal.batches)) as bar:
+        for b in range(len(cal.batches)):
+            h, inputs, mask = _batch(adapter, cal, b, device, include_padding)
+            for ell in range(i):
+                h = adapter.run_block(ell, h, inputs)
+            if b == 0:
+                check = check_structure(adapter, i, h, inputs)
+                probe = (h, inputs)  # block i's input on batch 0, for the fold check
+            cap = _Capture(adapter, i, post_norm=norm)
+            try:
+                h = adapter.run_block(i, h, inputs)
+            finally:
+                cap.close()
+            z = cap.z if norm is not None else h
+            x = _flat(cap.m)[mask]
+            a = _flat(z)[mask] - x
+            zs = _z_stats(_flat(z)[mask], norm) if norm is not None else None
+            cap = z = None
+            for ell in range(start, end + 1):
+                h = adapter.run_block(ell, h, inputs)
+            target_h = _flat(h)[mask]
+            x64 = x.double()
+            y64 = (_post_norm_target(zs, target_h, norm) if norm is not None else target_h.double()) - a.double()
+            if stats is None:
+                d = x.shape[-1]
+                stats = _Stats(torch.zeros(d, d, dtype=torch.float64, device=device), torch.zeros(d, d, dtype=torch.float64, device=device))
+            stats.G += x64.T @ x64
+            stats.B += x64.T @ y64
+            stats.yy += float((y64 * y64).sum())
+            stats.n_tokens += x64.shape[0]
+            if keep_tokens:
+                keep["x"].append(x.float())
+                keep["y"].append(y64.float())
+                keep["a"].append(a.float())
+                keep["h"].append(target_h.float())
+            if mem is not None:
+                mem.note(h, inputs, x64, y64, a, zs, probe, stats.G, stats.B, keep)
+            del x64, y64
+            bar.advance()
     if keep_tokens:
         stats.tokens = {k: torch.cat(v) for k, v in keep.items()}
         if mem is not None:

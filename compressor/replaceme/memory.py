@@ -1,5 +1,5 @@
-"""Peak memory of the calibration passes, so a report can show that activations are streamed block by block
-instead of holding every layer's hidden states."""
+"""Peak memory of the calibration passes, so a report can show that activations are streamed batch by batch
+instead of holding every layer's hidden states; and the stage's up-front estimate (:func:`stage_bytes`)."""
 
 from __future__ import annotations
 
@@ -85,3 +85,35 @@ class PeakMemory:
             self.method = "process RSS delta, sampled every 2 ms"
         return False
 
+
+
+# Bytes per token position of one batch inside a block, in units of hidden-size fp32 vectors: the hidden state in
+# and out, q/k/v/o and the rotary copies (~8), the MLP's gate, up and product at FFN ≈ 2.75-4 × hidden (~12), the
+# out-projection output and residual captured in pass 2 (x, a, their float64 casts: ~6). Upper bound.
+BATCH_VECTORS = 28
+
+
+def stage_bytes(fp, *, calib_samples: int, max_length: int, batch_size: int, n_blocks: int, keep_tokens: bool,
+                baselines: bool) -> int:
+    """Estimated peak of the replaceme stage on top of the model (fp: compressor.utils.memory.Footprint), the
+    largest of its phases:
+
+    * calibration: one batch through a block (BATCH_VECTORS hidden vectors per position) and the pooled state of
+      every sequence after every block (L × N × d fp32), G and B (2 d² float64); the cosine estimator also keeps
+      x, y, a, h of every token (4 × tokens × d fp32);
+    * solve and fold: G, B, the Cholesky factor and T (4 d² float64), the out projection in float64 and its
+      product with T (FFN ≈ 4 d: 2 × 4 d² float64);
+    * evaluation (baselines and compress()'s own quality measure): logits and log-softmax of a perplexity batch
+      (8 × max_length × vocab fp32, twice; vocab from the largest tensor, the embedding).
+    """
+    d = fp.hidden or int((fp.largest_bytes / 4) ** 0.5) or 1
+    L = max(fp.n_layers, n_blocks + 1)
+    tokens = calib_samples * max_length
+    pooled = L * calib_samples * d * 4
+    calibration = batch_size * max_length * d * 4 * BATCH_VECTORS + pooled + 2 * d * d * 8
+    if keep_tokens:
+        calibration += 4 * tokens * d * 4
+    fold = 4 * d * d * 8 + 2 * 4 * d * d * 8 + pooled
+    vocab = fp.largest_bytes // (4 * d) if fp.hidden else 0
+    evaluation = 2 * 8 * max_length * vocab * 4
+    return int(max(calibration, fold, evaluation))

@@ -60,6 +60,9 @@ class ReplaceMeOptions:
     device: object = None  # default: where the model is
     inplace: bool = False
     return_transform: bool = False  # put T (float64) in report["T"]
+    # called as on_cut(model, adapter, start) once the cut is chosen, before the model is changed: the baselines
+    # measure the same cut without T there (adapter.without_blocks), on the one model in memory
+    on_cut: object = None
 
 
 def prune(model: nn.Module, calib, n_blocks: int = 2, estimator: Estimator = "ls", *,
@@ -87,6 +90,8 @@ def prune(model: nn.Module, calib, n_blocks: int = 2, estimator: Estimator = "ls
                     "calibration": {"source": cal.source, "sequences": cal.n_sequences}, "distance_tokens": how}
     params_before = count_params(model)
     s, stats, probe = _calibrate(adapter, cal, n_blocks, estimator, o, device, how, report)
+    if o.on_cut is not None:
+        o.on_cut(model, adapter, s)
     if estimator != "none":
         T = _estimate(adapter, stats, s, estimator, o, report)
         del stats

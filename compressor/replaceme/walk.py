@@ -4,7 +4,7 @@ states are held), hooks on a block's output projection, and the angular distance
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from compressor.blocks import BlockAdapter
 from compressor.device import to_device
 from compressor.replaceme.calibration import Calibration
 from compressor.replaceme.memory import PeakMemory
+from compressor.utils import progress as bars
 
 
 def _flat(h: torch.Tensor) -> torch.Tensor:
@@ -42,43 +43,60 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos) / math.pi
 
 
-@dataclass
-class _State:
-    hidden: list
-    inputs: list
-    masks: list  # token masks per batch, on device
+def _batch(adapter: BlockAdapter, cal: Calibration, b: int, device, include_padding: bool):
+    """Batch b at the entrance of block 0: (hidden states, the block inputs the model built, token mask)."""
+    h, inputs = adapter.capture(to_device(cal.batches[b], device))
+    return h, inputs, _token_mask(cal.masks[b], h, include_padding)
 
 
-def _start(adapter: BlockAdapter, cal: Calibration, device, include_padding: bool) -> _State:
-    hidden, inputs, masks = [], [], []
-    for batch, mask in zip(cal.batches, cal.masks, strict=True):
-        h, inp = adapter.capture(to_device(batch, device))
-        hidden.append(h)
-        inputs.append(inp)
-        masks.append(_token_mask(mask, h, include_padding))
-    return _State(hidden, inputs, masks)
+def _positions(cal: Calibration) -> list[int] | None:
+    """Token positions per batch (padding included), when the batches are token ids; None for plain tensors."""
+    if any(m is None for m in cal.masks):
+        return None
+    return [int(m.numel()) for m in cal.masks]
 
 
-def _advance(adapter: BlockAdapter, st: _State, index: int) -> None:
-    for b in range(len(st.hidden)):
-        st.hidden[b] = adapter.run_block(index, st.hidden[b], st.inputs[b])
+def plan_line(cal: Calibration, seconds_first: float, L: int) -> str:
+    """What the calibration will cost, from the time batch 0 took through every block (scaled by token
+    positions): pass 1 runs every block, pass 2 the blocks up to the cut (at most as many). Said before the long
+    part runs, so a user can lower calib_samples instead of waiting."""
+    pos = _positions(cal)
+    total = seconds_first * (sum(pos) / pos[0] if pos else len(cal.batches))
+    size = f"{sum(pos)} token positions" if pos else f"{cal.n_sequences} inputs"
+    return (f"ReplaceMe calibration: {cal.n_sequences} sequences ({size}, {L} blocks): pass 1 ~{_minutes(total)} on "
+            f"this machine, pass 2 up to ~{_minutes(total)} more (calib_samples lowers both)")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 @torch.no_grad()
 def block_distances(adapter: BlockAdapter, cal: Calibration, n_blocks: int, *, device, distance_tokens: str,
                     mem: PeakMemory | None = None) -> tuple[dict[int, float], dict]:
-    """d(s) for s = 1 … L−n (pass 1: every block once, keeping one pooled vector per sequence and block).
-    Also returns the hidden size and the number of hidden-state positions (for the memory comparison)."""
+    """d(s) for s = 1 … L−n (pass 1: each batch through every block, keeping one pooled vector per sequence and
+    block; only one batch's hidden states are alive at a time). Also returns the hidden size and the number of
+    hidden-state positions (for the memory comparison)."""
     L = len(adapter)
-    st = _start(adapter, cal, device, include_padding=False)
-    shape = {"hidden_size": int(st.hidden[0].shape[-1]), "positions": sum(int(_flat(h).shape[0] * _flat(h).shape[1]) for h in st.hidden)}
-    reps = []
-    for ell in range(L):
-        _advance(adapter, st, ell)
-        reps.append(torch.cat([_pool(h, m, distance_tokens) for h, m in zip(st.hidden, st.masks, strict=True)]))
-        if mem is not None:
-            mem.note(st.hidden, st.inputs, st.masks, reps)
-    return {s: float(angular_distance(reps[s - 1], reps[s + n_blocks - 1]).mean()) for s in range(1, L - n_blocks + 1)}, shape
+    reps: list[list[torch.Tensor]] = [[] for _ in range(L)]
+    shape = {"hidden_size": 0, "positions": 0}
+    with bars.progress("ReplaceMe pass 1: block distances", total=len(cal.batches)) as bar:
+        for b in range(len(cal.batches)):
+            t0 = time.perf_counter()
+            h, inputs, mask = _batch(adapter, cal, b, device, include_padding=False)
+            f = _flat(h)
+            shape["hidden_size"] = int(f.shape[-1])
+            shape["positions"] += int(f.shape[0] * f.shape[1])
+            for ell in range(L):
+                h = adapter.run_block(ell, h, inputs)
+                reps[ell].append(_pool(h, mask, distance_tokens))
+            if mem is not None:
+                mem.note(h, inputs, mask, reps)
+            if b == 0 and len(cal.batches) > 1:
+                bars.note(plan_line(cal, time.perf_counter() - t0, L))
+            bar.advance()
+    pooled = [torch.cat(r) for r in reps]
+    return {s: float(angular_distance(pooled[s - 1], pooled[s + n_blocks - 1]).mean()) for s in range(1, L - n_blocks + 1)}, shape
 
 
 class _Capture:

@@ -61,9 +61,10 @@ class Bar:
 
 
 def _columns():
-    from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn()]
 
 
 @contextmanager
@@ -92,6 +93,16 @@ def progress(description: str, total: float | None = None, *, show: bool = True,
         if _users == 0:
             _live.stop()
             _live = None
+
+
+def note(message: str) -> None:
+    """One line on stderr about a long step before it runs (e.g. the work a calibration will do and how long it
+    should take), also when bars are off (logs); silent when quiet."""
+    if _quiet or os.environ.get("COMPRESSOR_QUIET", "") not in ("", "0"):
+        return
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 def track(iterable, description: str, total: float | None = None):
