@@ -125,6 +125,22 @@ def test_latency_reloads_the_released_original(pickled_mlp, tmp_path):
     assert res.before["nonzero_params"] > res.after["nonzero_params"]
 
 
+def test_a_large_original_is_timed_before_the_stages_and_never_reloaded(pickled_mlp, tmp_path, monkeypatch):
+    """Over UNPAIRED_LATENCY_BYTES the original is timed while it is loaded, the result after the stages: the file
+    is read once, and the report says the two timings were not paired."""
+    import compressor.api as api
+
+    loads = []
+    real = api.load_model
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(api, "UNPAIRED_LATENCY_BYTES", 0)
+    res = compress(pickled_mlp, {"name": "m", "stages": [{"method": "magnitude", "sparsity": 0.5}]}, "digits", tmp_path / "out",
+                   trust_pickle=True)
+    assert len(loads) == 1  # the first load only
+    assert res.before["latency_ms"] > 0 and res.after["latency_ms"] > 0
+    assert "not alternately" in res.report["warnings"]["latency_unpaired"]
+
+
 # ------------------------------------------------------------------------------------------- up-front refusal
 
 from compressor.errors import RecipeError  # noqa: E402

@@ -17,8 +17,16 @@ from compressor import device as devices
 from compressor.eval.runtime import forward, ort_feeds, ort_session
 
 
-def timed(fn, runs: int = 30, warmup: int = 5) -> float:
-    """Median milliseconds of `fn()` over `runs` calls after `warmup` calls."""
+def timed(fn, runs: int = 30, warmup: int = 5, budget_s: float | None = None) -> float:
+    """Median milliseconds of `fn()` over `runs` calls after `warmup` calls. With `budget_s`, the first warm-up
+    call is timed and a slow `fn` (an LLM forward on a CPU) gets one warm-up and the runs that fit, never under 3."""
+    if budget_s is not None and warmup > 0:
+        t = time.perf_counter()
+        fn()
+        call = time.perf_counter() - t
+        if call * (warmup + runs) > budget_s:
+            warmup, runs = 1, max(3, min(runs, int(budget_s / max(call, 1e-9))))
+        warmup -= 1
     for _ in range(warmup):
         fn()
     times = []
