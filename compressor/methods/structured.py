@@ -257,18 +257,24 @@ def streams(p: StructuredParams) -> bool:
 
 
 def structured_checkpoint(folder, analysis, p: StructuredParams, out_dir, *, seed: int = 0, device="cpu",
-                          overwrite: bool = False) -> dict:
+                          overwrite: bool = False, phases=None) -> dict:
     """The stage on a Hugging Face safetensors folder, tensor by tensor (compressor.checkpoint): importance
-    from the shards, the same selection as the in-memory path, the cut written to `out_dir` and verified."""
+    from the shards, the same selection as the in-memory path, the cut written to `out_dir` and verified.
+    phases (compressor.utils.phases.Phases): gets "importance", "selection" and prune_checkpoint's phases."""
     from compressor.checkpoint import checkpoint_scores, prune_checkpoint
+    from compressor.utils.phases import Phases
 
+    phases = Phases.optional(phases)
     if not streams(p):
         raise RecipeError(f"streaming pruning takes importance {'/'.join(STREAMED_IMPORTANCE)} and target channels",
                           "load the model in memory for taylor/bn importance or MAC/latency targets")
-    scores = checkpoint_scores(folder, analysis, p.importance, seed=seed)
-    round_to = resolved_round_to(p, device, fixed_dtype=False)
-    sel = _select(analysis, p, False if p.head_dim is None else p.head_dim, seed=seed, round_to=round_to, scores=scores)
-    rep = prune_checkpoint(folder, analysis, sel, out_dir, overwrite=overwrite)
+    with phases("importance"):
+        scores = checkpoint_scores(folder, analysis, p.importance, seed=seed)
+    with phases("selection"):
+        round_to = resolved_round_to(p, device, fixed_dtype=False)
+        sel = _select(analysis, p, False if p.head_dim is None else p.head_dim, seed=seed, round_to=round_to,
+                      scores=scores)
+    rep = prune_checkpoint(folder, analysis, sel, out_dir, overwrite=overwrite, phases=phases)
     return rep | {"removed_channels": len(sel.atoms), "channel_ratio": sel.ratio, "round_to": round_to, "streaming": True}
 
 
