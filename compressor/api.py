@@ -310,6 +310,7 @@ def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, ove
                         on_stage=None) -> Result:
     """compress() for the streaming case: the pruned folder is written to OUTPUT/model (verified against the
     source with its removed channels zeroed) and report.json beside it; no model object is returned."""
+    from compressor.checkpoint.shards import Checkpoint
     from compressor.methods.structured import structured_checkpoint
     from compressor.utils.phases import PRUNING_PHASES, Phases, process_startup
 
@@ -322,6 +323,7 @@ def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, ove
     startup = process_startup(t0)
     if startup is not None:
         phases.add("startup", startup)
+    Checkpoint(src).prefetch()  # the kernel reads the shards while the analysis (CPU only) runs
     with phases("analysis"):
         analysis = analyze(src)  # groups only: the weights are read from the shards below
     analysis_phases = dict(analysis.export.get("seconds", {}))

@@ -124,8 +124,9 @@ def _temp_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished folder onto `out` (a previous one is moved aside first, removed after)."""
+def _publish(tmp: Path, out: Path, overwrite: bool) -> Path | None:
+    """Rename the finished folder onto `out`; a previous one is moved aside first and returned, for the
+    caller to remove (its own phase: the previous result's cost, not this cut's)."""
     old = None
     if out.exists():
         if not overwrite:
@@ -134,8 +135,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(out, old)
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; the result gets plain mkdir's mode
     os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return old
 
 
 def _copy_others(src: Path, dst: Path, shards: set[str]) -> list[str]:
@@ -160,7 +160,8 @@ def prune_checkpoint(src_dir: str | Path, analysis: Analysis, selection, out_dir
     finished folder before it is renamed into place, so a failed check publishes nothing. The source folder
     is only read; `out_dir` appears complete or not at all (an existing one is refused unless `overwrite`).
     phases: gets the seconds of "plan" (shapes, config.json), "cut" (shards written), "files" (index, config,
-    tokenizer), "verify" (the comparison) and "generate" (the reload and generation check)."""
+    tokenizer, rename), "verify" (the comparison), "generate" (the reload and generation check) and "cleanup"
+    (removing the folder an overwrite replaced)."""
     from compressor.checkpoint.verify import verify_pruned
 
     phases = Phases.optional(phases)
@@ -205,10 +206,13 @@ def prune_checkpoint(src_dir: str | Path, analysis: Analysis, selection, out_dir
             checked = verify_pruned(src, tmp, plan, mode=mode, tolerance=verify_tolerance)
             phases.update(checked.pop("seconds"))
         with phases("files"):
-            _publish(tmp, out, overwrite)
+            old_out = _publish(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old_out is not None:
+        with phases("cleanup"):
+            shutil.rmtree(old_out) if old_out.is_dir() else old_out.unlink()
     params = lambda shapes: sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())  # noqa: E731
     return {"source": str(src), "output": str(out), "tensors": len(new), "tensors_cut": len(plan),
             "shards": len(shards), "bytes_before": ckpt.nbytes(), "bytes_after": tensor_bytes,

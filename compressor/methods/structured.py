@@ -262,18 +262,22 @@ def structured_checkpoint(folder, analysis, p: StructuredParams, out_dir, *, see
     from the shards, the same selection as the in-memory path, the cut written to `out_dir` and verified.
     phases (compressor.utils.phases.Phases): gets "importance", "selection" and prune_checkpoint's phases."""
     from compressor.checkpoint import checkpoint_scores, prune_checkpoint
+    from compressor.graph.selection import candidates
     from compressor.utils.phases import Phases
 
     phases = Phases.optional(phases)
     if not streams(p):
         raise RecipeError(f"streaming pruning takes importance {'/'.join(STREAMED_IMPORTANCE)} and target channels",
                           "load the model in memory for taylor/bn importance or MAC/latency targets")
+    head_dim = False if p.head_dim is None else p.head_dim
+    # only the groups the selection may cut are scored, so only their tensors are read from the shards
+    needed = {g.id for g in analysis.groups
+              if g.prunable and candidates(g, p.protect_output, p.protect_embeddings, p.heads, head_dim)}
     with phases("importance"):
-        scores = checkpoint_scores(folder, analysis, p.importance, seed=seed)
+        scores = checkpoint_scores(folder, analysis, p.importance, seed=seed, groups=needed)
     with phases("selection"):
         round_to = resolved_round_to(p, device, fixed_dtype=False)
-        sel = _select(analysis, p, False if p.head_dim is None else p.head_dim, seed=seed, round_to=round_to,
-                      scores=scores)
+        sel = _select(analysis, p, head_dim, seed=seed, round_to=round_to, scores=scores)
     rep = prune_checkpoint(folder, analysis, sel, out_dir, overwrite=overwrite, phases=phases)
     return rep | {"removed_channels": len(sel.atoms), "channel_ratio": sel.ratio, "round_to": round_to, "streaming": True}
 
