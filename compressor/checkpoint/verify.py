@@ -181,7 +181,7 @@ def _layers(src: Path, out: Path, plan, shape, tolerance: float) -> dict:
             prefix = skel.base_model_prefix + "."
             have = set(ckpt.keys())
             keys = {name: k if k in have else k[len(prefix):] for name, k in keys.items()}
-            layer.load_state_dict({name: ckpt.read(k).float() for name, k in keys.items()})
+            layer.load_state_dict({name: ckpt.read(k).float() for name, k in keys.items()}, assign=True)  # no copy
             if side == 0:
                 with torch.no_grad():
                     for name, k in keys.items():
