@@ -258,7 +258,54 @@ def run_step(name: str, cmd: list[str], timeout: float) -> dict:
     found = [json.loads(ln) for ln in lines if ln.startswith('{"tp_result"')]
     if found:
         res.update(found[-1]["tp_result"])
+    if res["status"] == "ok" and "-o" in cmd:
+        res.update(report_phases(Path(cmd[cmd.index("-o") + 1]) / "report.json"))
     return res
+
+
+def report_phases(report: Path) -> dict:
+    """A streamed prune's own timings from its report.json: seconds per phase, the analysis's own phases, and
+    `analysis_plus_pruning` (compressor.utils.phases.PRUNING_PHASES summed); {} for a report without them."""
+    try:
+        rep = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return {}
+    if "phases" not in rep:
+        return {}
+    result = rep["stages"][0]["result"] if rep.get("stages") else {}
+    return {"phases": rep["phases"], "analysis_phases": rep.get("analysis_phases", {}),
+            "analysis_plus_pruning": rep.get("analysis_plus_pruning"),
+            "params_before": result.get("params_before"), "params_after": result.get("params_after")}
+
+
+OURS = ("compressor: analysis + pruning = the phases analysis (weightless trace and groups, the exporter's imports "
+        "included), importance (L2 from the shards), selection, plan, cut (every output shard written) and files "
+        "(index, config.json, tokenizer, rename) of the streamed `compress prune`, from its report.json; not counted: "
+        "process startup (python, torch, transformers imports), the verification against the zeroed source, the "
+        "generate check, removing the previous output, the report")
+THEIRS = ("torch-pruning: graph + step = MetaPruner's constructor (dependency graph traced on the loaded model) and "
+          "pruner.step() (importance and the in-memory cut); not counted: process startup, loading the weights, "
+          "saving (nothing is saved)")
+
+
+def comparison(steps: list[dict], current: set[str]) -> dict | None:
+    """compressor's analysis + pruning next to torch-pruning's graph + step on the same folder (the structured and
+    tp steps), with both processes' peak RSS and wall time; None unless both steps finished."""
+    by = {s["step"]: s for s in steps}
+    ours, tp = by.get("structured"), by.get("tp")
+    if not (ours and tp and ours["status"] == tp["status"] == "ok" and ours.get("analysis_plus_pruning")
+            and "graph_seconds" in tp):
+        return None
+    a = ours["analysis_plus_pruning"]["seconds"]
+    b = round(tp["graph_seconds"] + tp["step_seconds"], 2)
+    return {"compressor_analysis_plus_pruning_seconds": a, "torch_pruning_graph_plus_step_seconds": b,
+            "ratio": round(a / b, 3) if b else None,
+            "compressor_peak_rss_bytes": ours["peak_rss_bytes"], "torch_pruning_peak_rss_bytes": tp["peak_rss_bytes"],
+            "compressor_wall_seconds": ours["seconds"], "torch_pruning_wall_seconds": tp["seconds"],
+            "compressor_params_after": ours.get("params_after"), "torch_pruning_params_after": tp.get("params_after"),
+            "same_run": {"structured", "tp"} <= current,
+            "definitions": {"compressor": OURS, "torch_pruning": THEIRS,
+                            "ratio": "compressor seconds / torch-pruning seconds (below 1: compressor is faster)"}}
 
 
 def _session_hwm(sid: int) -> int:
@@ -313,7 +360,7 @@ def tp_child(folder: str, ratio: float) -> None:
     after = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         model(example)  # the pruned model still runs
-    print(json.dumps({"tp_result": {"load_seconds": round(t_load, 1), "graph_seconds": round(t_graph, 1), "step_seconds": round(t_step, 1),
+    print(json.dumps({"tp_result": {"load_seconds": round(t_load, 2), "graph_seconds": round(t_graph, 2), "step_seconds": round(t_step, 2),
                                     "params_before": before, "params_after": after, "torch_pruning": tp.__version__}}))
 
 
@@ -341,11 +388,26 @@ def table(result: dict) -> str:
         status = status.replace("|", "\\|")[:160]
         if s["step"] == "tp" and s["status"] == "ok":
             status += f" (graph {s['graph_seconds']} s + step {s['step_seconds']} s)"
+        if s.get("analysis_plus_pruning") and s["status"] == "ok":
+            ph = s["phases"]
+            status += (f" (analysis {ph.get('analysis')} s + importance {ph.get('importance')} s + cut "
+                       f"{ph.get('cut')} s = {s['analysis_plus_pruning']['seconds']} s; verify {ph.get('verify')} s, "
+                       f"generate {ph.get('generate')} s)")
         cmd = s["command"].replace(result.get("cache", "\0"), "CACHE")
         when = s.get("measured", "earlier run")  # steps are merged into the JSON run by run
         rows.append(f"| {s['step']} | `{cmd}` | {status} | {s['seconds']} | "
                     f"{rss / 2**30:.2f} | {rss / ckpt:.2f} | {when} |" if rss and ckpt
                     else f"| {s['step']} | `{cmd}` | {status} | {s['seconds']} | - | - | {when} |")
+    c = result.get("comparison")
+    if c:
+        gb = lambda b: f"{b / 2**30:.2f} GB" if b else "-"  # noqa: E731
+        rows += ["", f"Side by side{' (same run)' if c['same_run'] else ' (steps from different runs)'}: compressor's "
+                 f"analysis + pruning **{c['compressor_analysis_plus_pruning_seconds']} s** vs torch-pruning's graph + "
+                 f"step **{c['torch_pruning_graph_plus_step_seconds']} s** (ratio {c['ratio']}); peak RSS "
+                 f"{gb(c['compressor_peak_rss_bytes'])} vs {gb(c['torch_pruning_peak_rss_bytes'])}; whole command "
+                 f"{c['compressor_wall_seconds']} s (verified, saved) vs {c['torch_pruning_wall_seconds']} s (nothing "
+                 f"saved); parameters after {c['compressor_params_after']} vs {c['torch_pruning_params_after']}. "
+                 f"{c['definitions']['compressor']}. {c['definitions']['torch_pruning']}."]
     return "\n".join(rows)
 
 
@@ -439,6 +501,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     out = args.out or (cache / "llm_scale.json" if args.quick else RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     run = merge(out, run)
+    run["comparison"] = comparison(run["steps"], {r["step"] for r in results})
     out.write_text(json.dumps(run, indent=2))
     print(table(run))
     return run

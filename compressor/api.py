@@ -381,18 +381,29 @@ def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, ove
                         on_stage=None) -> Result:
     """compress() for the streaming case: the pruned folder is written to OUTPUT/model (verified against the
     source with its removed channels zeroed) and report.json beside it; no model object is returned."""
+    from compressor.checkpoint.shards import Checkpoint
     from compressor.methods.structured import structured_checkpoint
+    from compressor.utils.phases import PRUNING_PHASES, Phases, process_startup
 
     if out_dir.is_dir() and (out_dir / "report.json").exists() and not overwrite:
         raise InputError(f"output folder {out_dir} already holds a result (report.json)",
                          "choose another -o, or pass --overwrite")
     if on_stage is not None:
         on_stage(1, rec.stages[0])
-    analysis = analyze(src)  # groups only: the weights are read from the shards below
+    phases = Phases()
+    startup = process_startup(t0)
+    if startup is not None:
+        phases.add("startup", startup)
+    Checkpoint(src).prefetch()  # the kernel reads the shards while the analysis (CPU only) runs
+    with phases("analysis"):
+        analysis = analyze(src)  # groups only: the weights are read from the shards below
+    analysis_phases = dict(analysis.export.get("seconds", {}))
     params = copy.deepcopy(rec.stages[0].params)
     result = structured_checkpoint(src, analysis, params, out_dir / "model", seed=seed, device=device,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, phases=phases)
     del analysis
+    phases.add("other", time.time() - t0 - sum(s for k, s in phases.seconds.items() if k != "startup"))
+    pruning = round(sum(phases.seconds.get(k, 0.0) for k in PRUNING_PHASES), 3)
     files = {"hf_folder": str(out_dir / "model")}
     report = _jsonable({
         "model": str(src), "model_kind": "hf", "model_format": "hf_folder", "streaming": True,
@@ -401,6 +412,8 @@ def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, ove
         "before": {"params": result["params_before"], "file_bytes": ev.file_size(src)},
         "after": {"params": result["params_after"], "file_bytes": ev.file_size(out_dir / "model")},
         "files": files, "warnings": {}, "seconds": round(time.time() - t0, 2),
+        "phases": phases.seconds, "analysis_phases": analysis_phases,
+        "analysis_plus_pruning": {"seconds": pruning, "phases": list(PRUNING_PHASES)},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": devices.label(device)},
     })
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2))

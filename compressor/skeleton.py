@@ -37,6 +37,7 @@ from torch import nn
 
 from compressor.errors import InputError
 from compressor.task import hf_task
+from compressor.utils.phases import Phases
 
 OPSET = 18  # the dynamo exporter's own opset (it would convert down otherwise)
 NOWHERE = "weightless"  # the external-data location of every weight: no file of that name is ever written
@@ -141,7 +142,7 @@ def aliases_of(model: nn.Module) -> dict[str, str]:
 
 @dataclasses.dataclass
 class Skeleton:
-    proto: object  # onnx.ModelProto: inputs input_ids, attention_mask (dynamic batch, sequence); no weight bytes
+    proto: object  # onnx.ModelProto: inputs input_ids, attention_mask (batch 2, sequence 8); no weight bytes
     aliases: dict[str, str]  # tied names -> the initializer name (lm_head.weight -> model.embed_tokens.weight)
     prefix: str  # the base model's attribute in the head class ("model", "transformer", "bert"; "" if none)
 
@@ -150,44 +151,69 @@ class Skeleton:
         return {i.name: tuple(i.dims) for i in self.proto.graph.initializer if i.data_location == 1}
 
 
-def skeleton_onnx(config, *, repeat: bool = True) -> Skeleton:
+def skeleton_onnx(config, *, repeat: bool = True, phases: Phases | None = None) -> Skeleton:
     """The weightless ONNX graph of the model `config` describes. Raises whatever the trace raises (callers
     fall back to a full export).
 
     repeat: when the layers are one module repeated (same class, same tensor shapes, no per-layer types), trace
     two of them and copy the second for the others (compressor's graph of a deep model in the time of a
-    two-layer one); anything that does not line up falls back to tracing every layer."""
-    model = meta_model(config)
-    aliases = aliases_of(model)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    prefix = prefix if prefix and hasattr(model, prefix) else ""
+    two-layer one); anything that does not line up falls back to tracing every layer.
+    phases: gets the seconds of "model" (meta-device build), "export" (torch.export), "onnx" (the exporter's
+    decomposition and translation), "repeat" (layer copies)."""
+    phases = Phases.optional(phases)
+    with phases("model"):
+        model = meta_model(config)
+        aliases = aliases_of(model)
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        prefix = prefix if prefix and hasattr(model, prefix) else ""
+        path = _layer_stack(model, config) if repeat else None
+        small = meta_model(_with_layers(config, 2)) if path is not None else None
     proto = None
-    path = _layer_stack(model, config) if repeat else None
     if path is not None:
-        small = meta_model(_with_layers(config, 2))
-        proto = repeat_layers(_trace(small, aliases_of(small)), path, len(model.get_submodule(path)))
+        traced = _trace(small, aliases_of(small), phases=phases)
+        with phases("repeat"):
+            proto = repeat_layers(traced, path, len(model.get_submodule(path)))
     if proto is None:
-        proto = _trace(model, aliases)
-    _drop_metadata(proto)
+        proto = _trace(model, aliases, phases=phases)
+    with phases("repeat"):
+        _drop_metadata(proto)
     return Skeleton(proto, aliases, prefix)
+
+
+def import_exporter() -> None:
+    """Import what the trace imports on first use (torch.export, the dynamo exporter, onnxscript, onnx_ir:
+    seconds of module loading), so a caller can time it apart from the trace."""
+    import importlib
+
+    for name in ("onnx_ir", "onnxscript", "torch.export", "torch.onnx._internal.exporter._core"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 LIFTED_MAX = 1024  # elements: forward-created tensors up to this size are literals in the skeleton
 
 
-def _trace(model: nn.Module, aliases: dict[str, str], batch: int = 2, sequence: int = 8):
+def _trace(model: nn.Module, aliases: dict[str, str], batch: int = 2, sequence: int = 8, dynamic: bool = False,
+           phases: Phases | None = None):
     """ONNX proto of `model` (meta tensors) through torch.export and the dynamo exporter; weights become
-    external references to nothing, named by their state-dict names; node metadata kept (name scopes)."""
+    external references to nothing, named by their state-dict names; node metadata kept (name scopes).
+
+    dynamic: trace with a symbolic batch and sequence. Off by default: the groups do not depend on it (the
+    tests compare the static skeleton with a dynamic full-weight export) and the symbolic shape arithmetic made
+    the trace and the exporter's decomposition about 3x slower (TinyLlama layout: 5.5 s -> 2.0 s)."""
     import onnx_ir
 
+    phases = Phases.optional(phases)
     ids = torch.zeros(batch, sequence, dtype=torch.long, device="meta")
     mask = torch.ones(batch, sequence, dtype=torch.long, device="meta")
     b = s = torch.export.Dim.DYNAMIC  # ranges (a maximum sequence from the position table) are inferred
+    shapes = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}} if dynamic else None
     with _quiet():
-        ep = torch.export.export(_Tokens(model), (ids, mask), strict=False,
-                                 dynamic_shapes={"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}})
-        program = torch.onnx.export(ep, dynamo=True, optimize=False, opset_version=OPSET,
-                                    input_names=["input_ids", "attention_mask"], verbose=False)
+        with phases("export"):
+            ep = torch.export.export(_Tokens(model), (ids, mask), strict=False, dynamic_shapes=shapes)
+        with phases("onnx"):
+            program = torch.onnx.export(ep, dynamo=True, optimize=False, opset_version=OPSET,
+                                        input_names=["input_ids", "attention_mask"], verbose=False)
     graph = program.model.graph
     stored = set(model.state_dict(keep_vars=True))
     for value in list(graph.initializers.values()):
@@ -207,7 +233,8 @@ def _trace(model: nn.Module, aliases: dict[str, str], batch: int = 2, sequence: 
             graph.initializers.pop(value.name)
             value.name = name
             graph.initializers[name] = value
-    return onnx_ir.serde.serialize_model(program.model)
+    with phases("onnx"):
+        return onnx_ir.serde.serialize_model(program.model)
 
 
 def _layer_stack(model: nn.Module, config) -> str | None:

@@ -313,3 +313,44 @@ def test_output_folder_gets_plain_permissions(llama_case, tmp_path):
     (tmp_path / "plain").mkdir()
     assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) \
         == 0o777 & ~current_umask()
+
+
+def test_report_records_seconds_per_phase(llama_case, tmp_path, monkeypatch):
+    """Oracle: delays injected into known phases (the shard writer, the verification, the analysis) show up
+    in those phases and only there; the phases add up to the command's own seconds."""
+    import time
+
+    import compressor.checkpoint.prune as cprune
+    import compressor.graph.weightless as weightless
+    from compressor.api import prune
+    from compressor.utils.phases import PRUNING_PHASES
+
+    real_write, real_verify, real_hf = cprune.write_shard, verify_pruned, weightless.analyze_hf
+
+    def slow_write(*a, **k):
+        time.sleep(0.3)
+        return real_write(*a, **k)
+
+    def slow_verify(*a, **k):
+        time.sleep(0.6)
+        return real_verify(*a, **k)
+
+    def slow_hf(*a, **k):
+        time.sleep(0.4)
+        return real_hf(*a, **k)
+
+    monkeypatch.setattr(cprune, "write_shard", slow_write)
+    monkeypatch.setattr("compressor.checkpoint.verify.verify_pruned", slow_verify)
+    monkeypatch.setattr(weightless, "analyze_hf", slow_hf)
+    src = llama_case[2]["fp32"]
+    rep = prune(str(src), 0.25, output=tmp_path / "out", device="cpu").report
+    ph = rep["phases"]
+    shards = len(list((tmp_path / "out" / "model").glob("*.safetensors")))
+    assert ph["cut"] >= 0.3 * shards and ph["verify"] >= 0.6 and ph["analysis"] >= 0.4
+    assert ph["importance"] < 0.3 and ph["generate"] > 0
+    assert set(PRUNING_PHASES) <= set(ph) and all(v >= 0 for v in ph.values())
+    assert rep["analysis_plus_pruning"]["seconds"] == pytest.approx(sum(ph[k] for k in PRUNING_PHASES), abs=1e-2)
+    assert rep["analysis_plus_pruning"]["seconds"] < ph["analysis"] + ph["cut"] + 3  # the verification is not in it
+    assert sum(v for k, v in ph.items() if k != "startup") == pytest.approx(rep["seconds"], abs=0.1)
+    trace = rep["analysis_phases"]
+    assert {"export", "onnx", "groups", "total"} <= set(trace) and trace["total"] <= ph["analysis"]

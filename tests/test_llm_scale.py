@@ -155,3 +155,35 @@ def test_recipe_rows_say_completed_refused_hang_or_crash(bench, monkeypatch, tmp
     path.write_text(json.dumps({"layout": "l", "steps": [{"step": "analyze", "status": "ok"}]}))
     merged = bench.merge(path, run)
     assert [s["step"] for s in merged["steps"]] == ["analyze", "recipe:completed", "recipe:refused"]
+
+
+def test_structured_step_records_the_report_phases_side_by_side_with_tp(bench, monkeypatch, tmp_path):
+    """Oracle: a child that writes a known report.json into its -o folder and a tp child that prints known
+    timings; the comparison is their sums and ratio, and the table says it."""
+    out = tmp_path / "out"
+    phases = {"startup": 2.0, "analysis": 3.0, "importance": 1.5, "selection": 0.1, "plan": 0.2, "cut": 2.0,
+              "files": 0.2, "verify": 9.0, "generate": 4.0, "other": 0.1}
+    report = {"phases": phases, "analysis_phases": {"export": 1.0, "onnx": 1.5, "total": 2.9},
+              "analysis_plus_pruning": {"seconds": 7.0, "phases": ["analysis", "importance", "selection", "plan",
+                                                                   "cut", "files"]},
+              "stages": [{"result": {"params_before": 100, "params_after": 80}}]}
+    code = (f"import json, pathlib; p = pathlib.Path({str(out)!r}); p.mkdir(parents=True, exist_ok=True); "
+            f"(p / 'report.json').write_text(json.dumps({report!r}))")
+    _python(monkeypatch, bench, code)
+    ours = bench.run_step("structured", ["compress", "prune", "m", "-o", str(out)], timeout=120)
+    assert ours["status"] == "ok" and ours["phases"] == phases and ours["analysis_plus_pruning"]["seconds"] == 7.0
+    assert ours["params_after"] == 80 and ours["analysis_phases"]["onnx"] == 1.5
+    tp = {"load_seconds": 2.0, "graph_seconds": 2.5, "step_seconds": 7.5, "params_after": 60}
+    _python(monkeypatch, bench, f"import json; print(json.dumps({{'tp_result': {tp!r}}}))")
+    theirs = bench.run_step("tp", ["python", "t"], timeout=120)
+    c = bench.comparison([ours, theirs], {"structured", "tp"})
+    assert c["compressor_analysis_plus_pruning_seconds"] == 7.0 and c["torch_pruning_graph_plus_step_seconds"] == 10.0
+    assert c["ratio"] == 0.7 and c["same_run"] and c["torch_pruning_params_after"] == 60
+    assert c["compressor_peak_rss_bytes"] == ours["peak_rss_bytes"] and c["torch_pruning_wall_seconds"] == theirs["seconds"]
+    assert bench.comparison([ours, theirs], {"tp"})["same_run"] is False
+    assert bench.comparison([ours, {**theirs, "status": "hang"}], {"structured", "tp"}) is None
+    run = {"layout": "tinyllama-1.1b", "command": "c", "cache": str(tmp_path), "checkpoint_bytes": 4 << 30,
+           "environment": {"machine": "2 CPUs"}, "steps": [ours, theirs], "comparison": c}
+    text = bench.table(run)
+    assert "analysis + pruning **7.0 s** vs torch-pruning's graph + step **10.0 s** (ratio 0.7)" in text
+    assert "= 7.0 s; verify 9.0 s" in text

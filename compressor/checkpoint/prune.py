@@ -30,6 +30,7 @@ from compressor.graph.analysis import Analysis
 from compressor.graph.importance import group_scores
 from compressor.graph.torch_bridge import cut_plan
 from compressor.utils.atomic import current_umask
+from compressor.utils.phases import Phases
 
 # buffers a model rebuilds from config.json (never saved), so a cut of them needs no checkpoint counterpart
 REBUILT = ("rotary_emb.inv_freq", ".masked_bias", ".attn.bias", "position_ids")
@@ -123,8 +124,9 @@ def _temp_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished folder onto `out` (a previous one is moved aside first, removed after)."""
+def _publish(tmp: Path, out: Path, overwrite: bool) -> Path | None:
+    """Rename the finished folder onto `out`; a previous one is moved aside first and returned, for the
+    caller to remove (its own phase: the previous result's cost, not this cut's)."""
     old = None
     if out.exists():
         if not overwrite:
@@ -133,8 +135,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(out, old)
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; the result gets plain mkdir's mode
     os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return old
 
 
 def _copy_others(src: Path, dst: Path, shards: set[str]) -> list[str]:
@@ -151,15 +152,19 @@ def _copy_others(src: Path, dst: Path, shards: set[str]) -> list[str]:
 
 def prune_checkpoint(src_dir: str | Path, analysis: Analysis, selection, out_dir: str | Path, *,
                      max_shard_size: int = 1 << 30, overwrite: bool = False, verify: str = "auto",
-                     verify_tolerance: float = 1e-4) -> dict:
+                     verify_tolerance: float = 1e-4, phases: Phases | None = None) -> dict:
     """Write `src_dir` with `selection` cut out to `out_dir`, tensor by tensor; returns a report.
 
     selection: a compressor.graph Selection or a set of atoms. verify: "auto" (layer by layer for a Llama-family
     checkpoint of 1 GiB or more, else the whole model), "model", "layers" or "none" (compressor.checkpoint.verify); it runs on the
     finished folder before it is renamed into place, so a failed check publishes nothing. The source folder
-    is only read; `out_dir` appears complete or not at all (an existing one is refused unless `overwrite`)."""
+    is only read; `out_dir` appears complete or not at all (an existing one is refused unless `overwrite`).
+    phases: gets the seconds of "plan" (shapes, config.json), "cut" (shards written), "files" (index, config,
+    tokenizer, rename), "verify" (the comparison), "generate" (the reload and generation check) and "cleanup"
+    (removing the folder an overwrite replaced)."""
     from compressor.checkpoint.verify import verify_pruned
 
+    phases = Phases.optional(phases)
     t0 = time.time()
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
     if out == src or out.is_relative_to(src) or src.is_relative_to(out):
@@ -170,34 +175,44 @@ def prune_checkpoint(src_dir: str | Path, analysis: Analysis, selection, out_dir
         raise InputError(f"verify must be auto, model, layers or none, got {verify!r}")
     if not (src / "config.json").is_file():
         raise InputError(f"{src} has no config.json", "pass a Hugging Face model folder")
-    cfg = json.loads((src / "config.json").read_text())
-    ckpt = Checkpoint(src)
-    plan = checkpoint_plan(analysis, selection, ckpt, cfg)
-    old = {k: ckpt.shape(k) for k in ckpt.keys()}
-    new = {k: _sliced_shape(s, plan.get(k)) for k, s in old.items()}
-    new_cfg, changes = updated_config(cfg, plan, old, new)
-    check_against_model(new_cfg, new)
-    entries = [(k, ckpt.meta[k][0], new[k]) for f in ckpt.files for k in ckpt.keys() if ckpt.shard_of[k] == f]
-    shards = plan_shards(entries, max_shard_size)
+    with phases("plan"):
+        cfg = json.loads((src / "config.json").read_text())
+        ckpt = Checkpoint(src)
+        plan = checkpoint_plan(analysis, selection, ckpt, cfg)
+        old = {k: ckpt.shape(k) for k in ckpt.keys()}
+        new = {k: _sliced_shape(s, plan.get(k)) for k, s in old.items()}
+        new_cfg, changes = updated_config(cfg, plan, old, new)
+        check_against_model(new_cfg, new)
+        entries = [(k, ckpt.meta[k][0], new[k]) for f in ckpt.files for k in ckpt.keys() if ckpt.shard_of[k] == f]
+        shards = plan_shards(entries, max_shard_size)
     tmp = _temp_dir(out)
     try:
         weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            total += write_shard(tmp / name, shard, lambda key: _slice(ckpt.read(key), plan.get(key)))
-            weight_map.update({k: name for k, _, _ in shard})
-        tensor_bytes = sum(ITEMSIZE[d] * int(np.prod(s, dtype=np.int64)) for _, d, s in entries)
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": tensor_bytes}, "weight_map": weight_map},
-                                            indent=2))
-        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
-        copied = _copy_others(src, tmp, set(ckpt.files))
+        with phases("cut"):
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                total += write_shard(tmp / name, shard, lambda key: _slice(ckpt.read(key), plan.get(key)))
+                weight_map.update({k: name for k, _, _ in shard})
+        with phases("files"):
+            tensor_bytes = sum(ITEMSIZE[d] * int(np.prod(s, dtype=np.int64)) for _, d, s in entries)
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": tensor_bytes}, "weight_map": weight_map},
+                                                indent=2))
+            (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
+            copied = _copy_others(src, tmp, set(ckpt.files))
         mode = verify if verify != "auto" else (
             "layers" if ckpt.nbytes() >= (1 << 30) and family(cfg) is LLAMA else "model")
-        checked = verify_pruned(src, tmp, plan, mode=mode, tolerance=verify_tolerance) if verify != "none" else None
-        _publish(tmp, out, overwrite)
+        checked = None
+        if verify != "none":
+            checked = verify_pruned(src, tmp, plan, mode=mode, tolerance=verify_tolerance)
+            phases.update(checked.pop("seconds"))
+        with phases("files"):
+            old_out = _publish(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old_out is not None:
+        with phases("cleanup"):
+            shutil.rmtree(old_out) if old_out.is_dir() else old_out.unlink()
     params = lambda shapes: sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())  # noqa: E731
     return {"source": str(src), "output": str(out), "tensors": len(new), "tensors_cut": len(plan),
             "shards": len(shards), "bytes_before": ckpt.nbytes(), "bytes_after": tensor_bytes,

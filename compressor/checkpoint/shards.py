@@ -1,9 +1,8 @@
 """Safetensors checkpoint folders read and written one tensor at a time.
 
-Reading: every shard's header is parsed once (names, dtypes, shapes; no tensor data); a tensor is read with
-``safetensors.safe_open`` in a handle opened for that read alone, so its mapping of the file is dropped as
-soon as the tensor is copied out (a handle kept open for a whole shard would leave every page it touched
-resident). Writing: the header of an output shard is computed from the shapes before any data exists, then
+Reading: every shard's header is parsed once (names, dtypes, shapes, data offsets; no tensor data); a tensor
+is read with one read() of its bytes into fresh memory, in a handle opened for that read alone: nothing of the
+file stays mapped (a mapping kept open for a whole shard would leave every page it touched resident). Writing: the header of an output shard is computed from the shapes before any data exists, then
 each tensor's bytes are appended as it is produced, so a shard is never held in memory
 (``safetensors.torch.save_file`` serialises a whole dict of tensors into one buffer first).
 """
@@ -11,6 +10,7 @@ each tensor's bytes are appended as it is produced, so a shard is never held in 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -29,11 +29,16 @@ ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()
 
 def read_header(path: Path) -> dict[str, dict]:
     """{tensor name: {"dtype", "shape", "data_offsets"}} of one safetensors file (metadata dropped)."""
+    return _header(path)[0]
+
+
+def _header(path: Path) -> tuple[dict[str, dict], int]:
+    """(read_header's dict, the file offset its data_offsets count from)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + n
 
 
 class Checkpoint:
@@ -53,10 +58,14 @@ class Checkpoint:
         self.files = files
         self.shard_of: dict[str, str] = {}
         self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.span: dict[str, tuple[int, int]] = {}  # key -> (file offset, bytes) of its data
         for name in files:
-            for key, info in read_header(self.folder / name).items():
+            header, start = _header(self.folder / name)
+            for key, info in header.items():
                 self.shard_of[key] = name
                 self.meta[key] = (info["dtype"], tuple(info["shape"]))
+                a, b = info["data_offsets"]
+                self.span[key] = (start + a, b - a)
 
     def keys(self) -> list[str]:
         return list(self.meta)
@@ -73,11 +82,43 @@ class Checkpoint:
         """Size of the largest shard file."""
         return max((self.folder / f).stat().st_size for f in self.files)
 
-    def read(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def prefetch(self) -> None:
+        """Ask the kernel to start reading every shard into the page cache (posix_fadvise WILLNEED) from a
+        background thread, so the reads of a later pass find them there; the page cache is not this process's
+        memory. Nothing happens where the call does not exist."""
+        import threading
 
-        with safe_open(self.folder / self.shard_of[key], framework="pt") as f:
-            return f.get_tensor(key)
+        def advise():
+            for name in self.files:
+                try:
+                    fd = os.open(self.folder / name, os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                    finally:
+                        os.close(fd)
+                except (OSError, AttributeError):
+                    return
+
+        threading.Thread(target=advise, name="checkpoint-prefetch", daemon=True).start()
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor, copied from its shard with one read() into fresh memory (no mapping of the file: a
+        mapped tensor's pages are faulted in 4 KB at a time, which made a pass over a 4.4 GB checkpoint about
+        3x slower than plain reads)."""
+        dtype, shape = self.meta[key]
+        offset, n = self.span[key]
+        if n != ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64)):
+            raise InputError(f"{self.shard_of[key]}: {key} holds {n} bytes, its dtype and shape say otherwise",
+                             "the safetensors file is damaged: save the checkpoint again")
+        buf = np.empty(n, dtype=np.uint8)
+        with open(self.folder / self.shard_of[key], "rb") as f:
+            f.seek(offset)
+            got = f.readinto(memoryview(buf))
+        if got != n:
+            raise InputError(f"{self.shard_of[key]} ends inside {key}", "the safetensors file is truncated")
+        if n == 0:
+            return torch.empty(shape, dtype=DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
 
 
 class FloatView(Mapping):

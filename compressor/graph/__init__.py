@@ -19,7 +19,7 @@ from compressor.utils import progress as bars
 
 
 @bars.step("analysing the graph")
-def analyze(model_or_path, *, validate: bool = True, strict: bool = False, external=None) -> Analysis:
+def analyze(model_or_path, *, validate: bool = True, strict: bool = False, external=None, phases=None) -> Analysis:
     """Coupled channel groups of an ONNX model (path, bytes or ModelProto; never modified).
 
     validate: try writing a one-channel cut of every prunable group into the graph (no inference run) and
@@ -27,18 +27,26 @@ def analyze(model_or_path, *, validate: bool = True, strict: bool = False, exter
     strict: an internal error (a rule or dry run that fails) raises instead of freezing what it touches with
     the error as the reason; the tests use it so a bug stays visible.
     external: name -> ndarray for the initializers whose data is outside the proto (a weightless graph's
-    checkpoint, see compressor.graph.weightless); read when a value is needed (importance), never kept."""
+    checkpoint, see compressor.graph.weightless); read when a value is needed (importance), never kept.
+    phases: a compressor.utils.phases.Phases that gets the seconds of "graph" (load, IR), "groups" and
+    "validate"."""
     from compressor.graph.prune import validate_groups
+    from compressor.utils.phases import Phases
 
+    phases = Phases.optional(phases)
     with _no_gc_pauses():
-        if isinstance(model_or_path, str | Path) and external is None:  # weights beside the file stay there
-            m = load_model(model_or_path, external_data=False)
-            external = ExternalData(m, Path(model_or_path).parent) or None
-        else:
-            m = load_model(model_or_path)
-        a = build(GraphIR(m, external), strict)
+        with phases("graph"):
+            if isinstance(model_or_path, str | Path) and external is None:  # weights beside the file stay there
+                m = load_model(model_or_path, external_data=False)
+                external = ExternalData(m, Path(model_or_path).parent) or None
+            else:
+                m = load_model(model_or_path)
+            ir = GraphIR(m, external)
+        with phases("groups"):
+            a = build(ir, strict)
         if validate:
-            validate_groups(a, strict)
+            with phases("validate"):
+                validate_groups(a, strict)
     return a
 
 

@@ -27,18 +27,34 @@ from compressor.graph.analysis import Analysis
 def analyze_hf(path: str | Path, *, validate: bool = True, strict: bool = False) -> Analysis:
     """Coupled channel groups of the HF model at `path` (folder or config.json), weights never loaded.
     A folder with safetensors shards must match the config (every weight present, same shape): InputError
-    otherwise. Raises what the trace raises when the model cannot be traced on the meta device."""
-    from compressor import skeleton as sk
-    from compressor.graph import analyze
+    otherwise. Raises what the trace raises when the model cannot be traced on the meta device.
 
-    skel = sk.skeleton_onnx(sk.load_config(path))
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    if sk.is_config_only(path):
-        read = sk.no_weights
-    else:
-        read = sk.CheckpointReader(folder, skel.aliases, skel.prefix)
-        check_shapes(read, skel.weightless())
-    return analyze(skel.proto, validate=validate, strict=strict, external=read)
+    ``a.export`` says how the graph was made and where the time went: {"exporter": "weightless", "seconds":
+    {"imports", "config", "model", "export", "onnx", "repeat", "shapes", "graph", "groups", "validate"}}."""
+    import time
+
+    from compressor.utils.phases import Phases
+
+    phases = Phases()
+    with phases("imports"):  # the exporter's stack (torch.export, torch.onnx, onnxscript), first use only
+        from compressor import skeleton as sk
+        from compressor.graph import analyze
+
+        sk.import_exporter()
+    t0 = time.perf_counter()
+    with phases("config"):
+        config = sk.load_config(path)
+    skel = sk.skeleton_onnx(config, phases=phases)
+    with phases("shapes"):
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        if sk.is_config_only(path):
+            read = sk.no_weights
+        else:
+            read = sk.CheckpointReader(folder, skel.aliases, skel.prefix)
+            check_shapes(read, skel.weightless())
+    a = analyze(skel.proto, validate=validate, strict=strict, external=read, phases=phases)
+    a.export = {"exporter": "weightless", "seconds": phases.seconds | {"total": round(time.perf_counter() - t0, 3)}}
+    return a
 
 
 def check_shapes(read, wanted: dict[str, tuple[int, ...]]) -> None:

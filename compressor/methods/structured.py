@@ -268,24 +268,33 @@ def streams(p: StructuredParams) -> bool:
 
 
 def structured_checkpoint(folder, analysis, p: StructuredParams, out_dir, *, seed: int = 0, device="cpu",
-                          overwrite: bool = False) -> dict:
+                          overwrite: bool = False, phases=None) -> dict:
     """The stage on a Hugging Face safetensors folder, tensor by tensor (compressor.checkpoint): importance
-    from the shards, the same selection as the in-memory path, the cut written to `out_dir` and verified."""
+    from the shards, the same selection as the in-memory path, the cut written to `out_dir` and verified.
+    phases (compressor.utils.phases.Phases): gets "importance", "selection" and prune_checkpoint's phases."""
     import json
     from pathlib import Path
 
     from compressor.checkpoint import checkpoint_scores, prune_checkpoint
     from compressor.checkpoint.hfconfig import head_rule
+    from compressor.graph.selection import candidates
+    from compressor.utils.phases import Phases
 
+    phases = Phases.optional(phases)
     if not streams(p):
         raise RecipeError(f"streaming pruning takes importance {'/'.join(STREAMED_IMPORTANCE)} and target channels",
                           "load the model in memory for taylor/bn importance or MAC/latency targets")
-    scores = checkpoint_scores(folder, analysis, p.importance, seed=seed)
-    round_to = resolved_round_to(p, device, fixed_dtype=False)
-    rule = head_rule(json.loads((Path(folder) / "config.json").read_text())) if p.heads else None
-    sel = _select(analysis, p, False if p.head_dim is None else p.head_dim, seed=seed, round_to=round_to, scores=scores,
-                  head_rule=rule)
-    rep = prune_checkpoint(folder, analysis, sel, out_dir, overwrite=overwrite)
+    head_dim = False if p.head_dim is None else p.head_dim
+    # only the groups the selection may cut are scored, so only their tensors are read from the shards
+    needed = {g.id for g in analysis.groups
+              if g.prunable and candidates(g, p.protect_output, p.protect_embeddings, p.heads, head_dim)}
+    with phases("importance"):
+        scores = checkpoint_scores(folder, analysis, p.importance, seed=seed, groups=needed)
+    with phases("selection"):
+        round_to = resolved_round_to(p, device, fixed_dtype=False)
+        rule = head_rule(json.loads((Path(folder) / "config.json").read_text())) if p.heads else None
+        sel = _select(analysis, p, head_dim, seed=seed, round_to=round_to, scores=scores, head_rule=rule)
+    rep = prune_checkpoint(folder, analysis, sel, out_dir, overwrite=overwrite, phases=phases)
     return rep | {"removed_channels": len(sel.atoms), "channel_ratio": sel.ratio, "round_to": round_to, "streaming": True} | (
         {"heads": sel.heads} if sel.heads else {})
 
