@@ -325,13 +325,15 @@ def test_report_records_seconds_per_phase(llama_case, tmp_path, monkeypatch):
     from compressor.api import prune
     from compressor.utils.phases import PRUNING_PHASES
 
-    real_write, real_verify, real_hf = cprune.write_shard, verify_pruned, weightless.analyze_hf
+    import compressor.checkpoint.verify as cverify
+
+    real_write, real_verify, real_hf = cprune.write_shard, cverify._whole, weightless.analyze_hf
 
     def slow_write(*a, **k):
         time.sleep(0.3)
         return real_write(*a, **k)
 
-    def slow_verify(*a, **k):
+    def slow_verify(*a, **k):  # the comparison verify_pruned times as its "verify" phase
         time.sleep(0.6)
         return real_verify(*a, **k)
 
@@ -340,7 +342,7 @@ def test_report_records_seconds_per_phase(llama_case, tmp_path, monkeypatch):
         return real_hf(*a, **k)
 
     monkeypatch.setattr(cprune, "write_shard", slow_write)
-    monkeypatch.setattr("compressor.checkpoint.verify.verify_pruned", slow_verify)
+    monkeypatch.setattr(cverify, "_whole", slow_verify)
     monkeypatch.setattr(weightless, "analyze_hf", slow_hf)
     src = llama_case[2]["fp32"]
     rep = prune(str(src), 0.25, output=tmp_path / "out", device="cpu").report
