@@ -303,7 +303,8 @@ def comparison(steps: list[dict], current: set[str]) -> dict | None:
             "compressor_peak_rss_bytes": ours["peak_rss_bytes"], "torch_pruning_peak_rss_bytes": tp["peak_rss_bytes"],
             "compressor_wall_seconds": ours["seconds"], "torch_pruning_wall_seconds": tp["seconds"],
             "compressor_params_after": ours.get("params_after"), "torch_pruning_params_after": tp.get("params_after"),
-            "same_run": {"structured", "tp"} <= current,
+            # one invocation stamps its steps with one run id: a later run of other steps keeps the pairing
+            "same_run": (ours["run"] == tp["run"]) if "run" in ours and "run" in tp else {"structured", "tp"} <= current,
             "definitions": {"compressor": OURS, "torch_pruning": THEIRS,
                             "ratio": "compressor seconds / torch-pruning seconds (below 1: compressor is faster)"}}
 
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         commands.update(recipes)
         i = steps.index("recipes")
         steps[i : i + 1] = list(recipes)
-    results = []
+    results, run_id = [], time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())  # which steps were measured together
     for name in steps:
         print(f"[llm_scale] {name}: {' '.join(commands[name])}", flush=True)
         res = run_step(name, commands[name], args.tp_timeout if name == "tp" else args.timeout)
@@ -489,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             res = recipe_status(res)
         print(f"[llm_scale]   {res['status']} {res['seconds']} s, peak RSS {(res['peak_rss_bytes'] or 0) / 2**30:.2f} GB"
               + (f" — {res['reason']}" if "reason" in res else ""), flush=True)
-        results.append(res)
+        results.append({**res, "run": run_id})
     import torch
 
     run = {"command": "python benchmarks/llm_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -356,3 +356,24 @@ def test_report_records_seconds_per_phase(llama_case, tmp_path, monkeypatch):
     assert sum(v for k, v in ph.items() if k != "startup") == pytest.approx(rep["seconds"], abs=0.1)
     trace = rep["analysis_phases"]
     assert {"export", "onnx", "groups", "total"} <= set(trace) and trace["total"] <= ph["analysis"]
+
+
+def test_structured_then_torch_export_streams_and_onnx_export_does_not(llama_case, tmp_path, monkeypatch):
+    """A torch export after the cut is the streamed HF folder itself (written under the export's filename);
+    an ONNX export needs the model in memory, so that recipe takes the in-memory path."""
+    import compressor.graph.torch_bridge as bridge
+    from compressor.api import _streams, compress
+    from compressor.recipe import load_recipe
+
+    src = llama_case[2]["fp32"]
+    stages = [{"method": "structured", "ratio": 0.25}, {"method": "export", "format": "torch", "filename": "pruned"}]
+    monkeypatch.setattr(bridge, "prune_torch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("in memory")))
+    res = compress(str(src), {"name": "s", "stages": stages}, None, tmp_path / "out", device="cpu")
+    rep = res.report
+    assert rep["streaming"] and [s["method"] for s in rep["stages"]] == ["structured", "export"]
+    assert rep["files"]["hf_folder"] == str(tmp_path / "out" / "pruned") and not (tmp_path / "out" / "model").exists()
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "pruned", dtype=torch.float32)
+    assert sum(p.numel() for p in pruned.parameters()) == rep["after"]["params"] < rep["before"]["params"]
+    onnx = load_recipe({"name": "o", "stages": [stages[0], {"method": "export", "format": "onnx"}]})
+    assert not _streams(str(src), onnx, tmp_path / "o")
+    assert _streams(str(src), load_recipe({"name": "s", "stages": stages}), tmp_path / "o")

@@ -181,6 +181,10 @@ def test_structured_step_records_the_report_phases_side_by_side_with_tp(bench, m
     assert c["ratio"] == 0.7 and c["same_run"] and c["torch_pruning_params_after"] == 60
     assert c["compressor_peak_rss_bytes"] == ours["peak_rss_bytes"] and c["torch_pruning_wall_seconds"] == theirs["seconds"]
     assert bench.comparison([ours, theirs], {"tp"})["same_run"] is False
+    # run ids (one per invocation) decide when present: a later run of other steps keeps the pairing
+    paired = [{**ours, "run": "r1"}, {**theirs, "run": "r1"}]
+    assert bench.comparison(paired, {"replaceme"})["same_run"] is True
+    assert bench.comparison([paired[0], {**theirs, "run": "r2"}], {"structured", "tp"})["same_run"] is False
     assert bench.comparison([ours, {**theirs, "status": "hang"}], {"structured", "tp"}) is None
     run = {"layout": "tinyllama-1.1b", "command": "c", "cache": str(tmp_path), "checkpoint_bytes": 4 << 30,
            "environment": {"machine": "2 CPUs"}, "steps": [ours, theirs], "comparison": c}
