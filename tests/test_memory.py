@@ -204,22 +204,29 @@ def test_memory_sizes_parse_and_cap():
 # ------------------------------------------------------------------------------------------- checkpoint dtype
 
 
-@pytest.fixture(scope="module")
-def bf16_llama(tmp_path_factory):
-    """A tiny Llama saved in bfloat16 with a BPE tokenizer (the benchmark's builder, trained offline)."""
+def _llama_folder(tmp_path_factory, name: str, dtype=torch.float32, layers: int | None = None):
+    """A tiny Llama saved in `dtype` with a BPE tokenizer (the benchmark's builder, trained offline); its folder and
+    config."""
     import importlib.util
-
-    transformers = pytest.importorskip("transformers")
     from pathlib import Path
 
+    transformers = pytest.importorskip("transformers")
     spec = importlib.util.spec_from_file_location("llm_scale", Path(__file__).resolve().parents[1] / "benchmarks" / "llm_scale.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    folder = tmp_path_factory.mktemp("bf16") / "llama"
+    folder = tmp_path_factory.mktemp(name) / "llama"
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(bench.llama_config("quick-llama")).to(torch.bfloat16).save_pretrained(folder)
+    cfg = bench.llama_config("quick-llama")
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+    transformers.LlamaForCausalLM(cfg).to(dtype).save_pretrained(folder)
     bench.build_tokenizer(folder)
-    return folder
+    return folder, cfg
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    return _llama_folder(tmp_path_factory, "bf16", torch.bfloat16)[0]
 
 
 def _saved_dtypes(folder) -> set[str]:
@@ -255,19 +262,7 @@ def test_a_stage_that_needs_fp32_upcasts_once_and_says_so(bf16_llama, tmp_path):
 @pytest.fixture(scope="module")
 def fp32_llama(tmp_path_factory):
     """A tiny fp32 Llama folder (6 blocks) with the benchmark's BPE tokenizer."""
-    import importlib.util
-    from pathlib import Path
-
-    transformers = pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("llm_scale", Path(__file__).resolve().parents[1] / "benchmarks" / "llm_scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    folder = tmp_path_factory.mktemp("fp32") / "llama"
-    torch.manual_seed(0)
-    cfg = bench.llama_config("quick-llama")
-    cfg.num_hidden_layers = 6
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    bench.build_tokenizer(folder)
+    folder, cfg = _llama_folder(tmp_path_factory, "fp32", layers=6)
     return folder, (cfg.vocab_size, cfg.hidden_size)
 
 
