@@ -386,7 +386,7 @@ def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, ove
     verified against the
     source with its removed channels zeroed) and report.json beside it; no model object is returned."""
     from compressor.checkpoint.shards import Checkpoint
-    from compressor.methods.structured import structured_checkpoint
+    from compressor.methods.structured import axis_sums_for, structured_checkpoint
     from compressor.utils.phases import PRUNING_PHASES, Phases, process_startup
 
     if out_dir.is_dir() and (out_dir / "report.json").exists() and not overwrite:
@@ -398,15 +398,20 @@ def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, ove
     startup = process_startup(t0)
     if startup is not None:
         phases.add("startup", startup)
-    Checkpoint(src).prefetch()  # the kernel reads the shards while the analysis (CPU only) runs
-    with phases("analysis"):
-        analysis = analyze(src)  # groups only: the weights are read from the shards below
-    analysis_phases = dict(analysis.export.get("seconds", {}))
     params = copy.deepcopy(rec.stages[0].params)
-    export = rec.stages[1] if len(rec.stages) > 1 else None  # a torch export: the cut folder is its output
-    folder = out_dir / (export.params.filename if export is not None else "model")
-    result = structured_checkpoint(src, analysis, params, folder, seed=seed, device=device,
-                                   overwrite=overwrite, phases=phases)
+    Checkpoint(src).prefetch()  # the kernel reads the shards while the analysis (CPU only) runs
+    sums = axis_sums_for(src, params)  # and a second thread computes the importance's channel sums
+    try:
+        with phases("analysis"):
+            analysis = analyze(src)  # groups only: the weights are read from the shards below
+        analysis_phases = dict(analysis.export.get("seconds", {}))
+        export = rec.stages[1] if len(rec.stages) > 1 else None  # a torch export: the cut folder is its output
+        folder = out_dir / (export.params.filename if export is not None else "model")
+        result = structured_checkpoint(src, analysis, params, folder, seed=seed, device=device,
+                                       overwrite=overwrite, phases=phases, sums=sums)
+    finally:
+        if sums is not None:
+            sums.close()
     del analysis
     stages = [{"stage": 1, "method": "structured", "params": params.model_dump(mode="json"), "result": result}]
     if export is not None:

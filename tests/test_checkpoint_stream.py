@@ -22,6 +22,7 @@ safetensors = pytest.importorskip("safetensors")
 from compressor.checkpoint import checkpoint_scores, prune_checkpoint  # noqa: E402
 from compressor.checkpoint.hfconfig import updated_config  # noqa: E402
 from compressor.checkpoint.shards import Checkpoint  # noqa: E402
+import compressor.checkpoint.shards as shards  # noqa: E402
 from compressor.checkpoint.verify import verify_pruned  # noqa: E402
 from compressor.errors import InputError, VerificationError  # noqa: E402
 from compressor.graph import analyze, select  # noqa: E402
@@ -162,13 +163,46 @@ def test_reads_and_writes_one_tensor_at_a_time(llama_case, tmp_path, monkeypatch
         return t
 
     monkeypatch.setattr(Checkpoint, "read", tracked)
+    monkeypatch.setattr(shards, "QUEUE_BYTES", 0)  # no queue: one tensor produced while the writer has the last
     scores = checkpoint_scores(folders["fp32"], a)
     assert peak[0] == 1
     sel = select(a, scores, 0.25, head_dim=False)  # FFN only
     reads.clear()
     prune_checkpoint(folders["fp32"], a, sel, tmp_path / "out", max_shard_size=20_000, verify="none")
-    assert peak[0] == 1  # never two tensors of the checkpoint in memory at once
+    assert peak[0] <= 2  # the tensor being written and the next one, never more of the checkpoint at once
     assert sorted(reads) == sorted(Checkpoint(folders["fp32"]).keys())  # each tensor read exactly once
+
+
+def test_shard_writer_bounds_its_queue_and_reports_its_errors(tmp_path):
+    """The writer thread's queue: a put that would go over the byte budget waits for the writer (here: a writer
+    not yet started), one item is always let through, and a failed write is raised on the producer's side."""
+    import threading
+
+    w = shards._Writer(100)
+    w.put(("open", tmp_path / "a.bin"), 0)
+    w.put(("data", b"x" * 60), 60)
+    second = threading.Thread(target=w.put, args=(("data", b"y" * 60), 60))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # 120 bytes would be queued: waits for the writer
+    w.start()
+    second.join(5)
+    assert not second.is_alive()
+    w.put(("close", None), 0)
+    w.finish()
+    assert (tmp_path / "a.bin").read_bytes() == b"x" * 60 + b"y" * 60
+    big = shards._Writer(10)
+    big.start()
+    big.put(("open", tmp_path / "b.bin"), 0)
+    big.put(("data", b"z" * 50), 50)  # larger than the budget: alone in the queue, so let through
+    big.put(("close", None), 0)
+    big.finish()
+    assert (tmp_path / "b.bin").stat().st_size == 50
+    bad = shards._Writer(100)
+    bad.start()
+    bad.put(("open", tmp_path / "missing" / "c.bin"), 0)
+    with pytest.raises(FileNotFoundError):
+        bad.finish()
 
 
 def test_verification_whole_and_by_layer_and_it_catches_a_wrong_cut(llama_case, tmp_path):
@@ -327,7 +361,7 @@ def test_report_records_seconds_per_phase(llama_case, tmp_path, monkeypatch):
 
     import compressor.checkpoint.verify as cverify
 
-    real_write, real_verify, real_hf = cprune.write_shard, cverify._whole, weightless.analyze_hf
+    real_write, real_verify, real_hf = cprune.write_shards, cverify._whole, weightless.analyze_hf
 
     def slow_write(*a, **k):
         time.sleep(0.3)
@@ -341,14 +375,13 @@ def test_report_records_seconds_per_phase(llama_case, tmp_path, monkeypatch):
         time.sleep(0.4)
         return real_hf(*a, **k)
 
-    monkeypatch.setattr(cprune, "write_shard", slow_write)
+    monkeypatch.setattr(cprune, "write_shards", slow_write)
     monkeypatch.setattr(cverify, "_whole", slow_verify)
     monkeypatch.setattr(weightless, "analyze_hf", slow_hf)
     src = llama_case[2]["fp32"]
     rep = prune(str(src), 0.25, output=tmp_path / "out", device="cpu").report
     ph = rep["phases"]
-    shards = len(list((tmp_path / "out" / "model").glob("*.safetensors")))
-    assert ph["cut"] >= 0.3 * shards and ph["verify"] >= 0.6 and ph["analysis"] >= 0.4
+    assert ph["cut"] >= 0.3 and ph["verify"] >= 0.6 and ph["analysis"] >= 0.4
     assert ph["importance"] < 0.3 and ph["generate"] > 0
     assert set(PRUNING_PHASES) <= set(ph) and all(v >= 0 for v in ph.values())
     assert rep["analysis_plus_pruning"]["seconds"] == pytest.approx(sum(ph[k] for k in PRUNING_PHASES), abs=1e-2)

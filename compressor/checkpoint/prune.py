@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressor.checkpoint.axis_sums import AxisSums
 from compressor.checkpoint.hfconfig import LLAMA, check_against_model, family, updated_config
-from compressor.checkpoint.shards import INDEX, ITEMSIZE, Checkpoint, FloatView, plan_shards, write_shard
+from compressor.checkpoint.shards import INDEX, ITEMSIZE, Checkpoint, FloatView, plan_shards, write_shards
 from compressor.errors import InputError
 from compressor.graph.analysis import Analysis
 from compressor.graph.importance import group_scores
@@ -41,7 +42,7 @@ def key_map(analysis: Analysis, ckpt: Checkpoint, tied: bool) -> dict[str, str]:
     """{analysis initializer name: checkpoint key} for every initializer the checkpoint holds, the export
     wrapper's ``model.`` prefix removed when that matches more keys; with tied embeddings an lm_head absent
     from the checkpoint maps onto the input embedding it shares."""
-    names = list(analysis.atom_positions)
+    names = list(analysis.init_atoms.index)
     keys = set(ckpt.keys())
     best: dict[str, str] = {}
     for strip in ("", "model."):
@@ -76,12 +77,18 @@ def streamable(folder: str | Path) -> bool:
     return model_type in FAMILIES and any(folder.glob("*.safetensors"))
 
 
-def checkpoint_scores(src_dir: str | Path, analysis: Analysis, method: str = "l2", **kwargs) -> dict[int, np.ndarray]:
+def checkpoint_scores(src_dir: str | Path, analysis: Analysis, method: str = "l2", *, sums: AxisSums | None = None,
+                      **kwargs) -> dict[int, np.ndarray]:
     """compressor.graph.importance.group_scores with the values read from the shards, one tensor at a time
-    (the `importance` argument of compressor.graph.select)."""
+    (the `importance` argument of compressor.graph.select). sums: the per-axis sums of this checkpoint, started
+    before the analysis (compressor.checkpoint.axis_sums), for l1/l2 of the exponent it was made with."""
     ckpt = Checkpoint(src_dir)
     cfg = json.loads((Path(src_dir) / "config.json").read_text())
-    return group_scores(analysis, method, weights=FloatView(ckpt, key_map(analysis, ckpt, _tied(cfg))), **kwargs)
+    names = key_map(analysis, ckpt, _tied(cfg))
+    exponent = kwargs.get("p") or {"l1": 1.0, "l2": 2.0}.get(method)
+    usable = sums is not None and sums.p == exponent
+    axis_sums = (lambda name, axis: sums.get(names[name], axis)) if usable else None
+    return group_scores(analysis, method, weights=FloatView(ckpt, names), axis_sums=axis_sums, **kwargs)
 
 
 def checkpoint_plan(analysis: Analysis, selection, ckpt: Checkpoint, cfg: dict) -> dict[str, dict[int, list[int]]]:
@@ -101,7 +108,7 @@ def checkpoint_plan(analysis: Analysis, selection, ckpt: Checkpoint, cfg: dict) 
             continue  # a tied lm_head: its embedding's cut is the one written
         plan[key] = cuts
     for name, key in names.items():
-        sizes = tuple(len(p) for p in analysis.atom_positions[name])
+        sizes = tuple(analysis.init_atoms.size(k) for k in analysis.init_atoms.index[name])
         if sizes != ckpt.shape(key):
             raise InputError(f"{key}: checkpoint shape {ckpt.shape(key)}, analysis shape {sizes}",
                              "analyse this very model (its export or its config)")
@@ -187,12 +194,10 @@ def prune_checkpoint(src_dir: str | Path, analysis: Analysis, selection, out_dir
         shards = plan_shards(entries, max_shard_size)
     tmp = _temp_dir(out)
     try:
-        weight_map, total = {}, 0
         with phases("cut"):
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                total += write_shard(tmp / name, shard, lambda key: _slice(ckpt.read(key), plan.get(key)))
-                weight_map.update({k: name for k, _, _ in shard})
+            named = [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", shard) for i, shard in enumerate(shards)]
+            total = write_shards(tmp, named, lambda key: _slice(ckpt.read(key), plan.get(key)))
+            weight_map = {k: name for name, shard in named for k, _, _ in shard}
         with phases("files"):
             tensor_bytes = sum(ITEMSIZE[d] * int(np.prod(s, dtype=np.int64)) for _, d, s in entries)
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": tensor_bytes}, "weight_map": weight_map},

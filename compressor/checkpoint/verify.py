@@ -158,6 +158,7 @@ def _layers(src: Path, out: Path, plan, shape, tolerance: float) -> dict:
     import transformers
 
     cfgs, stacks, ckpts = [], [], [Checkpoint(src), Checkpoint(out)]
+    ckpts[1].prefetch()  # written with O_DIRECT, so not in the page cache: read ahead while the layers compute
     for folder in (src, out):
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         config._attn_implementation = "eager"

@@ -11,9 +11,12 @@ A position of a factored axis (768 = 12 heads × 64 dims) adds its score to each
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from compressor.graph.analysis import Analysis, Group
+from compressor.utils.channel_sums import position_scores
 
 MEMBER_KINDS = {"conv", "convT", "linear", "bn", "ln"}
 REDUCTIONS = ("mean", "sum", "max", "first")
@@ -32,27 +35,16 @@ def _member_axes(analysis: Analysis, method: str) -> list[tuple[str, int]]:
     return out
 
 
-def _position_scores(w: np.ndarray, axis: int, p: float, grad: np.ndarray | None) -> np.ndarray:
-    """Σ over every other axis of |w|^p (or |w·grad|), per position of `axis`, accumulated in float64.
-    p=2 is one einsum with float64 accumulation (no float64 copy of the tensor: a 5632x2048 weight scores in
-    10 ms instead of 200 ms); p=1 sums |w| into float64; other exponents and Taylor take the general path."""
-    other = tuple(i for i in range(w.ndim) if i != axis)
-    if grad is None and np.issubdtype(w.dtype, np.floating) and p in (1.0, 2.0):
-        if p == 2.0:
-            letters = "abcdefghijklmnop"[:w.ndim]
-            return np.einsum(f"{letters},{letters}->{letters[axis]}", w, w, dtype=np.float64)
-        return np.abs(w).sum(axis=other, dtype=np.float64) if other else np.abs(w).astype(np.float64)
-    x = np.abs(w.astype(np.float64) * grad.astype(np.float64)) if grad is not None else np.abs(w.astype(np.float64)) ** p
-    return x.sum(axis=other) if other else x
-
-
 def group_scores(analysis: Analysis, method: str = "l2", *, p: float | None = None, reduction: str = "mean",
                  normalizer: str = "mean", grads: dict[str, np.ndarray] | None = None,
                  weights: dict[str, np.ndarray] | None = None, seed: int = 0,
-                 groups: set[int] | None = None) -> dict[int, np.ndarray]:
+                 groups: set[int] | None = None,
+                 axis_sums: Callable[[str, int], np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """{group id: score per atom (in Group.atoms order)} for every group, or for the ids in `groups` only
     (the others are left out, and a tensor none of them touches is never read: a streamed cut of the FFN
-    reads the FFN weights alone). Each tensor is read once, whatever the number of its scored axes."""
+    reads the FFN weights alone). Each tensor is read once, whatever the number of its scored axes.
+    axis_sums(name, axis): Σ|w|^p per position, computed elsewhere (compressor.checkpoint.axis_sums, ahead of
+    the analysis with this call's exponent p); used instead of reading `weights` for l1/l2."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}")
     if normalizer not in NORMALIZERS:
@@ -95,9 +87,14 @@ def group_scores(analysis: Analysis, method: str = "l2", *, p: float | None = No
     for name, axes in by_name.items():
         if method == "taylor" and grads.get(name) is None:
             continue
-        w = weights[name]  # one read per tensor
+        if axis_sums is not None and method in ("l1", "l2"):
+            w, scores = None, lambda axis, name=name: axis_sums(name, axis)
+        else:
+            w = weights[name]  # one read per tensor
+            scores = lambda axis, w=w, name=name: position_scores(  # noqa: E731
+                w, axis, p, grads.get(name) if method == "taylor" else None)
         for m, axis, position, gid, index in axes:
-            s = _position_scores(w, axis, p, grads.get(name) if method == "taylor" else None)[position]
+            s = scores(axis)[position]
             for g in np.unique(gid).tolist():  # in order of first use, as the positions list them
                 sel = gid == g
                 acc[g].append((m, np.bincount(index[sel], weights=s[sel], minlength=size[g])))

@@ -20,14 +20,21 @@ from compressor.utils.names import owner
 
 
 def cut_plan(analysis: Analysis, selection) -> dict[str, dict[int, list[int]]]:
-    """{initializer: {axis: removed positions}} for a selection of atoms."""
-    removed = {int(a) for a in (selection.atoms if hasattr(selection, "atoms") else selection)}
+    """{initializer: {axis: removed positions}} for a selection of atoms: every position holding one of them.
+    Vectorised over each axis's flat atom array (per-position tuples of a 1.1 B model took 1.4 s to build)."""
+    removed = np.fromiter({int(a) for a in (selection.atoms if hasattr(selection, "atoms") else selection)}, dtype=np.int64)
+    ia = analysis.init_atoms
     plan: dict[str, dict[int, list[int]]] = {}
-    for name, axes in analysis.atom_positions.items():
-        for ax, pos in enumerate(axes):
-            idx = [i for i, ats in enumerate(pos) if removed.intersection(ats)]
-            if idx:
-                plan.setdefault(name, {})[ax] = idx
+    if not len(removed) or not len(ia.flat):
+        return plan
+    chosen = np.zeros(max(int(ia.flat.max()), int(removed.max())) + 1, dtype=bool)
+    chosen[removed] = True
+    for name, ks in ia.index.items():
+        for ax, k in enumerate(ks):
+            hit = chosen[ia.atoms(k)]
+            if hit.any():
+                counts = ia.counts[ia.pos[k]:ia.pos[k + 1]]
+                plan.setdefault(name, {})[ax] = np.unique(np.repeat(np.arange(len(counts)), counts)[hit]).tolist()
     return plan
 
 

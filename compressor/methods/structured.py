@@ -267,11 +267,30 @@ def streams(p: StructuredParams) -> bool:
     return p.importance in STREAMED_IMPORTANCE and p.target == "channels"
 
 
+def axis_sums_for(folder, p: StructuredParams):
+    """The per-axis magnitude sums this stage's importance will need, started now on a background thread (to
+    overlap the analysis), or None for an importance that does not use them."""
+    import json
+    from pathlib import Path
+
+    from compressor.checkpoint.axis_sums import AxisSums, likely_axes
+    from compressor.checkpoint.shards import Checkpoint
+
+    exponent = {"l1": 1.0, "l2": 2.0}.get(p.importance)
+    if exponent is None or not streams(p):
+        return None
+    ckpt = Checkpoint(folder)
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    return AxisSums(ckpt, exponent, likely_axes(ckpt, cfg, p.heads))
+
+
 def structured_checkpoint(folder, analysis, p: StructuredParams, out_dir, *, seed: int = 0, device="cpu",
-                          overwrite: bool = False, phases=None) -> dict:
+                          overwrite: bool = False, phases=None, sums=None) -> dict:
     """The stage on a Hugging Face safetensors folder, tensor by tensor (compressor.checkpoint): importance
     from the shards, the same selection as the in-memory path, the cut written to `out_dir` and verified.
-    phases (compressor.utils.phases.Phases): gets "importance", "selection" and prune_checkpoint's phases."""
+    phases (compressor.utils.phases.Phases): gets "importance", "selection" and prune_checkpoint's phases.
+    sums: compressor.checkpoint.axis_sums.AxisSums of this folder, started before the analysis (see
+    :func:`axis_sums_for`)."""
     import json
     from pathlib import Path
 
@@ -289,14 +308,19 @@ def structured_checkpoint(folder, analysis, p: StructuredParams, out_dir, *, see
     needed = {g.id for g in analysis.groups
               if g.prunable and candidates(g, p.protect_output, p.protect_embeddings, p.heads, head_dim)}
     with phases("importance"):
-        scores = checkpoint_scores(folder, analysis, p.importance, seed=seed, groups=needed)
+        scores = checkpoint_scores(folder, analysis, p.importance, seed=seed, groups=needed, sums=sums)
+        if sums is not None:
+            sums.close()  # the tensors no scored group needs are left: the cut needs the CPU and the disk
+            worker = {"importance_worker_peak_rss_bytes": sums.worker_peak_rss_bytes}
+        else:
+            worker = {}
     with phases("selection"):
         round_to = resolved_round_to(p, device, fixed_dtype=False)
         rule = head_rule(json.loads((Path(folder) / "config.json").read_text())) if p.heads else None
         sel = _select(analysis, p, head_dim, seed=seed, round_to=round_to, scores=scores, head_rule=rule)
     rep = prune_checkpoint(folder, analysis, sel, out_dir, overwrite=overwrite, phases=phases)
     return rep | {"removed_channels": len(sel.atoms), "channel_ratio": sel.ratio, "round_to": round_to, "streaming": True} | (
-        {"heads": sel.heads} if sel.heads else {})
+        {"heads": sel.heads} if sel.heads else {}) | worker
 
 
 def _memory(fp, p) -> int:
