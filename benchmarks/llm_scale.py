@@ -275,14 +275,17 @@ def report_phases(report: Path) -> dict:
     result = rep["stages"][0]["result"] if rep.get("stages") else {}
     return {"phases": rep["phases"], "analysis_phases": rep.get("analysis_phases", {}),
             "analysis_plus_pruning": rep.get("analysis_plus_pruning"),
-            "params_before": result.get("params_before"), "params_after": result.get("params_after")}
+            "params_before": result.get("params_before"), "params_after": result.get("params_after"),
+            "worker_peak_rss_bytes": result.get("importance_worker_peak_rss_bytes")}
 
 
 OURS = ("compressor: analysis + pruning = the phases analysis (weightless trace and groups, the exporter's imports "
-        "included), importance (L2 from the shards), selection, plan, cut (every output shard written) and files "
-        "(index, config.json, tokenizer, rename) of the streamed `compress prune`, from its report.json; not counted: "
-        "process startup (python, torch, transformers imports), the verification against the zeroed source, the "
-        "generate check, removing the previous output, the report")
+        "included), importance (L2 from the shards: the channel sums come from a worker process started with the "
+        "analysis, so this phase mostly waits for it), selection, plan, cut (every output shard written, with "
+        "O_DIRECT) and files (index, config.json, tokenizer, rename) of the streamed `compress prune`, from its "
+        "report.json; not counted: process startup (python, torch, transformers imports), the verification against "
+        "the zeroed source, the generate check, removing the previous output, the report. Peak RSS: the command's "
+        "process plus the worker's own peak (added, although they need not coincide)")
 THEIRS = ("torch-pruning: graph + step = MetaPruner's constructor (dependency graph traced on the loaded model) and "
           "pruner.step() (importance and the in-memory cut); not counted: process startup, loading the weights, "
           "saving (nothing is saved)")
@@ -300,7 +303,8 @@ def comparison(steps: list[dict], current: set[str]) -> dict | None:
     b = round(tp["graph_seconds"] + tp["step_seconds"], 2)
     return {"compressor_analysis_plus_pruning_seconds": a, "torch_pruning_graph_plus_step_seconds": b,
             "ratio": round(a / b, 3) if b else None,
-            "compressor_peak_rss_bytes": ours["peak_rss_bytes"], "torch_pruning_peak_rss_bytes": tp["peak_rss_bytes"],
+            "compressor_peak_rss_bytes": ours["peak_rss_bytes"] + (ours.get("worker_peak_rss_bytes") or 0),
+            "torch_pruning_peak_rss_bytes": tp["peak_rss_bytes"],
             "compressor_wall_seconds": ours["seconds"], "torch_pruning_wall_seconds": tp["seconds"],
             "compressor_params_after": ours.get("params_after"), "torch_pruning_params_after": tp.get("params_after"),
             # one invocation stamps its steps with one run id: a later run of other steps keeps the pairing
@@ -377,11 +381,20 @@ def merge(path: Path, run: dict) -> dict:
     return run
 
 
+def _placeholders(text: str, result: dict) -> str:
+    """A command as the docs show it: the given model folder as MODEL and the cache folder as CACHE (the paths of
+    the machine that ran it mean nothing to a reader)."""
+    for m in result.get("models", {}).values():
+        if m.get("given") and m.get("path"):
+            text = text.replace(m["path"], "MODEL")
+    return text.replace(result.get("cache") or "\0", "CACHE")
+
+
 def table(result: dict) -> str:
     """The markdown table of a result JSON: step, command, status, wall time, peak RSS (and x the checkpoint)."""
     ckpt = result.get("checkpoint_bytes") or 0
     rows = [f"Layout `{result['layout']}` ({ckpt / 2**30:.1f} GiB fp32 checkpoint), {result['environment']['machine']}; "
-            f"`{result['command']}`.", "",
+            f"`{_placeholders(result['command'], result)}`.", "",
             "| step | command | status | wall s | peak RSS GB | × checkpoint | measured |", "|---|---|---|---|---|---|---|"]
     for s in result["steps"]:
         rss = s.get("peak_rss_bytes")
@@ -394,7 +407,7 @@ def table(result: dict) -> str:
             status += (f" (analysis {ph.get('analysis')} s + importance {ph.get('importance')} s + cut "
                        f"{ph.get('cut')} s = {s['analysis_plus_pruning']['seconds']} s; verify {ph.get('verify')} s, "
                        f"generate {ph.get('generate')} s)")
-        cmd = s["command"].replace(result.get("cache", "\0"), "CACHE")
+        cmd = _placeholders(s["command"], result)
         when = s.get("measured", "earlier run")  # steps are merged into the JSON run by run
         rows.append(f"| {s['step']} | `{cmd}` | {status} | {s['seconds']} | "
                     f"{rss / 2**30:.2f} | {rss / ckpt:.2f} | {when} |" if rss and ckpt
@@ -422,8 +435,12 @@ def summary(result: dict) -> str:
     done = [s for s in result["steps"] if s["status"] == "ok" and s.get("peak_rss_bytes")]
     parts = [f"{LABELS.get(s['step'], s['step'])} {s['seconds']} s / {s['peak_rss_bytes'] / 2**30:.2f} GB" for s in done]
     ckpt = (result.get("checkpoint_bytes") or 0) / 2**30
+    c = result.get("comparison")
+    side = (f" Analysis + pruning {c['compressor_analysis_plus_pruning_seconds']} s vs torch-pruning's graph + step "
+            f"{c['torch_pruning_graph_plus_step_seconds']} s ({'same run' if c['same_run'] else 'different runs'}, "
+            f"ratio {c['ratio']}).") if c else ""
     return (f"LLM scale, `{result['layout']}` layout ({ckpt:.1f} GiB fp32; `benchmarks/llm_scale.py`, wall time / "
-            f"peak RSS): " + "; ".join(parts) + ". Every step, failures included: "
+            f"peak RSS): " + "; ".join(parts) + "." + side + " Every step, failures included: "
             "[benchmarks.md](docs/benchmarks.md#llm-scale-benchmarksllm_scalepy).")
 
 

@@ -96,3 +96,29 @@ def test_quiet_flag_anywhere_on_the_command_line(capsys):
     with pytest.raises(SystemExit) as e:  # an unknown option is still refused
         main(["methods", "--loud"])
     assert e.value.code == 2
+
+
+def test_log_lines_when_not_a_terminal_and_a_step_runs_long(monkeypatch, capsys):
+    """In a log, a step longer than HEARTBEAT_S prints its state as plain lines (count, elapsed, time left); a quick
+    step prints nothing, and --quiet silences the lines too."""
+    import time
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.delenv("COMPRESSOR_QUIET", raising=False)
+    monkeypatch.setattr(bars, "HEARTBEAT_S", 0.1)
+    with bars.progress("sweep", total=4) as bar:
+        bar.advance()
+        bar.update(description="sweep omp-global @ 40%")
+        time.sleep(0.35)
+    err = capsys.readouterr().err
+    assert re.search(r"sweep omp-global @ 40%: 1/4, \d+s elapsed, about \d+s left", err), err
+    with bars.progress("quick", total=2) as bar:
+        bar.advance(2)
+    time.sleep(0.25)  # the heartbeat has stopped with its last step
+    assert capsys.readouterr().err == ""
+    bars.set_quiet(True)
+    with bars.progress("silent", total=2):
+        time.sleep(0.3)
+    assert capsys.readouterr().err == ""
+    assert not bars._log_bars and bars._beat is None
