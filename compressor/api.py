@@ -8,6 +8,7 @@ copy (the input is never modified) → measure after → write the model and rep
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import platform
@@ -204,7 +205,7 @@ def folder_footprint(model) -> Footprint | None:
     sizes = [(math.prod(shape), math.prod(shape) * ITEMSIZE.get(dtype, 4)) for dtype, shape in meta]
     text = cfg.get("text_config") or cfg
     return Footprint(sum(n for n, _ in sizes), sum(b for _, b in sizes), max((b for _, b in sizes), default=0),
-                     int(text.get("hidden_size") or 0), int(text.get("num_hidden_layers") or 0))
+                     int(text.get("hidden_size") or 0), int(text.get("num_hidden_layers") or 0), "hf")
 
 
 def _check_before_loading(model, rec: Recipe, dev, teacher) -> None:
@@ -267,7 +268,7 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     # is the original); a caller's object is copied (it is never modified). A teacher copy only for a stage that
     # distils after another stage changed the model.
     keep_teacher = teacher_model is None and loaded.module is not None and needs_teacher(rec)
-    fp = footprint(loaded.module, loaded.onnx)
+    fp = dataclasses.replace(footprint(loaded.module, loaded.onnx), kind=loaded.kind)
     held = fp.param_bytes if keep_teacher or not loaded.owned else 0
     memory = check_memory(rec, fp, dev, held)  # refused before anything runs
     caller_device = loaded.device  # the compressed model goes back where the input model was

@@ -295,3 +295,17 @@ def test_replaceme_recipe_makes_no_copy_of_the_model(fp32_llama, tmp_path, monke
     assert len(samples) == 2 + 4 and set(samples) == {2}
     assert len(res.report["stages"][0]["result"]["comparison"]) == 4
     assert res.model.config.num_hidden_layers == 4
+
+
+def test_torch_export_estimate_depends_on_the_kind():
+    """A Hugging Face model is saved from its own tensors (safetensors gathers their bytes once: 1 model); a plain
+    torch model is copied and its program serialised (2 models). The ONNX export's 3 fp32 copies are unchanged."""
+    from compressor.recipe import REGISTRY
+    from compressor.utils.memory import Footprint
+
+    spec = REGISTRY["export"]
+    gib = 1 << 30
+    for kind, copies in (("hf", 1), ("torch", 2), ("", 2)):
+        fp = Footprint(n_params=gib // 4, param_bytes=gib, largest_bytes=gib // 8, kind=kind)
+        assert spec.memory_needed(fp, spec.params(format="torch")) == copies * gib
+        assert spec.memory_needed(fp, spec.params(format="onnx")) == 3 * gib

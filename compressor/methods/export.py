@@ -21,7 +21,10 @@ class ExportParams(BaseModel):
 
 def _memory(fp, p) -> int:
     onnx = mem.onnx_export(fp) if p.format in ("onnx", "both") else 0
-    torch_files = 2 * mem.model_copy(fp) if p.format in ("torch", "both") else 0  # a plain copy + its serialised program
+    # torch: a plain copy + its serialised program; a Hugging Face folder is saved from the model's own tensors,
+    # whose bytes safetensors gathers for the file (one shard: the whole model under transformers' 50 GB default)
+    copies = 1 if fp.kind == "hf" else 2
+    torch_files = copies * mem.model_copy(fp) if p.format in ("torch", "both") else 0
     return max(onnx, torch_files)
 
 

@@ -71,6 +71,7 @@ class Footprint:
     largest_bytes: int  # the largest single tensor
     hidden: int = 0  # a transformer's hidden size when known (activation estimates), else 0
     n_layers: int = 0
+    kind: str = ""  # the model wrapper's kind (hf, torch, onnx) when known: some stages cost less on some kinds
 
     @property
     def fp32_bytes(self) -> int:
