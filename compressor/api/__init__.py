@@ -2,7 +2,9 @@
 over these.
 
 compress(): load → validate everything (recipe, data, output path) → measure before → run the recipe on a
-copy (the input is never modified) → measure after → write the model and report.json atomically.
+copy (the input is never modified) → measure after → write the model and report.json atomically. Beside it:
+preflight (refusals from a Hugging Face folder's headers, before loading), streaming (a checkpoint cut tensor by
+tensor instead of loaded) and result (the returned Result, the report's JSON conversion).
 """
 
 from __future__ import annotations
@@ -10,18 +12,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import compressor.methods  # noqa: F401  (registers every recipe method)
 from compressor import device as devices
 from compressor import eval as ev
+from compressor.api.analysis import analyze  # noqa: F401  (public: compressor.api.analyze)
+from compressor.api.preflight import _check_before_loading, check_sweep_memory, folder_footprint  # noqa: F401
+from compressor.api.result import Result, _jsonable
+from compressor.api.streaming import _compress_streaming, _streams
 from compressor.errors import InputError
 from compressor.io.data import DataBundle, check_compatible, check_label_range, load_data
 from compressor.io.models import load_model
@@ -38,28 +41,8 @@ from compressor.recipe import (
 )
 from compressor.train import barrier, is_writer
 from compressor.utils.atomic import write_text_atomic
-from compressor.utils.memory import Footprint, available_bytes, footprint
+from compressor.utils.memory import available_bytes, footprint
 from compressor.wrappers import Model
-
-
-@dataclass
-class Result:
-    """What compress() returns: the compressed model, the report (also written as report.json), files."""
-
-    model: torch.nn.Module | None
-    onnx_model: object | None
-    report: dict
-    output: Path | None
-    files: dict = field(default_factory=dict)
-
-    @property
-    def before(self) -> dict:
-        return self.report["before"]
-
-    @property
-    def after(self) -> dict:
-        return self.report["after"]
-
 
 # --------------------------------------------------------------------------------------------- inputs
 
@@ -67,61 +50,6 @@ class Result:
 def example_inputs_for(loaded: Model, data: DataBundle | None, input_shape: tuple[int, ...] | None = None, batch: int = 8):
     """Inputs to trace, time and verify with: from the data, the model file, or the given shape (the wrapper's answer)."""
     return loaded.make_example(data, input_shape, batch)
-
-
-def analyze(model, *, arch: str | None = None, trust_pickle: bool = False, data=None, exporter: str = "auto", note=None,
-            weightless: bool = True):
-    """Coupled channel groups of any model the CLI accepts (ONNX, torch checkpoint, HF folder, nn.Module): ONNX is
-    analysed directly, the rest is exported first (compressor.analysis_export: torch's default exporter, the
-    TorchScript one as fallback; initializer names = torch parameter names). `Analysis.export` says which.
-
-    A Hugging Face folder or a bare config.json is analysed weightless (compressor.graph.weightless: traced on
-    the meta device, weights never loaded; names are the checkpoint's state-dict names). When that trace fails
-    a folder with weights falls back to the full export, and `note` (default: warnings.warn) gets one line."""
-    import warnings
-
-    import onnx
-    from torch import nn
-
-    from compressor.analysis_export import export_for_analysis
-    from compressor.graph import analyze as analyze_onnx
-    from compressor.graph.torch_bridge import distinct_copy
-    from compressor.wrappers import wrap
-
-    if isinstance(model, onnx.ModelProto | bytes) or (isinstance(model, str | Path) and str(model).endswith(".onnx")):
-        return analyze_onnx(model)
-    if weightless and isinstance(model, str | Path) and _hf_config_path(Path(model)):
-        from compressor.graph.weightless import analyze_hf
-        from compressor.skeleton import is_config_only
-
-        try:
-            return analyze_hf(model)
-        except InputError:
-            raise
-        except Exception as e:  # a model the meta-device trace cannot handle: the full export may
-            if is_config_only(model):
-                raise InputError(f"{model}: cannot trace this config without weights ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:100]})", "pass the folder with its weights") from e
-            (note or (lambda m: warnings.warn(m, stacklevel=3)))(
-                f"weightless analysis failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                "loading the weights and exporting instead")
-    loaded = wrap(model) if isinstance(model, nn.Module) else load_model(model, arch=arch, trust_pickle=trust_pickle)
-    if loaded.onnx is not None:
-        return analyze_onnx(loaded.onnx)
-    if isinstance(data, str):
-        bundle = load_data(data)
-    else:  # a DataBundle, None, or a torch Dataset / DataLoader / iterable of batches
-        bundle = data if data is None or isinstance(data, DataBundle) else from_torch(data)
-    example = loaded.make_example(bundle)
-    exported = export_for_analysis(distinct_copy(loaded.module), example, exporter)
-    a = analyze_onnx(exported.model)
-    a.export = exported.info()
-    return a
-
-
-def _hf_config_path(p: Path) -> bool:
-    """An HF folder (config.json inside) or a config.json itself: what the weightless analysis reads."""
-    return (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and p.suffix == ".json")
 
 
 def load_for_device(model, device: str | None = "auto", *, arch: str | None = None, trust_pickle: bool = False) -> Model:
@@ -187,45 +115,6 @@ def _latency_bytes(fp, result: Model) -> int:
 
     copies = 2 if result.module is not None and has_masks(result.module) else 1
     return copies * fp.param_bytes * 5 // 4
-
-
-def folder_footprint(model) -> Footprint | None:
-    """The footprint of a Hugging Face safetensors folder from config.json and the shards' headers (no weight
-    read); None for anything else."""
-    p = Path(model).expanduser() if isinstance(model, str | Path) else None
-    if p is None or not p.is_dir() or not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
-        return None
-    from compressor.checkpoint.shards import ITEMSIZE, Checkpoint
-
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-        meta = Checkpoint(p).meta.values()
-    except (OSError, ValueError, KeyError, InputError):
-        return None  # an unreadable folder: load_model says what is wrong with it
-    sizes = [(math.prod(shape), math.prod(shape) * ITEMSIZE.get(dtype, 4)) for dtype, shape in meta]
-    text = cfg.get("text_config") or cfg
-    return Footprint(sum(n for n, _ in sizes), sum(b for _, b in sizes), max((b for _, b in sizes), default=0),
-                     int(text.get("hidden_size") or 0), int(text.get("num_hidden_layers") or 0), "hf")
-
-
-def _check_before_loading(model, rec: Recipe, dev, teacher) -> None:
-    """A recipe that cannot run on a Hugging Face folder (a torch-only stage, a stage that cannot fit) is refused
-    before gigabytes of weights are read. The same checks run again on the loaded model."""
-    fp = folder_footprint(model)
-    if fp is not None:
-        check_kinds(rec, "hf")
-        teacher_copy = fp.param_bytes if teacher is None and needs_teacher(rec) else 0
-        check_memory(rec, fp, dev, fp.param_bytes + teacher_copy)  # the model itself is still to load
-
-
-def check_sweep_memory(model, device=None) -> None:
-    """`compress sweep` on a Hugging Face folder: refused in one line before loading when the model and what the
-    sweep keeps beside it cannot fit (compressor.sweep.check_sweep_fits)."""
-    from compressor.sweep import check_sweep_fits
-
-    fp = folder_footprint(model)
-    if fp is not None:
-        check_sweep_fits(fp, devices.resolve(device), fp.param_bytes)  # the model is still to load
 
 
 def compress(model, recipe, data: str | DataBundle | None = None, output: str | Path | None = None, *,
@@ -368,77 +257,6 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     return Result(ctx.model, ctx.onnx_model, report, out_dir, files)
 
 
-def _streams(model, rec: Recipe, output) -> bool:
-    """A Hugging Face safetensors folder pruned by a recipe of one `structured` stage (optionally followed by an
-    `export` to torch, which for such a folder is the pruned HF folder itself) into a folder never needs the model
-    in memory: it is cut tensor by tensor from the shards (compressor.checkpoint) instead."""
-    from compressor.checkpoint import streamable
-    from compressor.methods.structured import streams
-
-    methods = [s.method for s in rec.stages]
-    torch_export = methods == ["structured", "export"] and rec.stages[1].params.format == "torch"
-    return (output is not None and isinstance(model, str | Path) and streamable(model)
-            and (methods == ["structured"] or torch_export) and streams(rec.stages[0].params))
-
-
-def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, overwrite: bool, device, t0: float,
-                        on_stage=None) -> Result:
-    """compress() for the streaming case: the pruned folder is written to OUTPUT/model (or the export stage's filename;
-    verified against the
-    source with its removed channels zeroed) and report.json beside it; no model object is returned."""
-    from compressor.checkpoint.shards import Checkpoint
-    from compressor.methods.structured import axis_sums_for, structured_checkpoint
-    from compressor.utils.phases import PRUNING_PHASES, Phases, process_startup
-
-    if out_dir.is_dir() and (out_dir / "report.json").exists() and not overwrite:
-        raise InputError(f"output folder {out_dir} already holds a result (report.json)",
-                         "choose another -o, or pass --overwrite")
-    if on_stage is not None:
-        on_stage(1, rec.stages[0])
-    phases = Phases()
-    startup = process_startup(t0)
-    if startup is not None:
-        phases.add("startup", startup)
-    params = copy.deepcopy(rec.stages[0].params)
-    Checkpoint(src).prefetch()  # the kernel reads the shards while the analysis (CPU only) runs
-    sums = axis_sums_for(src, params)  # and a second thread computes the importance's channel sums
-    try:
-        with phases("analysis"):
-            analysis = analyze(src)  # groups only: the weights are read from the shards below
-        analysis_phases = dict(analysis.export.get("seconds", {}))
-        export = rec.stages[1] if len(rec.stages) > 1 else None  # a torch export: the cut folder is its output
-        folder = out_dir / (export.params.filename if export is not None else "model")
-        result = structured_checkpoint(src, analysis, params, folder, seed=seed, device=device,
-                                       overwrite=overwrite, phases=phases, sums=sums)
-    finally:
-        if sums is not None:
-            sums.close()
-    del analysis
-    stages = [{"stage": 1, "method": "structured", "params": params.model_dump(mode="json"), "result": result}]
-    if export is not None:
-        if on_stage is not None:
-            on_stage(2, export)
-        stages.append({"stage": 2, "method": "export", "params": export.params.model_dump(mode="json"),
-                       "result": {"torch": {"hf_folder": str(folder)},
-                                  "streamed": "the folder stage 1 wrote and verified is the torch export"}})
-    phases.add("other", time.time() - t0 - sum(s for k, s in phases.seconds.items() if k != "startup"))
-    pruning = round(sum(phases.seconds.get(k, 0.0) for k in PRUNING_PHASES), 3)
-    files = {"hf_folder": str(folder)}
-    report = _jsonable({
-        "model": str(src), "model_kind": "hf", "model_format": "hf_folder", "streaming": True,
-        "recipe": rec.to_dict(), "recipe_hash": rec.hash, "data": None, "seed": seed,
-        "stages": stages,
-        "before": {"params": result["params_before"], "file_bytes": ev.file_size(src)},
-        "after": {"params": result["params_after"], "file_bytes": ev.file_size(folder)},
-        "files": files, "warnings": {}, "seconds": round(time.time() - t0, 2),
-        "phases": phases.seconds, "analysis_phases": analysis_phases,
-        "analysis_plus_pruning": {"seconds": pruning, "phases": list(PRUNING_PHASES)},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": devices.label(device)},
-    })
-    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2))
-    return Result(None, None, report, out_dir, files)
-
-
 def prune(model, ratio: float, data: str | DataBundle | None = None, output: str | Path | None = None, *,
           importance: str = "l2", scope: str = "local", round_to: int | str = "auto", heads: bool = False,
           target: str = "channels", exporter: str = "auto", arch: str | None = None, trust_pickle: bool = False, seed: int = 0,
@@ -462,22 +280,6 @@ def prune(model, ratio: float, data: str | DataBundle | None = None, output: str
 def _example_after(ctx: StageContext, example):
     """A stage may change the model's inputs (e.g. ONNX pruning keeps them; HF stays token ids): reuse."""
     return ctx.example_inputs if ctx.example_inputs is not None else example
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist() if obj.numel() <= 64 else f"<tensor {list(obj.shape)}>"
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def evaluate_model(model, data: str | DataBundle | None = None, *, arch: str | None = None, trust_pickle: bool = False,
