@@ -149,3 +149,32 @@ def test_compress_on_gpu_times_there_and_returns_on_the_callers_device(digits):
     assert res.report["environment"]["device"] == label
     assert next(res.model.parameters()).device.type == "cpu"  # the caller's module was on the CPU
     assert 0.5 < res.after["accuracy"] <= 1.0
+
+
+def test_latency_budget_cuts_runs_of_a_slow_forward(monkeypatch):
+    """Closed form on a fake clock: a forward of 0.25 s under a 2 s budget gets its first call as the only warm-up
+    and 2 / 0.25 = 8 timed runs (pairs: 2 / 0.5 = 4); a fast one keeps 5 warm-ups + 30 runs; never under 3 runs."""
+    import importlib
+
+    lat = importlib.import_module("compressor.eval.latency")  # the package re-exports a function of that name
+    clock = {"t": 0.0}
+    monkeypatch.setattr(lat.time, "perf_counter", lambda: clock["t"])
+
+    def forward(seconds, calls):
+        def fn():
+            clock["t"] += seconds
+            calls.append(1)
+        return fn
+
+    calls: list = []
+    assert lat.timed(forward(0.25, calls), runs=30, warmup=5, budget_s=2.0) == pytest.approx(250.0)
+    assert len(calls) == 1 + 8
+    calls.clear()
+    lat.timed(forward(0.001, calls), runs=30, warmup=5, budget_s=2.0)
+    assert len(calls) == 5 + 30
+    calls.clear()
+    lat.timed(forward(10.0, calls), runs=30, warmup=5, budget_s=2.0)
+    assert len(calls) == 1 + 3
+    a, b = [], []
+    ms = lat.paired_latency(forward(0.25, a), forward(0.25, b), runs=30, warmup=5, budget_s=2.0)
+    assert ms == pytest.approx((250.0, 250.0)) and len(a) == len(b) == 1 + 4

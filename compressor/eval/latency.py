@@ -17,15 +17,21 @@ from compressor import device as devices
 from compressor.eval.runtime import forward, ort_feeds, ort_session
 
 
+def _fit_budget(first_s: float, warmup: int, runs: int, budget_s: float) -> tuple[int, int]:
+    """(warm-up calls, timed runs) after a first call that took `first_s`: unchanged when they fit in `budget_s`,
+    else one warm-up (the first call itself) and the runs that fit, never under 3."""
+    if first_s * (warmup + runs) <= budget_s:
+        return warmup, runs
+    return 1, max(3, min(runs, int(budget_s / max(first_s, 1e-9))))
+
+
 def timed(fn, runs: int = 30, warmup: int = 5, budget_s: float | None = None) -> float:
     """Median milliseconds of `fn()` over `runs` calls after `warmup` calls. With `budget_s`, the first warm-up
     call is timed and a slow `fn` (an LLM forward on a CPU) gets one warm-up and the runs that fit, never under 3."""
     if budget_s is not None and warmup > 0:
         t = time.perf_counter()
         fn()
-        call = time.perf_counter() - t
-        if call * (warmup + runs) > budget_s:
-            warmup, runs = 1, max(3, min(runs, int(budget_s / max(call, 1e-9))))
+        warmup, runs = _fit_budget(time.perf_counter() - t, warmup, runs, budget_s)
         warmup -= 1
     for _ in range(warmup):
         fn()
@@ -44,9 +50,7 @@ def paired_latency(fn_a, fn_b, runs: int = 30, warmup: int = 5, budget_s: float 
     t = time.perf_counter()
     fn_a()
     fn_b()
-    pair = time.perf_counter() - t
-    if pair * (warmup + runs) > budget_s:
-        warmup, runs = 1, max(3, min(runs, int(budget_s / max(pair, 1e-9))))
+    warmup, runs = _fit_budget(time.perf_counter() - t, warmup, runs, budget_s)
     for _ in range(warmup - 1):
         fn_a()
         fn_b()
