@@ -393,3 +393,17 @@ def test_baselines_do_not_change_the_pruned_model(tmp_path):
     assert math.isclose(comp["replaceme-ls"]["perplexity"], perplexity(m_b, tok, held), rel_tol=1e-5)
     no_t, _ = prune(dense, data.texts, 2, "none", tokenizer=tok, start=rep_b["start"], calib_samples=200)
     assert math.isclose(comp["same-cut-no-T"]["perplexity"], perplexity(no_t, tok, held), rel_tol=1e-5)
+
+
+def test_calibration_estimate_scales_the_last_timed_batch():
+    """Closed form: batches of 100, 100, 50, 50 token positions; the first took 3 s (warm-up), the second 1 s, so
+    the rest (100 positions) is 1 s: 5 s in all. With one batch timed, that batch's rate is used."""
+    from types import SimpleNamespace
+
+    from compressor.replaceme.walk import plan_line
+
+    cal = SimpleNamespace(masks=[torch.ones(2, 50), torch.ones(2, 50), torch.ones(1, 50), torch.ones(1, 50)],
+                          batches=[None] * 4, n_sequences=6)
+    assert "pass 1 ~5 s" in plan_line(cal, [3.0, 1.0], 4)
+    assert "pass 1 ~6 s" in plan_line(cal, [2.0], 4)  # 2 s + 2 s/100 positions x 200
+    assert "(300 token positions, 4 blocks)" in plan_line(cal, [2.0], 4)

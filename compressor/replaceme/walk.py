@@ -56,13 +56,15 @@ def _positions(cal: Calibration) -> list[int] | None:
     return [int(m.numel()) for m in cal.masks]
 
 
-def plan_line(cal: Calibration, seconds_first: float, L: int) -> str:
-    """What the calibration will cost, from the time batch 0 took through every block (scaled by token
-    positions): pass 1 runs every block, pass 2 the blocks up to the cut (at most as many). Said before the long
-    part runs, so a user can lower calib_samples instead of waiting."""
-    pos = _positions(cal)
-    total = seconds_first * (sum(pos) / pos[0] if pos else len(cal.batches))
-    size = f"{sum(pos)} token positions" if pos else f"{cal.n_sequences} inputs"
+def plan_line(cal: Calibration, seconds: list[float], L: int) -> str:
+    """What the calibration will cost, from the batches timed so far through every block: the rest is scaled by
+    token positions from the last of them (the first batch also pays one-time warm-up, which made an estimate
+    from it alone 2-3x high on short texts). Pass 1 runs every block, pass 2 the blocks up to the cut (at most as
+    many). Said before the long part runs, so a user can lower calib_samples instead of waiting."""
+    pos = _positions(cal) or [1] * len(cal.batches)
+    k = len(seconds)
+    total = sum(seconds) + seconds[-1] / max(pos[k - 1], 1) * sum(pos[k:])
+    size = f"{sum(pos)} token positions" if _positions(cal) else f"{cal.n_sequences} inputs"
     return (f"ReplaceMe calibration: {cal.n_sequences} sequences ({size}, {L} blocks): pass 1 ~{_minutes(total)} on "
             f"this machine, pass 2 up to ~{_minutes(total)} more (calib_samples lowers both)")
 
@@ -80,6 +82,7 @@ def block_distances(adapter: BlockAdapter, cal: Calibration, n_blocks: int, *, d
     L = len(adapter)
     reps: list[list[torch.Tensor]] = [[] for _ in range(L)]
     shape = {"hidden_size": 0, "positions": 0}
+    times: list[float] = []
     with bars.progress("ReplaceMe pass 1: block distances", total=len(cal.batches)) as bar:
         for b in range(len(cal.batches)):
             t0 = time.perf_counter()
@@ -92,8 +95,9 @@ def block_distances(adapter: BlockAdapter, cal: Calibration, n_blocks: int, *, d
                 reps[ell].append(_pool(h, mask, distance_tokens))
             if mem is not None:
                 mem.note(h, inputs, mask, reps)
-            if b == 0 and len(cal.batches) > 1:
-                bars.note(plan_line(cal, time.perf_counter() - t0, L))
+            times.append(time.perf_counter() - t0)
+            if b == min(1, len(cal.batches) - 2):  # after the second batch (the first when there are two)
+                bars.note(plan_line(cal, times, L))
             bar.advance()
     pooled = [torch.cat(r) for r in reps]
     return {s: float(angular_distance(pooled[s - 1], pooled[s + n_blocks - 1]).mean()) for s in range(1, L - n_blocks + 1)}, shape
