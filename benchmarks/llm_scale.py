@@ -432,8 +432,12 @@ LABELS = {"analyze": "`compress analyze` of the folder", "analyze_config": "of t
 
 def summary(result: dict) -> str:
     """The README's lines: the steps that finished, as `step: wall s / peak RSS GB`, next to torch-pruning's."""
-    done = [s for s in result["steps"] if s["status"] == "ok" and s.get("peak_rss_bytes")]
-    parts = [f"{LABELS.get(s['step'], s['step'])} {s['seconds']} s / {s['peak_rss_bytes'] / 2**30:.2f} GB" for s in done]
+    done = [s for s in result["steps"] if s["status"] in ("ok", "completed") and s.get("peak_rss_bytes")]
+    label = lambda step: LABELS.get(step, f"recipe {step[len(RECIPE):]} (completed)" if step.startswith(RECIPE) else step)  # noqa: E731
+    parts = [f"{label(s['step'])} {s['seconds']} s / {s['peak_rss_bytes'] / 2**30:.2f} GB" for s in done]
+    refused = sum(s["status"] == "refused" for s in result["steps"])
+    if refused:
+        parts.append(f"{refused} other shipped recipes refused up front in one line")
     ckpt = (result.get("checkpoint_bytes") or 0) / 2**30
     c = result.get("comparison")
     side = (f" Analysis + pruning {c['compressor_analysis_plus_pruning_seconds']} s vs torch-pruning's graph + step "
