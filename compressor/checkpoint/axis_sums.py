@@ -18,10 +18,12 @@ here by the same function (sums_worker.tensor_sums), so the numbers do not depen
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -69,7 +71,10 @@ class AxisSums:
         self.worker_peak_rss_bytes: int | None = None
         jobs = [(k, str(ckpt.folder / ckpt.shard_of[k]), ckpt.span[k][0], ckpt.meta[k][0], ckpt.meta[k][1], axes)
                 for k, axes in sorted(plan.items(), key=lambda kv: order.get(kv[0], 0))]
-        self.proc = subprocess.Popen([sys.executable, "-m", "compressor.checkpoint.sums_worker"],
+        # the worker imports this very package, wherever it was imported from (an installed wheel or a checkout)
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding the compressor package
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "compressor.checkpoint.sums_worker"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.reader = threading.Thread(target=self._read, name="axis-sums-reader", daemon=True)
         self.reader.start()
