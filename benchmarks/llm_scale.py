@@ -395,7 +395,7 @@ def table(result: dict) -> str:
     ckpt = result.get("checkpoint_bytes") or 0
     rows = [f"Layout `{result['layout']}` ({ckpt / 2**30:.1f} GiB fp32 checkpoint), {result['environment']['machine']}; "
             f"`{_placeholders(result['command'], result)}`.", "",
-            "| step | command | status | wall s | peak RSS GB | × checkpoint | measured |", "|---|---|---|---|---|---|---|"]
+            "| step | command | status | wall s | peak RSS GiB | × checkpoint | measured |", "|---|---|---|---|---|---|---|"]
     for s in result["steps"]:
         rss = s.get("peak_rss_bytes")
         status = s["status"] if s["status"] in ("ok", "completed") else f"{s['status']}: {s.get('reason', '')}"
@@ -414,7 +414,7 @@ def table(result: dict) -> str:
                     else f"| {s['step']} | `{cmd}` | {status} | {s['seconds']} | - | - | {when} |")
     c = result.get("comparison")
     if c:
-        gb = lambda b: f"{b / 2**30:.2f} GB" if b else "-"  # noqa: E731
+        gb = lambda b: f"{b / 2**30:.2f} GiB" if b else "-"  # noqa: E731
         rows += ["", f"Side by side{' (same run)' if c['same_run'] else ' (steps from different runs)'}: compressor's "
                  f"analysis + pruning **{c['compressor_analysis_plus_pruning_seconds']} s** vs torch-pruning's graph + "
                  f"step **{c['torch_pruning_graph_plus_step_seconds']} s** (ratio {c['ratio']}); peak RSS "
@@ -431,10 +431,10 @@ LABELS = {"analyze": "`compress analyze` of the folder", "analyze_config": "of t
 
 
 def summary(result: dict) -> str:
-    """The README's lines: the steps that finished, as `step: wall s / peak RSS GB`, next to torch-pruning's."""
+    """The README's lines: the steps that finished, as `step: wall s / peak RSS GiB`, next to torch-pruning's."""
     done = [s for s in result["steps"] if s["status"] in ("ok", "completed") and s.get("peak_rss_bytes")]
     label = lambda step: LABELS.get(step, f"recipe {step[len(RECIPE):]} (completed)" if step.startswith(RECIPE) else step)  # noqa: E731
-    parts = [f"{label(s['step'])} {s['seconds']} s / {s['peak_rss_bytes'] / 2**30:.2f} GB" for s in done]
+    parts = [f"{label(s['step'])} {s['seconds']} s / {s['peak_rss_bytes'] / 2**30:.2f} GiB" for s in done]
     refused = sum(s["status"] == "refused" for s in result["steps"])
     if refused:
         parts.append(f"{refused} other shipped recipes refused up front in one line")
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         res = run_step(name, commands[name], args.tp_timeout if name == "tp" else args.timeout)
         if name.startswith(RECIPE):
             res = recipe_status(res)
-        print(f"[llm_scale]   {res['status']} {res['seconds']} s, peak RSS {(res['peak_rss_bytes'] or 0) / 2**30:.2f} GB"
+        print(f"[llm_scale]   {res['status']} {res['seconds']} s, peak RSS {(res['peak_rss_bytes'] or 0) / 2**30:.2f} GiB"
               + (f" — {res['reason']}" if "reason" in res else ""), flush=True)
         results.append({**res, "run": run_id})
     import torch

@@ -74,7 +74,7 @@ def test_table_and_merge(bench, tmp_path):
     readme.write_text(f"# x\n\n{bench.README_BEGIN}\nold\n{bench.README_END}\n\nrest\n")
     bench.write_table(merged, doc, readme)
     text = readme.read_text()  # the finished steps only, from the JSON; the rest of the README kept
-    assert "magnitude 10.0 s / 6.00 GB" in text and "MetaPruner" not in text and "old" not in text and text.endswith("rest\n")
+    assert "magnitude 10.0 s / 6.00 GiB" in text and "MetaPruner" not in text and "old" not in text and text.endswith("rest\n")
 
 
 @pytest.mark.slow
