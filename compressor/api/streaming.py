@@ -53,7 +53,7 @@ def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, ove
         phases.add("startup", startup)
     params = copy.deepcopy(rec.stages[0].params)
     Checkpoint(src).prefetch()  # the kernel reads the shards while the analysis (CPU only) runs
-    sums = axis_sums_for(src, params)  # and a second thread computes the importance's channel sums
+    sums = axis_sums_for(src, params)  # and a worker process computes the importance's channel sums
     try:
         with phases("analysis"):
             analysis = analyze(src)  # groups only: the weights are read from the shards below

@@ -268,7 +268,7 @@ def streams(p: StructuredParams) -> bool:
 
 
 def axis_sums_for(folder, p: StructuredParams):
-    """The per-axis magnitude sums this stage's importance will need, started now on a background thread (to
+    """The per-axis magnitude sums this stage's importance will need, started now in a worker process (to
     overlap the analysis), or None for an importance that does not use them."""
     import json
     from pathlib import Path
