@@ -162,14 +162,14 @@ def test_every_shipped_recipe_refuses_up_front_when_memory_is_short(name, cnn_st
 
 
 def test_the_stage_that_does_not_fit_is_named(cnn_state_file, tmp_path, monkeypatch):
-    """An ONNX export (three fp32 copies) fits where a magnitude ranking does not (the CNN's largest tensor holds
+    """An ONNX export (3.5 fp32 copies) fits where a magnitude ranking does not (the CNN's largest tensor holds
     most of its weights, and the radix select's scratch is ~20 bytes per weight of that tensor, plus a byte of
     mask per weight): with room for one and not the other, the run is refused at the magnitude stage, still before
     anything ran."""
     weights = sum(t.numel() * t.element_size() for t in torch.load(cnn_state_file).values())
     largest = max(t.numel() for t in torch.load(cnn_state_file).values())
-    assert 3 * weights < 20 * largest + weights // 4  # the layout this test needs
-    monkeypatch.setenv(ENV, str(3 * weights + 1024))  # 3 fp32 copies fit, one tensor's ranking scratch does not
+    assert 7 * weights // 2 < 20 * largest + weights // 4  # the layout this test needs
+    monkeypatch.setenv(ENV, str(7 * weights // 2 + 1024))  # 3.5 fp32 copies fit, one tensor's ranking scratch does not
     recipe = {"name": "two", "stages": [{"method": "export"}, {"method": "magnitude", "sparsity": 0.5, "scope": "global"}]}
     with pytest.raises(RecipeError, match=r"stage 2 \(magnitude\)"):
         compress(cnn_state_file, recipe, "digits", tmp_path / "o", arch="compressor.models:digits_cnn")
@@ -299,7 +299,7 @@ def test_replaceme_recipe_makes_no_copy_of_the_model(fp32_llama, tmp_path, monke
 
 def test_torch_export_estimate_depends_on_the_kind():
     """A Hugging Face model is saved from its own tensors (safetensors gathers their bytes once: 1 model); a plain
-    torch model is copied and its program serialised (2 models). The ONNX export's 3 fp32 copies are unchanged."""
+    torch model is copied and its program serialised (2 models). The ONNX export's 3.5 fp32 copies do not depend on it."""
     from compressor.recipe import REGISTRY
     from compressor.utils.memory import Footprint
 
@@ -308,4 +308,4 @@ def test_torch_export_estimate_depends_on_the_kind():
     for kind, copies in (("hf", 1), ("torch", 2), ("", 2)):
         fp = Footprint(n_params=gib // 4, param_bytes=gib, largest_bytes=gib // 8, kind=kind)
         assert spec.memory_needed(fp, spec.params(format="torch")) == copies * gib
-        assert spec.memory_needed(fp, spec.params(format="onnx")) == 3 * gib
+        assert spec.memory_needed(fp, spec.params(format="onnx")) == 7 * gib // 2
