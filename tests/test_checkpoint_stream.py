@@ -305,6 +305,9 @@ def test_prune_command_streams_and_matches_the_in_memory_path(llama_case, tmp_pa
     assert report["after"]["params"] < report["before"]["params"]
     r = CliRunner().invoke(app, ["prune", str(src), "--ratio", "0.5", "-o", str(out), "--device", "cpu"])
     assert r.exit_code == 2 and "already holds a result" in r.output
+    (tmp_path / "afile").write_text("mine")  # the output rules of every compress(): a file is not a folder
+    r = CliRunner().invoke(app, ["prune", str(src), "--ratio", "0.5", "-o", str(tmp_path / "afile"), "--device", "cpu"])
+    assert r.exit_code == 2 and "is a file" in r.output and (tmp_path / "afile").read_text() == "mine"
     # oracle: the existing in-memory path (export, prune_torch) on the same folder, same selection rules
     monkeypatch.setattr(bridge, "prune_torch", real)
     memory = prune(str(src), 0.5, heads=True, device="cpu", measure_latency=False).model

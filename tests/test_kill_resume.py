@@ -86,7 +86,7 @@ def test_folder_without_report_is_not_a_result(tmp_path, cnn_state_file):
     out = tmp_path / "o"
     (out / "checkpoints" / "imp_rewind-stage1").mkdir(parents=True)
     (out / "checkpoints" / "imp_rewind-stage1" / "level_000.pt").write_bytes(b"partial")
-    _check_output(out, loaded, overwrite=False, resume=False)  # not a result: allowed
+    _check_output(out, loaded.path, overwrite=False, resume=False)  # not a result: allowed
     (out / "report.json").write_text("{}")
     with pytest.raises(InputError, match="already holds a result"):
-        _check_output(out, loaded, overwrite=False, resume=False)
+        _check_output(out, loaded.path, overwrite=False, resume=False)

@@ -22,7 +22,12 @@ import compressor.methods  # noqa: F401  (registers every recipe method)
 from compressor import device as devices
 from compressor import eval as ev
 from compressor.api.analysis import analyze  # noqa: F401  (public: compressor.api.analyze)
-from compressor.api.preflight import _check_before_loading, check_sweep_memory, folder_footprint  # noqa: F401
+from compressor.api.preflight import (  # noqa: F401
+    _check_before_loading,
+    _check_output,
+    check_sweep_memory,
+    folder_footprint,
+)
 from compressor.api.result import Result, _jsonable
 from compressor.api.streaming import _compress_streaming, _streams
 from compressor.errors import InputError
@@ -81,18 +86,6 @@ def _inputs(loaded: Model, data, input_shape, seed: int, forward_fn=None, loss_f
     return bundle, example
 
 
-def _check_output(output: Path, loaded: Model, overwrite: bool, resume: bool) -> None:
-    if loaded.path is not None:
-        src = loaded.path.resolve()
-        out = output.resolve()
-        if out == src or src.is_relative_to(out) and out != Path("/"):
-            raise InputError(f"output {output} would overwrite the input model", "choose another -o/--output folder")
-    if output.exists() and not output.is_dir():
-        raise InputError(f"output {output} exists and is a file", "give a folder path for -o/--output")
-    if output.is_dir() and (output / "report.json").exists() and not (overwrite or resume):
-        raise InputError(f"output folder {output} already holds a result (report.json)", "choose another -o, or pass --overwrite (or --resume)")
-
-
 # --------------------------------------------------------------------------------------------- compress
 
 
@@ -139,13 +132,13 @@ def compress(model, recipe, data: str | DataBundle | None = None, output: str | 
     dev = devices.resolve(device)
     if _streams(model, rec, output):
         return _compress_streaming(Path(model), rec, Path(output).expanduser(), seed=seed, overwrite=overwrite,
-                                   device=dev, t0=t0, on_stage=on_stage)
+                                   resume=resume, device=dev, t0=t0, on_stage=on_stage)
     _check_before_loading(model, rec, dev, teacher)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, keep_dtype=True)  # bf16 stays bf16 (recipe.MethodSpec.fp32)
     check_kinds(rec, loaded.kind)
     out_dir = Path(output).expanduser() if output is not None else None
     if out_dir is not None:
-        _check_output(out_dir, loaded, overwrite, resume)
+        _check_output(out_dir, loaded.path, overwrite, resume)
     bundle, example = _inputs(loaded, data, input_shape, seed, forward_fn, loss_fn)
     check_data(rec, bundle)  # a training stage without labels is refused now, not after the stages before it ran
     teacher_model = None

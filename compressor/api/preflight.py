@@ -50,3 +50,17 @@ def check_sweep_memory(model, device=None) -> None:
     fp = folder_footprint(model)
     if fp is not None:
         check_sweep_fits(fp, devices.resolve(device), fp.param_bytes)  # the model is still to load
+
+
+def _check_output(output: Path, source: Path | None, overwrite: bool, resume: bool) -> None:
+    """The output folder is usable: not the input model (`source`) or a folder holding it, not a file, and not a
+    finished result (report.json) unless `overwrite` (or `resume`)."""
+    if source is not None:
+        src = source.resolve()
+        out = output.resolve()
+        if out == src or src.is_relative_to(out) and out != Path("/"):
+            raise InputError(f"output {output} would overwrite the input model", "choose another -o/--output folder")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"output {output} exists and is a file", "give a folder path for -o/--output")
+    if output.is_dir() and (output / "report.json").exists() and not (overwrite or resume):
+        raise InputError(f"output folder {output} already holds a result (report.json)", "choose another -o, or pass --overwrite (or --resume)")

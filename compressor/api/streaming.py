@@ -14,8 +14,8 @@ import torch
 from compressor import device as devices
 from compressor import eval as ev
 from compressor.api.analysis import analyze
+from compressor.api.preflight import _check_output
 from compressor.api.result import Result, _jsonable
-from compressor.errors import InputError
 from compressor.recipe import Recipe
 from compressor.utils.atomic import write_text_atomic
 
@@ -33,8 +33,8 @@ def _streams(model, rec: Recipe, output) -> bool:
             and (methods == ["structured"] or torch_export) and streams(rec.stages[0].params))
 
 
-def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, overwrite: bool, device, t0: float,
-                        on_stage=None) -> Result:
+def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, overwrite: bool, resume: bool, device,
+                        t0: float, on_stage=None) -> Result:
     """compress() for the streaming case: the pruned folder is written to OUTPUT/model (or the export stage's filename;
     verified against the
     source with its removed channels zeroed) and report.json beside it; no model object is returned."""
@@ -42,9 +42,7 @@ def _compress_streaming(src: Path, rec: Recipe, out_dir: Path, *, seed: int, ove
     from compressor.methods.structured import axis_sums_for, structured_checkpoint
     from compressor.utils.phases import PRUNING_PHASES, Phases, process_startup
 
-    if out_dir.is_dir() and (out_dir / "report.json").exists() and not overwrite:
-        raise InputError(f"output folder {out_dir} already holds a result (report.json)",
-                         "choose another -o, or pass --overwrite")
+    _check_output(out_dir, src, overwrite, resume)
     if on_stage is not None:
         on_stage(1, rec.stages[0])
     phases = Phases()
