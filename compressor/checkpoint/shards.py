@@ -91,7 +91,6 @@ class Checkpoint:
         """Ask the kernel to start reading every shard into the page cache (posix_fadvise WILLNEED) from a
         background thread, so the reads of a later pass find them there; the page cache is not this process's
         memory. Nothing happens where the call does not exist."""
-        import threading
 
         def advise():
             for name in self.files:
@@ -329,8 +328,8 @@ def write_shards(folder: Path, shards: list[tuple[str, list[tuple[str, str, tupl
     The header of each is computed from the planned shapes first, so no shard is ever held in memory. The
     tensors are produced on the calling thread and written by a writer thread, so reading and slicing the next
     tensor overlaps the disk writing the last one (on a 4.4 GB checkpoint the writes are the slowest part). At
-    most `queue_bytes`
-    of produced tensors wait beside the one being written (or one tensor, when it is larger; default QUEUE_BYTES).
+    most `queue_bytes` of produced tensors wait beside the one being written (or one tensor, when it is larger;
+    default QUEUE_BYTES).
     direct: write with O_DIRECT where the file system takes it (:class:`_ShardFile`)."""
     writer = _Writer(QUEUE_BYTES if queue_bytes is None else queue_bytes, direct)
     writer.start()

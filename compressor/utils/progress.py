@@ -55,8 +55,12 @@ class Bar:
         self._progress, self._task = progress, task
         self._description, self._fields = description, dict(fields or {})
 
+    def _shown(self) -> str:
+        """The numeric fields, as `name value` pairs."""
+        return " ".join(f"{k} {v:.4g}" for k, v in self._fields.items() if isinstance(v, int | float))
+
     def _text(self) -> str:
-        shown = " ".join(f"{k} {v:.4g}" for k, v in self._fields.items() if isinstance(v, int | float))
+        shown = self._shown()
         return f"[bold]{self._description}[/]" + (f" {shown}" if shown else "")
 
     def advance(self, n: float = 1, **fields) -> None:
@@ -93,7 +97,7 @@ class LogBar(Bar):
 
     def line(self, now: float) -> str:
         elapsed = now - self.start
-        shown = " ".join(f"{k} {v:.4g}" for k, v in self._fields.items() if isinstance(v, int | float))
+        shown = self._shown()
         text = self._description + (f" ({shown})" if shown else "")
         if self.total:
             text += f": {self.completed:g}/{self.total:g}"

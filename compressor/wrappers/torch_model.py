@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compressor import device as devices
+from compressor.checkpoint.shards import DTYPES
 from compressor.errors import InputError
 from compressor.masks import plain_copy
 from compressor.wrappers.base import Model, is_input_mismatch, shape_mismatch
@@ -40,8 +41,7 @@ def cpu_state(module: nn.Module) -> dict:
     return dedupe_shared({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64",
-              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES = {dtype: name for name, dtype in DTYPES.items()}  # torch dtype -> safetensors' name for it
 
 
 _ST_ORDER = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
