@@ -183,6 +183,13 @@ def _n_prune(n_total: int, n_alive: int, sparsity: float, fraction_of_remaining:
     return max(0, round(sparsity * n_total) - (n_total - n_alive))
 
 
+# Bytes per weight of the one tensor magnitude_masks ranks at a time (global and layer-wise alike: the global
+# threshold is a radix select over one tensor at a time, compressor.utils.kth): |w| in fp32 (4), its int32 high bits
+# (4), an alive-only copy (4) and a few boolean comparisons (1 each). The memory estimates of the stages and of
+# sweeps are built on it.
+RANK_BYTES_PER_WEIGHT = 20
+
+
 def magnitude_masks(weights: dict[str, Tensor], sparsity: float, scope: str = "global", convention: str = "exact_k",
                     current: dict[str, Tensor] | None = None, fraction_of_remaining: bool = False) -> dict[str, Tensor]:
     """Magnitude masks (True = keep) for `weights` (ranking conventions below).

@@ -28,7 +28,7 @@ from compressor.checkpoint.hfconfig import LLAMA, check_against_model, family, u
 from compressor.checkpoint.shards import INDEX, ITEMSIZE, Checkpoint, FloatView, plan_shards, write_shards
 from compressor.errors import InputError
 from compressor.graph.analysis import Analysis
-from compressor.graph.importance import group_scores
+from compressor.graph.importance import MAGNITUDE_EXPONENT, group_scores
 from compressor.graph.torch_bridge import cut_plan
 from compressor.utils.atomic import current_umask
 from compressor.utils.phases import Phases
@@ -85,7 +85,7 @@ def checkpoint_scores(src_dir: str | Path, analysis: Analysis, method: str = "l2
     ckpt = Checkpoint(src_dir)
     cfg = json.loads((Path(src_dir) / "config.json").read_text())
     names = key_map(analysis, ckpt, _tied(cfg))
-    exponent = kwargs.get("p") or {"l1": 1.0, "l2": 2.0}.get(method)
+    exponent = kwargs.get("p") or MAGNITUDE_EXPONENT.get(method)
     usable = sums is not None and sums.p == exponent
     axis_sums = (lambda name, axis: sums.get(names[name], axis)) if usable else None
     return group_scores(analysis, method, weights=FloatView(ckpt, names), axis_sums=axis_sums, **kwargs)

@@ -20,6 +20,8 @@ from compressor.utils.channel_sums import position_scores
 
 MEMBER_KINDS = {"conv", "convT", "linear", "bn", "ln"}
 REDUCTIONS = ("mean", "sum", "max", "first")
+# the methods whose per-position score is Σ|w|^p, by default exponent (the ones a precomputed axis sum can serve)
+MAGNITUDE_EXPONENT = {"l1": 1.0, "l2": 2.0}
 NORMALIZERS = ("mean", "max", "sum", "none", "standarization", "gaussian")
 
 
@@ -87,7 +89,7 @@ def group_scores(analysis: Analysis, method: str = "l2", *, p: float | None = No
     for name, axes in by_name.items():
         if method == "taylor" and grads.get(name) is None:
             continue
-        if axis_sums is not None and method in ("l1", "l2"):
+        if axis_sums is not None and method in MAGNITUDE_EXPONENT:
             w, scores = None, lambda axis, name=name: axis_sums(name, axis)
         else:
             w = weights[name]  # one read per tensor

@@ -8,6 +8,7 @@ Not a method module (the leading underscore keeps compressor.methods from loadin
 
 from __future__ import annotations
 
+from compressor.masks import RANK_BYTES_PER_WEIGHT
 from compressor.utils.memory import Footprint
 
 
@@ -24,16 +25,12 @@ def masks(fp: Footprint) -> int:
     return fp.n_params
 
 
-# Bytes per weight of the one tensor compressor.masks.magnitude_masks ranks at a time (global and layer-wise alike:
-# the global threshold is a radix select over one tensor at a time, compressor.utils.kth): |w| in fp32 (4), its
-# int32 high bits (4), an alive-only copy (4) and a few boolean comparisons (1 each).
-SELECT_BYTES = 20
 
 
 def ranking(fp: Footprint, scope: str = "global") -> int:
     """Magnitude selection, global or layer-wise: one tensor's scratch, plus the boolean masks of all, twice (the
     new masks, and the copies compressor.masks.apply_masks keeps on the model as parametrizations)."""
-    return SELECT_BYTES * (fp.largest_bytes // 4) + 2 * masks(fp)
+    return RANK_BYTES_PER_WEIGHT * (fp.largest_bytes // 4) + 2 * masks(fp)
 
 
 def onnx_export(fp: Footprint) -> int:

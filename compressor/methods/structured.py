@@ -275,8 +275,9 @@ def axis_sums_for(folder, p: StructuredParams):
 
     from compressor.checkpoint.axis_sums import AxisSums, likely_axes
     from compressor.checkpoint.shards import Checkpoint
+    from compressor.graph.importance import MAGNITUDE_EXPONENT
 
-    exponent = {"l1": 1.0, "l2": 2.0}.get(p.importance)
+    exponent = MAGNITUDE_EXPONENT.get(p.importance)
     if exponent is None or not streams(p):
         return None
     ckpt = Checkpoint(folder)

@@ -46,15 +46,13 @@ def _level_jobs(patterns: Sequence[Pattern], grid: Sequence[float],
     return jobs
 
 
-# Bytes per weight a sweep keeps beside the model: the dense copy of the pruned tensors it restores every level
-# from (at most the model: 1 x its bytes), each level's boolean masks (1 B per weight) and the magnitude ranking's
-# scratch for the largest tensor (compressor.utils.kth: ~20 B per weight of it).
-SCRATCH_BYTES = 20
-
-
 def sweep_bytes(fp: Footprint) -> int:
-    """Memory a sweep needs beside the loaded model (upper bound: every weight pruned)."""
-    return fp.param_bytes + fp.n_params + SCRATCH_BYTES * (fp.largest_bytes // 4)
+    """Memory a sweep needs beside the loaded model (upper bound: every weight pruned): the dense copy of the pruned
+    tensors it restores every level from (at most the model: 1 x its bytes), each level's boolean masks (1 B per
+    weight) and the magnitude ranking's scratch for the largest tensor (compressor.masks.RANK_BYTES_PER_WEIGHT)."""
+    from compressor.masks import RANK_BYTES_PER_WEIGHT
+
+    return fp.param_bytes + fp.n_params + RANK_BYTES_PER_WEIGHT * (fp.largest_bytes // 4)
 
 
 def check_sweep_fits(fp: Footprint, device=None, held: int = 0) -> None:
