@@ -258,13 +258,18 @@ def _out(mod: nn.Module | None) -> int | None:
     return mod.weight.shape[1] if hasattr(mod, "nf") else mod.weight.shape[0]
 
 
+def hf_config(model: nn.Module):
+    """The Hugging Face config of the outermost module that carries one (its `config` has to_dict), or None."""
+    return next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+
+
 def _update_head_config(model: nn.Module, counts: set[tuple[int, int | None, int]]) -> None:
     """num_attention_heads / num_key_value_heads of the outermost Hugging Face config after heads were cut, so
     save_pretrained writes a config.json the pruned weights reload with; head_dim is then written explicitly
     (Llama, Mistral, Qwen2 read it from the config, else derive hidden / heads). Only when every attention module
     kept the same counts; a model type that always derives head_dim (GPT-2, BERT) keeps its heads in the
     structured stage (compressor.checkpoint.hfconfig.head_rule)."""
-    cfg = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+    cfg = hf_config(model)
     if cfg is None or len(counts) != 1 or not isinstance(getattr(cfg, "num_attention_heads", None), int):
         return
     heads, kv, head_dim = counts.pop()

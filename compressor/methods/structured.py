@@ -102,8 +102,9 @@ def hf_head_rule(model):
     """The head layouts a Hugging Face model's config.json can say (compressor.checkpoint.hfconfig.head_rule), for
     the outermost module that carries an HF config; None for other models."""
     from compressor.checkpoint.hfconfig import head_rule
+    from compressor.graph.torch_bridge import hf_config
 
-    cfg = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+    cfg = hf_config(model)
     return head_rule(cfg.to_dict()) if cfg is not None else None
 
 
